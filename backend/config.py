@@ -1,0 +1,486 @@
+"""The training configuration: one validated pydantic model, `TrainingConfig`.
+
+Every fact about a field is said once, here: its type, default, bounds and description. The GUI's
+labels and tooltips and the CLI's messages are derived from these. Cross-field rules live in
+model validators with plain-language messages; soft advice (a setting that is allowed but likely a
+mistake) comes from `config_warnings`.
+
+This module never imports torch: the GUI and the CLI load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+
+UNET_TARGETS_DEFAULT = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TEXT_ENCODER_TARGETS_DEFAULT = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    pretrained_model: str = Field(
+        "demo/model",
+        description="Base model: a diffusers folder (with model_index.json) or a single "
+        ".safetensors/.ckpt checkpoint file. Nothing is downloaded.",
+        min_length=1,
+    )
+    family: Literal["auto", "sd15", "sd2", "sdxl"] = Field(
+        "auto", description="Model family. 'auto' detects SD1.x, SD2.x or SDXL from the weights."
+    )
+    v_parameterization: bool | None = Field(
+        None,
+        description="Train with v-prediction (SD2.x 768 models). Empty: read it from the model's "
+        "scheduler config (diffusers folder) or assume epsilon (single file).",
+    )
+
+
+# ------------------------------------------------------------------------------------------- dataset
+class DatasetConfig(Section):
+    train_data_dir: str = Field(
+        "demo/images",
+        min_length=1,
+        description="Image folder. kohya layout: sub-folders named '<repeats>_<class words>' holding "
+        "images and caption files; or a flat folder with metadata.jsonl ({\"file_name\", \"text\"}).",
+    )
+    caption_extension: str = Field(".txt", description="Extension of caption files, e.g. .txt or .caption.")
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="Training resolution (side of the square area).")
+    enable_bucket: bool = Field(True, description="Aspect-ratio bucketing: keep each image's shape instead of cropping to a square.")
+    min_bucket_reso: int = Field(256, ge=64, le=4096, multiple_of=8, description="Smallest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=64, le=8192, multiple_of=8, description="Largest bucket side in pixels.")
+    bucket_reso_steps: int = Field(64, ge=8, le=512, multiple_of=8, description="Bucket sides are multiples of this.")
+    random_flip: bool = Field(False, description="Randomly mirror images left-right (both versions are cached).")
+    shuffle_caption: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
+    keep_tokens: int = Field(0, ge=0, le=75, description="With shuffle_caption: keep this many leading tags in place.")
+    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training an image with an empty caption.")
+    cache_latents: bool = Field(True, description="Encode every image with the VAE once before training (much faster).")
+    cache_latents_to_disk: bool = Field(
+        False, description="Also keep the latent cache on disk (in <output_dir>/.cache) so later runs skip encoding."
+    )
+    validation_split: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of images held out for validation loss (0 = none)."
+    )
+    validation_data_dir: str | None = Field(None, description="A separate validation image folder (instead of validation_split).")
+    num_workers: int = Field(0, ge=0, le=64, description="Data loader worker processes (used when latents are not cached).")
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _ext(cls, v: str) -> str:
+        if not re.fullmatch(r"\.[A-Za-z0-9_.-]{1,20}", v):
+            raise ValueError(f"must start with '.' followed by letters or digits, e.g. .txt; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError(
+                f"min_bucket_reso: must not be larger than max_bucket_reso ({self.min_bucket_reso} > {self.max_bucket_reso})"
+            )
+        if self.validation_split > 0 and self.validation_data_dir:
+            raise ValueError("validation_data_dir: set either validation_split or validation_data_dir, not both")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- network
+class NetworkConfig(Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (network_dim): the size of each low-rank update.")
+    alpha: float = Field(
+        16.0, gt=0, le=4096, description="LoRA alpha (network_alpha). The update is scaled by alpha/rank."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path during training.")
+    train_unet: bool = Field(True, description="Train LoRA weights on the UNet.")
+    train_text_encoder: bool = Field(False, description="Train LoRA weights on the text encoder(s) too.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(UNET_TARGETS_DEFAULT),
+        min_length=1,
+        description="UNet module names (suffixes) that get LoRA. The default covers the transformer blocks, as kohya's LoRA does.",
+    )
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: list(TEXT_ENCODER_TARGETS_DEFAULT),
+        min_length=1,
+        description="Text-encoder module names that get LoRA when train_text_encoder is on.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkConfig:
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("train_unet: nothing to train: enable train_unet or train_text_encoder (or both)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]]
+
+
+class OptimizerBase(Section):
+    learning_rate: float = Field(1e-4, gt=0, le=10.0, description="Learning rate.")
+    unet_lr: float | None = Field(None, gt=0, le=10.0, description="UNet learning rate. Empty: use learning_rate.")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, le=10.0, description="Text-encoder learning rate. Empty: use learning_rate."
+    )
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0, description="Weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm. Empty: no clipping.")
+
+
+class AdamWConfig(OptimizerBase):
+    type: Literal["AdamW"] = "AdamW"
+    betas: Betas = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, le=1.0, description="Adam epsilon.")
+
+
+class AdamW8bitConfig(AdamWConfig):
+    type: Literal["AdamW8bit"] = "AdamW8bit"  # type: ignore[assignment]
+
+
+class ProdigyConfig(OptimizerBase):
+    type: Literal["Prodigy"] = "Prodigy"
+    learning_rate: float = Field(
+        1.0, gt=0, le=10.0, description="Keep at 1.0: Prodigy estimates the step size itself; tune d_coef instead."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay (decoupled when 'decouple' is on).")
+    betas: Betas = Field((0.9, 0.999), description="Adam-style betas (beta1, beta2).")
+    beta3: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Coefficient for Prodigy's step-size estimate. Empty: sqrt(beta2)."
+    )
+    eps: float = Field(1e-8, gt=0, le=1.0, description="Epsilon.")
+    d_coef: float = Field(
+        1.0,
+        gt=0,
+        le=100.0,
+        description="Scales Prodigy's adaptive learning-rate estimate: above 1 is more aggressive, below 1 more conservative.",
+    )
+    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+    growth_rate: float | None = Field(
+        None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
+    )
+    use_bias_correction: bool = Field(False, description="Adam-style bias correction (recommended for diffusion LoRAs).")
+    safeguard_warmup: bool = Field(False, description="Avoid a too-large estimate during warmup (recommended with warmup).")
+    decouple: bool = Field(True, description="AdamW-style decoupled weight decay.")
+
+
+class LionConfig(OptimizerBase):
+    type: Literal["Lion"] = "Lion"
+    learning_rate: float = Field(3e-5, gt=0, le=10.0, description="Learning rate (Lion wants 3-10x smaller than AdamW).")
+    betas: Betas = Field((0.9, 0.99), description="Lion betas.")
+
+
+class AdafactorConfig(OptimizerBase):
+    type: Literal["Adafactor"] = "Adafactor"
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
+    relative_step: bool = Field(False, description="Let Adafactor choose its own step size (then learning_rate is ignored).")
+    scale_parameter: bool = Field(False, description="Scale the step by the parameter's RMS.")
+    warmup_init: bool = Field(False, description="Warm-up initialisation (only with relative_step).")
+
+
+class SGDConfig(OptimizerBase):
+    type: Literal["SGD"] = "SGD"
+    learning_rate: float = Field(1e-2, gt=0, le=10.0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+
+
+OptimizerConfig = Annotated[
+    AdamWConfig | AdamW8bitConfig | ProdigyConfig | LionConfig | AdafactorConfig | SGDConfig,
+    Field(discriminator="type"),
+]
+OPTIMIZER_TYPES = ["AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor", "SGD"]
+
+
+# ----------------------------------------------------------------------------------------- scheduler
+class SchedulerConfig(Section):
+    type: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field(
+        "constant", description="Learning-rate schedule."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    num_cycles: int = Field(1, ge=1, le=1000, description="Restarts for cosine_with_restarts.")
+    power: float = Field(1.0, gt=0, le=10.0, description="Power of the polynomial schedule.")
+
+
+# ------------------------------------------------------------------------------------------ training
+class TrainingSection(Section):
+    max_train_epochs: int | None = Field(10, ge=1, le=100_000, description="Train for this many epochs (or set max_train_steps).")
+    max_train_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Train for this many optimizer steps (or set max_train_epochs)."
+    )
+    train_batch_size: int = Field(1, ge=1, le=1024, description="Images per batch on each process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed: same seed, same data order, same run.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Mixed precision on GPU. CPU runs always compute in fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade speed for memory: recompute activations in backward.")
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Noise offset (helps very dark/bright images). 0.05-0.1 typical.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0, le=100.0, description="Min-SNR loss weighting gamma (5 is typical). Empty: off."
+    )
+    clip_skip: int = Field(1, ge=1, le=12, description="Use the output of the n-th last text-encoder layer (2 for anime models).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSection:
+        if (self.max_train_epochs is None) == (self.max_train_steps is None):
+            which = "both are set" if self.max_train_epochs is not None else "neither is set"
+            raise ValueError(
+                f"max_train_epochs: set exactly one of max_train_epochs or max_train_steps ({which}; clear one)"
+            )
+        return self
+
+
+# -------------------------------------------------------------------------------------------- saving
+class SavingConfig(Section):
+    save_every_n_epochs: int | None = Field(None, ge=1, description="Save a checkpoint every N epochs. Empty: no epoch saves.")
+    save_last_n_epochs: int | None = Field(
+        None, ge=1, description="Keep only the newest N epoch checkpoints; older ones are deleted after each new save."
+    )
+    save_every_n_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps. Empty: none.")
+    save_last_n_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the newest N step checkpoints (a count of saves; kohya's option of the same "
+        "name is a window in steps).",
+    )
+    save_state: bool = Field(True, description="Save the full training state (resumable), not only the LoRA file.")
+    save_on_stop: bool = Field(True, description="When stopped (Stop button, Ctrl+C), save a resumable checkpoint first.")
+    save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="Precision of exported LoRA files.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SavingConfig:
+        if self.save_last_n_epochs is not None and self.save_every_n_epochs is None:
+            raise ValueError("save_last_n_epochs: needs save_every_n_epochs (how often to save an epoch checkpoint)")
+        if self.save_last_n_steps is not None and self.save_every_n_steps is None:
+            raise ValueError("save_last_n_steps: needs save_every_n_steps (how often to save a step checkpoint)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ sampling
+class SamplingConfig(Section):
+    prompts: list[Annotated[str, Field(max_length=2000)]] = Field(
+        default_factory=list, max_length=64, description="Sample prompts, one image each."
+    )
+    negative_prompt: str = Field("", max_length=2000, description="Negative prompt for every sample.")
+    every_n_epochs: int | None = Field(None, ge=1, description="Sample every N epochs. Empty: not by epoch.")
+    every_n_steps: int | None = Field(None, ge=1, description="Sample every N steps. Empty: not by step.")
+    steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample image.")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for sample images (the same at every save point).")
+    width: int = Field(512, ge=64, le=4096, multiple_of=8, description="Sample width in pixels.")
+    height: int = Field(512, ge=64, le=4096, multiple_of=8, description="Sample height in pixels.")
+
+
+# ------------------------------------------------------------------------------------------- logging
+class LoggingConfig(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard scalars into the version folder.")
+    log_every_n_steps: int = Field(1, ge=1, le=100_000, description="Write a step event every N optimizer steps.")
+
+
+# -------------------------------------------------------------------------------------------- launch
+class LaunchConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train. 'auto' uses CUDA when present.")
+    num_processes: int = Field(1, ge=1, le=1024, description="Training processes in all (one per GPU).")
+    gpu_ids: str | None = Field(None, description="GPUs to use, e.g. '0,1'. Empty: all visible.")
+    num_machines: int = Field(1, ge=1, le=1024, description="Machines taking part.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank (0 is the main one).")
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (several machines only).")
+    main_process_port: int | None = Field(None, ge=1, le=65535, description="Port on machine 0 (several machines only).")
+    accelerate_config_file: str | None = Field(
+        None, description="An accelerate config file (DeepSpeed, FSDP). It overrides the settings above."
+    )
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _gpu_ids(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"all|\d{1,3}(,\d{1,3})*", v.replace(" ", "")):
+            raise ValueError(f"use 'all' or GPU numbers separated by commas, e.g. 0,1; got {v!r}")
+        return None if v is None else v.replace(" ", "")
+
+    @field_validator("main_process_ip")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", v):
+            raise ValueError(f"must be a host name or IP address; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> LaunchConfig:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank: must be below num_machines ({self.machine_rank} >= {self.num_machines})")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("main_process_ip: several machines need the address of machine 0")
+        if self.device == "cpu" and self.gpu_ids:
+            raise ValueError("gpu_ids: not used with device 'cpu'; clear it or choose device 'cuda'")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ the root
+class TrainingConfig(Section):
+    schema_version: int = Field(SCHEMA_VERSION, description="Config schema version (for migrations).")
+    run_name: str = Field(
+        "lora", description="Name of the run, used in folder and file names: letters, digits, '.', '_', '-'."
+    )
+    output_dir: str = Field("runs", min_length=1, description="Folder that holds every run.")
+    resume_from: str | None = Field(None, description="A checkpoint folder to resume from.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = Field(default_factory=AdamWConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    saving: SavingConfig = Field(default_factory=SavingConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"this Lathe reads schema_version {SCHEMA_VERSION}; got {v} (load old files as presets to migrate them)")
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v) or v in {".", ".."}:
+            raise ValueError("use 1-80 letters, digits, '.', '_' or '-' (it becomes part of file names)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrainingConfig:
+        opt = self.optimizer
+        if opt.type == "Prodigy" and self.network.train_unet and self.network.train_text_encoder:
+            u = opt.unet_lr or opt.learning_rate
+            t = opt.text_encoder_lr or opt.learning_rate
+            if u != t:
+                raise ValueError(
+                    f"optimizer.text_encoder_lr: Prodigy needs one learning rate for UNet and text encoder (unet_lr {u} != "
+                    f"text_encoder_lr {t}); scale the step with d_coef instead"
+                )
+        return self
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON form; identical configs give identical hashes."""
+        return hashlib.sha256(canonical_json(self).encode()).hexdigest()
+
+
+def canonical_json(cfg: BaseModel) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def config_warnings(cfg: TrainingConfig) -> list[str]:
+    """Allowed but probably mistaken settings, as `path: message` lines."""
+    out: list[str] = []
+    opt = cfg.optimizer
+    if opt.type == "Prodigy":
+        for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
+            lr = getattr(opt, name)
+            if lr is not None and not (0.5 <= lr <= 2.0):
+                out.append(
+                    f"optimizer.{name}: Prodigy sets its own step size and expects about 1.0 (got {lr}); "
+                    "tune optimizer.d_coef instead"
+                )
+        if cfg.scheduler.warmup_steps > 0 and not opt.safeguard_warmup:
+            out.append("optimizer.safeguard_warmup: recommended with Prodigy when scheduler.warmup_steps > 0")
+    if cfg.dataset.random_flip and cfg.sampling.prompts and any("left" in p or "right" in p for p in cfg.sampling.prompts):
+        out.append("dataset.random_flip: flipping mixes up left and right, which your sample prompts mention")
+    if cfg.training.mixed_precision != "no" and cfg.launch.device == "cpu":
+        out.append("training.mixed_precision: ignored on CPU (training runs in fp32)")
+    if cfg.dataset.shuffle_caption and cfg.dataset.keep_tokens == 0:
+        out.append("dataset.keep_tokens: with shuffle_caption, keep_tokens=1 keeps a trigger word first")
+    return out
+
+
+# ----------------------------------------------------------------------------------- error reporting
+def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
+    """Turn a pydantic error into `path: message` lines that a person can act on."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # Drop the discriminator tag pydantic inserts into union paths (optimizer.Prodigy.d_coef).
+        if len(loc) >= 2 and loc[0] == "optimizer" and loc[1] in OPTIMIZER_TYPES:
+            loc = [loc[0], *loc[2:]]
+        msg = _message(e)
+        # Cross-field validators name their field first ("save_last_n_epochs: needs ..."): join it to the path.
+        m = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", msg, re.S)
+        if m and e["type"] == "value_error":
+            loc, msg = [*loc, *m.group(1).split(".")], m.group(2)
+        path = prefix + ".".join(loc) if loc else (prefix.rstrip(".") or "config")
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def _message(e: dict[str, Any]) -> str:
+    kind, ctx, inp = e["type"], e.get("ctx") or {}, e.get("input")
+    if kind == "extra_forbidden":
+        return "unknown setting (not a field of this section)"
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}; got {inp!r}"
+    if kind == "union_tag_invalid":
+        return f"unknown optimizer {ctx.get('tag')!r}; choose one of {', '.join(OPTIMIZER_TYPES)}"
+    if kind == "union_tag_not_found":
+        return f"say which optimizer with 'type' (one of {', '.join(OPTIMIZER_TYPES)})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"):
+        words = {
+            "greater_than": "greater than",
+            "greater_than_equal": "at least",
+            "less_than": "less than",
+            "less_than_equal": "at most",
+            "multiple_of": "a multiple of",
+        }[kind]
+        bound = next(iter(ctx.values())) if ctx else "?"
+        return f"must be {words} {bound}; got {inp!r}"
+    if kind.startswith(("int_", "float_", "bool_", "string_type", "list_type", "tuple_type", "dict_type", "model_type")):
+        return f"{e['msg'].lower()}; got {_short(inp)}"
+    msg = e["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+class ConfigError(Exception):
+    """A config that does not validate; `lines` are `path: message` strings."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def validate_config(data: dict[str, Any]) -> TrainingConfig:
+    """Validate a full config dict; raise ConfigError with readable lines."""
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config_file(path: str | Path) -> TrainingConfig:
+    """Read a full config.json (as written into a version folder) and validate it."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found"]) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"{p}: not readable JSON ({e})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: expected a JSON object at the top level"])
+    return validate_config(data)
