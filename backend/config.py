@@ -59,10 +59,10 @@ class DatasetConfig(Section):
         "images and caption files; or a flat folder with metadata.jsonl ({\"file_name\", \"text\"}).",
     )
     caption_extension: str = Field(".txt", description="Extension of caption files, e.g. .txt or .caption.")
-    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="Training resolution (side of the square area).")
+    resolution: int = Field(512, ge=32, le=4096, multiple_of=8, description="Training resolution (side of the square area).")
     enable_bucket: bool = Field(True, description="Aspect-ratio bucketing: keep each image's shape instead of cropping to a square.")
-    min_bucket_reso: int = Field(256, ge=64, le=4096, multiple_of=8, description="Smallest bucket side in pixels.")
-    max_bucket_reso: int = Field(1024, ge=64, le=8192, multiple_of=8, description="Largest bucket side in pixels.")
+    min_bucket_reso: int = Field(256, ge=32, le=4096, multiple_of=8, description="Smallest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=32, le=8192, multiple_of=8, description="Largest bucket side in pixels.")
     bucket_reso_steps: int = Field(64, ge=8, le=512, multiple_of=8, description="Bucket sides are multiples of this.")
     random_flip: bool = Field(False, description="Randomly mirror images left-right (both versions are cached).")
     shuffle_caption: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
@@ -278,8 +278,8 @@ class SamplingConfig(Section):
     steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample image.")
     guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for sample images (the same at every save point).")
-    width: int = Field(512, ge=64, le=4096, multiple_of=8, description="Sample width in pixels.")
-    height: int = Field(512, ge=64, le=4096, multiple_of=8, description="Sample height in pixels.")
+    width: int = Field(512, ge=32, le=4096, multiple_of=8, description="Sample width in pixels.")
+    height: int = Field(512, ge=32, le=4096, multiple_of=8, description="Sample height in pixels.")
 
 
 # ------------------------------------------------------------------------------------------- logging

@@ -1,0 +1,105 @@
+"""events.jsonl: the append-only event stream a run writes and the GUI/CLI follow.
+
+Each line is one JSON object with at least "event" and "time" (unix seconds). Readers follow the file
+from a byte offset, so a restarted GUI picks up where it left off and never re-reads what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+EVENT_NAMES = (
+    "run_started",
+    "step",
+    "epoch_end",
+    "validation",
+    "checkpoint_saved",
+    "checkpoint_removed",
+    "export_saved",
+    "export_removed",
+    "sample_saved",
+    "warning",
+    "resources",
+    "run_finished",
+)
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so every line stays valid JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class EventWriter:
+    """Appends events to events.jsonl, one flushed line each (thread-safe)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        if event not in EVENT_NAMES:
+            raise ValueError(f"unknown event {event!r}")
+        record = {"event": event, "time": round(time.time(), 3), **_clean(fields)}
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
+        return record
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+
+
+def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Read complete event lines from `offset`; return them and the offset after the last whole line.
+
+    A line still being written (no trailing newline yet) is left for the next call. A line that is
+    not valid JSON (e.g. cut short by a crash) is skipped.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    events = []
+    for raw in data[: end + 1].splitlines():
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict) and "event" in obj:
+            events.append(obj)
+    return events, offset + end + 1
+
+
+def read_text_from(path: str | Path, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[str, int]:
+    """Read new text (e.g. of train.log) from `offset`, at most max_bytes; returns (text, new_offset)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(max_bytes)
+    except FileNotFoundError:
+        return "", offset
+    return data.decode("utf-8", errors="replace"), offset + len(data)

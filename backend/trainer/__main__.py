@@ -1,0 +1,98 @@
+"""Trainer entry point: `accelerate launch ... -m backend.trainer --run-dir VERSION_DIR`.
+
+Catches every failure and turns it into a `run_finished` event and a final status.json with a
+one-line reason; the full traceback goes to stderr (train.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One plain line saying why the run failed."""
+    from backend.trainer.caching import LatentCache  # noqa: F401  (import check only)
+    from backend.trainer.data import DatasetError
+    from backend.trainer.lora import NoTargetsError
+    from backend.trainer.models import ModelLoadError
+    from backend.trainer.optim import OptimizerUnavailable
+
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, (DatasetError, ModelLoadError, NoTargetsError, OptimizerUnavailable)):
+        return msg
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full while writing {getattr(exc, 'filename', None) or 'a file'}: free space in the output folder and resume from the last checkpoint"
+    text = f"{type(exc).__name__}: {msg}"
+    if "out of memory" in text.lower():
+        return (f"CUDA out of memory ({msg[:120]}): lower train_batch_size or resolution, enable "
+                "gradient_checkpointing and cache_latents, or use mixed precision")
+    return text[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backend.trainer")
+    ap.add_argument("--run-dir", required=True, type=Path, help="the version folder holding config.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    version_dir: Path = args.run_dir
+    from backend.config import load_config_file
+
+    cfg = load_config_file(version_dir / "config.json")
+    from accelerate import Accelerator
+
+    from backend.trainer.loop import Progress, TrainingError, run_training, setup
+    from backend.trainer.run_io import RunIO
+    from backend.trainer.savepoints import SaveContext, samples, save
+    from backend.trainer.stopping import StopWatch
+
+    cpu = cfg.launch.device == "cpu"
+    acc = Accelerator(mixed_precision=cfg.training.mixed_precision if not cpu else "no", cpu=cpu)
+    io = RunIO(version_dir, acc.is_main_process, cfg.logging.tensorboard)
+    io.status(state="running", trainer_pid=os.getpid())
+    io.start_heartbeat()
+    stop = StopWatch(version_dir, acc)
+    sc = SaveContext(version_dir, resumed_from=cfg.resume_from)
+    prog = Progress()
+    state, error, code = "failed", None, EXIT_FAILED
+    try:
+        s = setup(cfg, acc, io, version_dir)
+        io.emit("run_started", version=int(version_dir.name.split("_")[-1]), world_size=acc.num_processes,
+                total_steps=s.total_steps, total_epochs=s.total_epochs, resumed_from=cfg.resume_from,
+                family=s.comps.family, images=len(s.items))
+        io.status(total_steps=s.total_steps)
+        print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
+              f"{acc.num_processes} process(es) on {acc.device}", flush=True)
+        state = run_training(s, prog, stop, sc)
+        if state == "stopped":
+            error = stop.reason
+            if cfg.saving.save_on_stop:
+                save(sc, s, prog, "stop", prog.global_step)
+            code = EXIT_STOPPED
+        else:
+            save(sc, s, prog, "final")
+            samples(sc, s, prog, "final")
+            code = EXIT_FINISHED
+        acc.wait_for_everyone()
+    except KeyboardInterrupt:
+        state, error, code = "stopped", "aborted by a second interrupt (nothing saved)", EXIT_STOPPED
+    except (TrainingError, Exception) as exc:  # noqa: BLE001 - every failure gets a reason
+        traceback.print_exc()
+        state, error, code = "failed", failure_reason(exc), EXIT_FAILED
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    io.emit("run_finished", state=state, step=prog.global_step, error=error)
+    io.status(state=state, step=prog.global_step, error=error, exit_code=code, finished_at=time.time())
+    io.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

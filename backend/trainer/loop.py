@@ -1,0 +1,271 @@
+"""The training recipe: setup -> train loop -> save. Reads top to bottom.
+
+Run under `accelerate launch ... -m backend.trainer --run-dir VERSION_DIR`. Everything the GUI needs
+goes into the version folder: events.jsonl, status.json, train.log (our stdout), samples/, exports/.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.config import TrainingConfig
+from backend.trainer import data as D
+from backend.trainer import lora
+from backend.trainer.caching import LatentCache, PixelBatches, TextEncoder, encode_pixels
+from backend.trainer.loss import diffusion_loss, draw_noise, step_generator
+from backend.trainer.models import Components, load_components, sdxl_time_ids
+from backend.trainer.optim import build_optimizer, build_scheduler, param_groups, prodigy_d
+from backend.trainer.run_io import RunIO
+from backend.trainer.savepoints import SaveContext, after_epoch, after_step
+from backend.trainer.stopping import StopWatch
+
+
+class TrainingError(Exception):
+    """A failure with a one-line reason for the user."""
+
+
+@dataclass
+class Progress:
+    """Where training is: the sampler position is (epoch, batch) and is all exact resume needs."""
+
+    global_step: int = 0
+    epoch: int = 0  # 0-based epoch being trained
+    batch_in_epoch: int = 0  # batches of this epoch already consumed (this rank's shard)
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Setup:
+    cfg: TrainingConfig
+    acc: Any
+    io: RunIO
+    comps: Components
+    items: list[D.ImageItem]
+    item_buckets: list[tuple[int, int]]
+    plan: D.PlanSettings
+    latents: LatentCache | None
+    text: TextEncoder
+    unet: Any
+    text_encoders: list[Any]
+    optimizer: Any
+    lr_scheduler: Any
+    weight_dtype: torch.dtype
+    steps_per_epoch: int
+    total_steps: int
+    total_epochs: int
+    val_items: list[D.ImageItem] = field(default_factory=list)
+
+
+def weight_dtype_for(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
+
+
+def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a module; cast only when needed (models load in fp32)."""
+    return module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
+
+
+def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
+    device = acc.device
+    torch.manual_seed(cfg.training.seed + acc.process_index)
+    comps = load_components(cfg)
+    wdtype = weight_dtype_for(cfg, device)
+
+    # Data: discover, hold out validation images, bucket, plan.
+    disc = D.discover(cfg.dataset.train_data_dir, cfg.dataset.caption_extension)
+    for w in disc.warnings:
+        io.warn(w)
+    items, val_items = D.split_validation(disc.items, cfg.dataset.validation_split, cfg.training.seed)
+    ds = cfg.dataset
+    buckets = D.make_buckets(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) if ds.enable_bucket else None
+    item_buckets = D.bucket_of_items(items, buckets, ds.resolution)
+    plan = D.PlanSettings(
+        cfg.training.seed, cfg.training.train_batch_size, ds.random_flip, ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate
+    )
+
+    # VAE: fp32 unless bf16 (fp16 VAEs overflow); latents are encoded once when caching.
+    _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
+    latents = None
+    if ds.cache_latents:
+        disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
+        latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
+        flips = (False, True) if ds.random_flip else (False,)
+        print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
+        latents.fill(flips)
+        if not cfg.sampling.prompts:
+            comps.vae.to("cpu")
+
+    # Text encoders: trained (LoRA) or frozen; frozen + fixed captions -> embeddings cached.
+    train_te = cfg.network.train_text_encoder
+    for te in comps.text_encoders:
+        _place(te, device, torch.float32 if train_te else wdtype)
+    text = TextEncoder(comps, cfg.training.clip_skip, cache=not train_te and not ds.shuffle_caption)
+    if text.cache:
+        caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
+        text.precompute(caps)
+
+    # LoRA on the UNet (frozen base weights in weight_dtype, LoRA weights in fp32).
+    unet = _place(comps.unet, device, wdtype)
+    if cfg.network.train_unet:
+        lora.inject(unet, cfg.network, cfg.network.target_modules, "unet")
+    else:
+        unet.requires_grad_(False)
+    tes = comps.text_encoders
+    if train_te:
+        for te in tes:
+            lora.inject(te, cfg.network, cfg.network.text_encoder_target_modules, "text encoder")
+    for m in (unet, *tes):
+        for p in lora.lora_parameters(m):
+            p.data = p.data.float()
+    if cfg.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            for te in tes:
+                te.gradient_checkpointing_enable()
+    unet.train()
+    for te in tes:
+        te.train(train_te)
+
+    unet_params = lora.lora_parameters(unet) if cfg.network.train_unet else []
+    te_params = [p for te in tes for p in lora.lora_parameters(te)] if train_te else []
+    optimizer = build_optimizer(cfg, param_groups(cfg, unet_params, te_params), device.type)
+
+    # Schedule length: this rank's batches per epoch, grouped into optimizer steps.
+    n_batches = len(D.shard(D.epoch_plan(items, item_buckets, plan, 0), acc.process_index, acc.num_processes))
+    spe = D.steps_per_epoch(n_batches, cfg.training.gradient_accumulation_steps)
+    if cfg.training.max_train_steps is not None:
+        total_steps = cfg.training.max_train_steps
+        total_epochs = math.ceil(total_steps / spe)
+    else:
+        total_epochs = cfg.training.max_train_epochs
+        total_steps = total_epochs * spe
+    lr_scheduler = build_scheduler(cfg, optimizer, total_steps)
+
+    prepared = acc.prepare(unet, *(tes if train_te else []), optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    if train_te:
+        tes = list(prepared[1:-1])
+    s = Setup(cfg, acc, io, comps, items, item_buckets, plan, latents, text, unet, tes, optimizer, lr_scheduler,
+              wdtype, spe, total_steps, total_epochs, val_items)
+    return s
+
+
+def batch_tensors(s: Setup, b: D.Batch, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """Latents, text context and (SDXL) added conditioning for one micro-batch."""
+    device = s.acc.device
+    if s.latents is not None:
+        lat = s.latents.batch(b).to(device, non_blocking=True)
+    else:
+        lat = encode_pixels(s.comps.vae, pixels)
+    captions = [smp.caption for smp in b.samples]
+    ctx, pooled = s.text(captions, device)
+    added = None
+    if s.comps.is_sdxl:
+        ids = []
+        for smp in b.samples:
+            it = s.items[smp.item]
+            (rw, rh), (left, top) = D.crop_box(it.size, b.bucket)
+            ids.append(sdxl_time_ids((it.size[1], it.size[0]), (top, left), (b.bucket[1], b.bucket[0])))
+        added = {"text_embeds": pooled.to(s.weight_dtype), "time_ids": torch.tensor(ids, device=device, dtype=s.weight_dtype)}
+    return lat, ctx, added
+
+
+def micro_batches(s: Setup, batches: list[D.Batch]):
+    """Yield (batch, pixels-or-None); pixels come from DataLoader workers when latents are not cached."""
+    if s.latents is not None:
+        for b in batches:
+            yield b, None
+        return
+    loader = torch.utils.data.DataLoader(
+        PixelBatches(s.items, batches),
+        batch_size=None,
+        shuffle=False,
+        num_workers=s.cfg.dataset.num_workers,
+        pin_memory=s.acc.device.type == "cuda",
+    )
+    yield from zip(batches, loader, strict=True)
+
+
+def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int) -> torch.Tensor:
+    """One optimizer step over `chunk` (gradient-accumulation micro-batches). Returns the mean loss."""
+    acc, total = s.acc, torch.zeros((), device=s.acc.device)
+    for micro, (b, pixels) in enumerate(chunk):
+        lat, ctx, added = batch_tensors(s, b, pixels)
+        gen = step_generator(s.cfg.training.seed, step, micro, acc.process_index, acc.device)
+        noise, t = draw_noise(lat, gen, s.cfg.training.noise_offset, s.comps.noise_scheduler.config.num_train_timesteps)
+        sync = micro == len(chunk) - 1
+        ctx_mgr = acc.no_sync(s.unet) if not sync and acc.num_processes > 1 else _null()
+        with ctx_mgr, acc.autocast():
+            loss = diffusion_loss(s.unet, s.comps.noise_scheduler, lat, ctx, added, noise, t, s.comps.v_prediction,
+                                  s.cfg.training, s.weight_dtype)
+            acc.backward(loss / len(chunk))
+        total = total + loss.detach()
+    if s.cfg.optimizer.max_grad_norm is not None:
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        acc.clip_grad_norm_(params, s.cfg.optimizer.max_grad_norm)
+    s.optimizer.step()
+    s.lr_scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return total / len(chunk)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> str:
+    """The loop. Returns the final state: 'finished' or 'stopped'."""
+    cfg, io, ga = s.cfg, s.io, s.cfg.training.gradient_accumulation_steps
+    io.total_steps = s.total_steps
+    t_last, rate = time.perf_counter(), None
+    images_per_step = cfg.training.train_batch_size * ga * s.acc.num_processes
+    while prog.epoch < s.total_epochs and prog.global_step < s.total_steps:
+        plan = D.shard(D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch), s.acc.process_index, s.acc.num_processes)
+        rest = plan[prog.batch_in_epoch :]
+        it = micro_batches(s, rest)
+        epoch_losses: list[float] = []
+        while prog.batch_in_epoch < len(plan) and prog.global_step < s.total_steps:
+            chunk = [next(it) for _ in range(min(ga, len(plan) - prog.batch_in_epoch))]
+            loss = train_step(s, chunk, prog.global_step)
+            prog.global_step += 1
+            prog.batch_in_epoch += len(chunk)
+            io.step = prog.global_step
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            rate = dt if rate is None else 0.8 * rate + 0.2 * dt
+            if prog.global_step % cfg.logging.log_every_n_steps == 0 or prog.global_step == s.total_steps:
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss became {value} at step {prog.global_step}; lower the learning rate, or use bf16/fp32 instead of fp16"
+                    )
+                epoch_losses.append(value)
+                prog.losses.append(value)
+                lr = s.lr_scheduler.get_last_lr()[0]
+                d = prodigy_d(s.optimizer)
+                eta = rate * (s.total_steps - prog.global_step)
+                io.emit("step", step=prog.global_step, epoch=prog.epoch + 1, loss=value, lr=lr, d=d,
+                        samples_per_s=round(images_per_step / max(dt, 1e-9), 3), eta_s=round(eta, 1))
+                io.scalars(prog.global_step, {"loss": value, "lr": lr, "prodigy_d": d})
+            if stop.requested():
+                return "stopped"
+            after_step(sc, s, prog)
+        if prog.batch_in_epoch >= len(plan):
+            prog.epoch += 1
+            prog.batch_in_epoch = 0
+            mean = sum(epoch_losses) / len(epoch_losses) if epoch_losses else None
+            io.emit("epoch_end", epoch=prog.epoch, step=prog.global_step, mean_loss=mean)
+            after_epoch(sc, s, prog)
+    return "finished"

@@ -1,0 +1,52 @@
+"""The diffusion training loss: noise, timesteps, prediction target, Min-SNR weighting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from backend.config import TrainingSection
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """Noise and timesteps are a pure function of (seed, step, micro-batch, rank): exact on resume."""
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    gen.manual_seed((seed * 1_000_003 + step * 1009 + micro * 31 + rank) % (2**63 - 1))
+    return gen
+
+
+def draw_noise(latents: torch.Tensor, gen: torch.Generator, noise_offset: float, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=torch.float32)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=gen.device)
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
+    return noise.to(latents.device), timesteps.to(latents.device)
+
+
+def diffusion_loss(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    added_cond: dict[str, torch.Tensor] | None,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    v_prediction: bool,
+    ts: TrainingSection,
+    weight_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Mean loss over the batch (per-sample MSE, optionally Min-SNR weighted)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    pred = unet(
+        noisy.to(weight_dtype), timesteps, encoder_hidden_states=context.to(weight_dtype), added_cond_kwargs=added_cond
+    ).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if ts.min_snr_gamma is not None:
+        ac = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+        snr = ac / (1 - ac)
+        weight = torch.clamp(snr, max=ts.min_snr_gamma) / (snr + 1 if v_prediction else snr)
+        loss = loss * weight
+    return loss.mean()

@@ -1,0 +1,167 @@
+"""Load the base model (SD1.x, SD2.x, SDXL) from a diffusers folder or a single checkpoint file,
+and encode prompts the way each family expects."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.config import TrainingConfig
+
+FAMILIES = ("sd15", "sd2", "sdxl")
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message says why in plain words."""
+
+
+@dataclass
+class Components:
+    family: str
+    v_prediction: bool
+    unet: Any
+    vae: Any
+    noise_scheduler: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def family_from_unet_config(cfg: dict[str, Any]) -> str:
+    """SDXL has size/crop ('text_time') conditioning; SD2 has a 1024-wide context; SD1 768 (or tiny)."""
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if cfg.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd15"
+
+
+def load_components(cfg: TrainingConfig) -> Components:
+    """Load every component in fp32 on the CPU; the caller moves and casts them."""
+    path = Path(cfg.model.pretrained_model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model.pretrained_model: {path} does not exist")
+    if path.is_dir():
+        comps = _load_diffusers_folder(path)
+    elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        comps = _load_single_file(path, cfg.model.family)
+    else:
+        raise ModelLoadError(
+            f"model.pretrained_model: {path} is neither a diffusers folder nor a .safetensors/.ckpt file"
+        )
+    if cfg.model.family != "auto" and cfg.model.family != comps.family:
+        raise ModelLoadError(
+            f"model.family: set to {cfg.model.family} but {path.name} looks like {comps.family}; "
+            "set family to 'auto' or pick the right model"
+        )
+    if cfg.model.v_parameterization is not None:
+        comps.v_prediction = cfg.model.v_parameterization
+    for m in (comps.unet, comps.vae, *comps.text_encoders):
+        m.requires_grad_(False)
+        m.eval()
+    return comps
+
+
+def _load_diffusers_folder(path: Path) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+        raise ModelLoadError(
+            f"model.pretrained_model: {path} is a folder but not a diffusers model (no model_index.json / unet/)"
+        )
+    try:
+        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+        family = family_from_unet_config(unet_cfg)
+        kw = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
+        toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
+        if family == "sdxl":
+            tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw))
+            toks.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"model.pretrained_model: cannot load {path}: {e}") from e
+    v_pred = sched.config.get("prediction_type") == "v_prediction"
+    return Components(family, v_pred, unet, vae, _training_scheduler(sched), tes, toks, str(path))
+
+
+def _load_single_file(path: Path, family: str) -> Components:
+    try:
+        from backend.trainer.single_file import load_single_file
+    except ImportError as e:  # pragma: no cover - shipped with the project
+        raise ModelLoadError(f"single-file loading is unavailable: {e}") from e
+    try:
+        parts = load_single_file(path, None if family == "auto" else family)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"model.pretrained_model: cannot load {path.name}: {e}") from e
+    fam = parts.get("family") or family_from_unet_config(dict(parts["unet"].config))
+    fam = "sd2" if fam.startswith("sd2") else fam
+    sched = parts["noise_scheduler"]
+    tes = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts else [])
+    toks = [parts["tokenizer"]] + ([parts["tokenizer_2"]] if "tokenizer_2" in parts else [])
+    v_pred = sched.config.get("prediction_type") == "v_prediction"
+    return Components(fam, v_pred, parts["unet"], parts["vae"], _training_scheduler(sched), tes, toks, str(path))
+
+
+def _training_scheduler(sched: Any) -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(sched.config)
+
+
+# ------------------------------------------------------------------------------------ text encoding
+def tokenize(comps: Components, captions: list[str]) -> list[torch.Tensor]:
+    """Token ids for each tokenizer: [B, 77] each."""
+    out = []
+    for tok in comps.tokenizers:
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        out.append(ids.input_ids)
+    return out
+
+
+def encode_tokens(comps: Components, ids: list[torch.Tensor], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the text encoder(s): (context [B, 77, C], pooled [B, P] for SDXL else None)."""
+    if not comps.is_sdxl:
+        te = comps.text_encoders[0]
+        device = next(te.parameters()).device
+        if clip_skip == 1:
+            return te(ids[0].to(device)).last_hidden_state, None
+        out = te(ids[0].to(device), output_hidden_states=True)
+        return _final_norm(te)(out.hidden_states[-clip_skip]), None
+    # SDXL: penultimate layer of both encoders (no final norm), concatenated; pooled from encoder 2.
+    layer = -(clip_skip + 1)
+    hidden = []
+    pooled = None
+    for te, tok_ids in zip(comps.text_encoders, ids, strict=True):
+        device = next(te.parameters()).device
+        out = te(tok_ids.to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[layer])
+        if hasattr(out, "text_embeds"):
+            pooled = out.text_embeds
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def _final_norm(te: Any) -> Any:
+    """CLIP's final LayerNorm (transformers 5 flattened `text_model` away; older versions have it)."""
+    return te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[int]:
+    """SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    return [original_size[0], original_size[1], crop[0], crop[1], target[0], target[1]]

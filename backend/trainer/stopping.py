@@ -1,0 +1,38 @@
+"""Graceful stop: the STOP file in the version folder, or SIGINT/SIGTERM (a second signal aborts)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+
+class StopWatch:
+    def __init__(self, version_dir: Path, acc: Any):
+        self.stop_file = version_dir / "STOP"
+        self.acc = acc
+        self.signalled: str | None = None
+        self._install()
+
+    def _install(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if self.signalled is not None:
+                raise KeyboardInterrupt  # second signal: stop now, no save
+            self.signalled = signal.Signals(signum).name
+            print(f"{self.signalled} received: stopping after this step (again to abort)", flush=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """True on every rank as soon as any rank saw a stop request (one tiny all-reduce when distributed)."""
+        local = self.signalled is not None or self.stop_file.exists()
+        if self.acc.num_processes == 1:
+            return local
+        if local:
+            self.acc.set_trigger()
+        return bool(self.acc.check_trigger())
+
+    @property
+    def reason(self) -> str:
+        return f"stopped by {self.signalled}" if self.signalled else "stopped by request (STOP file)"
