@@ -444,6 +444,8 @@ def _message(e: dict[str, Any]) -> str:
             "multiple_of": "a multiple of",
         }[kind]
         bound = next(iter(ctx.values())) if ctx else "?"
+        if isinstance(bound, float) and bound.is_integer() and abs(bound) < 1e15:
+            bound = int(bound)
         return f"must be {words} {bound}; got {inp!r}"
     if kind.startswith(("int_", "float_", "bool_", "string_type", "list_type", "tuple_type", "dict_type", "model_type")):
         return f"{e['msg'].lower()}; got {_short(inp)}"

@@ -12,6 +12,7 @@ from backend.config import TrainingConfig
 from backend.events import read_text_from
 
 LOG_TAIL_LINES = 5
+EXIT_CODES = {"finished": 0, "failed": 1, "stopped": 3}
 
 
 def log_tail(version_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -71,4 +72,4 @@ def run_and_follow(cfg: TrainingConfig) -> int:
         signal.signal(signal.SIGINT, old)
     status = finalize(version_dir, proc.returncode)
     print(f"run {status.get('state')}: {version_dir}" + (f" ({status['error']})" if status.get("error") else ""), flush=True)
-    return proc.returncode if proc.returncode is not None else 1
+    return EXIT_CODES.get(status.get("state"), 1)

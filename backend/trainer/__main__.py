@@ -14,7 +14,9 @@ import time
 import traceback
 from pathlib import Path
 
-EXIT_FINISHED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+# A graceful stop is a clean exit (0): accelerate turns any other code into a traceback of its own.
+# The CLI's exit code comes from the final state: finished 0, failed 1, stopped 3 (backend.follow).
+EXIT_FINISHED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 0
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -35,6 +37,14 @@ def failure_reason(exc: BaseException) -> str:
         return (f"CUDA out of memory ({msg[:120]}): lower train_batch_size or resolution, enable "
                 "gradient_checkpointing and cache_latents, or use mixed precision")
     return text[:300]
+
+
+def optimizer_args(optimizer: object) -> dict:
+    """The hyperparameters as the optimizer itself holds them (proof that the config reached it)."""
+    group = optimizer.param_groups[0]
+    plain = (int, float, bool, str, tuple, list, type(None))
+    return {"class": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+            **{k: v for k, v in group.items() if k != "params" and isinstance(v, plain)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         s = setup(cfg, acc, io, version_dir)
         io.emit("run_started", version=int(version_dir.name.split("_")[-1]), world_size=acc.num_processes,
                 total_steps=s.total_steps, total_epochs=s.total_epochs, resumed_from=cfg.resume_from,
-                family=s.comps.family, images=len(s.items))
+                family=s.comps.family, images=len(s.items), optimizer=optimizer_args(s.optimizer))
         io.status(total_steps=s.total_steps)
         print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
               f"{acc.num_processes} process(es) on {acc.device}", flush=True)

@@ -1,0 +1,75 @@
+"""Shared fixtures: the demo assets (built once per session into a temp folder) and helpers that run
+the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh demo asset folder (model/, model-sdxl/, model.safetensors, images/)."""
+    from backend.trainer.demo import build_demo_assets
+
+    return build_demo_assets(tmp_path_factory.mktemp("assets") / "demo")
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "backend", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def demo_config(demo: Path, out: Path, **sections: dict) -> dict:
+    """The shipped demo preset pointed at this session's demo assets and a temp output folder."""
+    data = json.loads((ROOT / "presets" / "demo.json").read_text())
+    data["model"]["pretrained_model"] = str(demo / "model")
+    data["dataset"]["train_data_dir"] = str(demo / "images")
+    data["output_dir"] = str(out)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return data
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def events(version_dir: Path, name: str | None = None) -> list[dict]:
+    lines = (version_dir / "events.jsonl").read_text().splitlines()
+    evs = [json.loads(x) for x in lines if x.strip()]
+    return [e for e in evs if name is None or e["event"] == name]
+
+
+def train(tmp: Path, demo: Path, timeout: float = 300, **sections: dict) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `python -m backend train` on the demo config; return the process and its version folder."""
+    cfg = write_config(tmp / f"cfg-{time.monotonic_ns()}.json", demo_config(demo, tmp / "runs", **sections))
+    proc = run_cli("train", str(cfg), timeout=timeout)
+    first = proc.stdout.splitlines()[0] if proc.stdout else ""
+    return proc, Path(first)
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
