@@ -57,7 +57,10 @@ def load_components(cfg: TrainingConfig) -> Components:
     if path.is_dir():
         comps = _load_diffusers_folder(path)
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-        comps = _load_single_file(path, cfg.model.family)
+        fam = cfg.model.family
+        if fam == "sd2" and cfg.model.v_parameterization:
+            fam = "sd2-v"  # the 768-v configs differ beyond the scheduler (upcast attention, sample size)
+        comps = _load_single_file(path, fam)
     else:
         raise ModelLoadError(
             f"model.pretrained_model: {path} is neither a diffusers folder nor a .safetensors/.ckpt file"
