@@ -39,6 +39,25 @@ def failure_reason(exc: BaseException) -> str:
     return text[:300]
 
 
+def recover_run_folder(version_dir: Path) -> list[str]:
+    """Clean up after earlier crashes in this run's other (not running) versions: unfinished `.tmp`
+    saves are removed, an interrupted replacement of final/best is undone, half-written exports go."""
+    from backend import checkpoints as C
+    from backend import runs
+
+    notes = []
+    for vdir in runs.version_dirs(version_dir.parent):
+        st = runs.read_status(vdir)
+        live = st.get("state") in ("starting", "running", "stopping") and time.time() - (st.get("heartbeat_at") or 0) < 30
+        if vdir != version_dir and live:
+            continue  # another version of this run is alive: its .tmp folders are saves in progress
+        notes += [f"{vdir.name}: {n}" for n in C.recover(vdir / "checkpoints")]
+        for tmp in (vdir / "exports").glob("*.tmp") if (vdir / "exports").is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            notes.append(f"{vdir.name}: removed unfinished export {tmp.name}")
+    return notes
+
+
 def optimizer_args(optimizer: object) -> dict:
     """The hyperparameters as the optimizer itself holds them (proof that the config reached it)."""
     group = optimizer.param_groups[0]
@@ -62,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from backend.trainer.loop import Progress, TrainingError, run_training, setup
     from backend.trainer.run_io import RunIO
     from backend.trainer.savepoints import SaveContext, samples, save
+    from backend.trainer.state import load_state
     from backend.trainer.stopping import StopWatch
 
     cpu = cfg.launch.device == "cpu"
@@ -75,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     state, error, code = "failed", None, EXIT_FAILED
     try:
         s = setup(cfg, acc, io, version_dir)
+        if acc.is_main_process:
+            for note in recover_run_folder(version_dir):
+                io.warn(note)
+        if cfg.resume_from:
+            load_state(Path(cfg.resume_from), s, prog)
+            print(f"resumed from {cfg.resume_from} at step {prog.global_step} (epoch {prog.epoch + 1}, "
+                  f"batch {prog.batch_in_epoch})", flush=True)
         io.emit("run_started", version=int(version_dir.name.split("_")[-1]), world_size=acc.num_processes,
                 total_steps=s.total_steps, total_epochs=s.total_epochs, resumed_from=cfg.resume_from,
                 family=s.comps.family, images=len(s.items), optimizer=optimizer_args(s.optimizer))

@@ -6,6 +6,7 @@ goes into the version folder: events.jsonl, status.json, train.log (our stdout),
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 
 from backend.config import TrainingConfig
+from backend.resume import dataset_fingerprint
 from backend.trainer import data as D
-from backend.trainer import lora
+from backend.trainer import evaluation, lora
 from backend.trainer.caching import LatentCache, PixelBatches, TextEncoder, encode_pixels
 from backend.trainer.loss import diffusion_loss, draw_noise, step_generator
 from backend.trainer.models import Components, load_components, sdxl_time_ids
@@ -35,9 +37,12 @@ class Progress:
     """Where training is: the sampler position is (epoch, batch) and is all exact resume needs."""
 
     global_step: int = 0
-    epoch: int = 0  # 0-based epoch being trained
+    epoch: int = 0  # completed epochs = 0-based index of the epoch being trained
     batch_in_epoch: int = 0  # batches of this epoch already consumed (this rank's shard)
-    losses: list[float] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    best_val_loss: float | None = None
+    last_loss: float | None = None
 
 
 @dataclass
@@ -59,7 +64,9 @@ class Setup:
     steps_per_epoch: int
     total_steps: int
     total_epochs: int
-    val_items: list[D.ImageItem] = field(default_factory=list)
+    eval_kind: str = "ref"
+    eval_samples: list[Any] = field(default_factory=list)
+    dataset_fingerprint: str = ""
 
 
 def weight_dtype_for(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
@@ -93,6 +100,10 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
 
     # VAE: fp32 unless bf16 (fp16 VAEs overflow); latents are encoded once when caching.
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
+    eval_kind, eval_list = evaluation.eval_items(items, val_items)
+    if ds.validation_data_dir:
+        eval_kind, eval_list = "val", D.discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir").items
+    eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
     latents = None
     if ds.cache_latents:
         disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
@@ -110,7 +121,7 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
     text = TextEncoder(comps, cfg.training.clip_skip, cache=not train_te and not ds.shuffle_caption)
     if text.cache:
         caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
-        text.precompute(caps)
+        text.precompute(caps | {smp.caption for smp in eval_samples})
 
     # LoRA on the UNet (frozen base weights in weight_dtype, LoRA weights in fp32).
     unet = _place(comps.unet, device, wdtype)
@@ -153,9 +164,9 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
     unet, optimizer = prepared[0], prepared[-1]
     if train_te:
         tes = list(prepared[1:-1])
-    s = Setup(cfg, acc, io, comps, items, item_buckets, plan, latents, text, unet, tes, optimizer, lr_scheduler,
-              wdtype, spe, total_steps, total_epochs, val_items)
-    return s
+    return Setup(cfg, acc, io, comps, items, item_buckets, plan, latents, text, unet, tes, optimizer, lr_scheduler,
+                 wdtype, spe, total_steps, total_epochs, eval_kind, eval_samples,
+                 dataset_fingerprint(ds.train_data_dir, ds.caption_extension))
 
 
 def batch_tensors(s: Setup, b: D.Batch, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
@@ -202,7 +213,7 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int) -> torch.T
         gen = step_generator(s.cfg.training.seed, step, micro, acc.process_index, acc.device)
         noise, t = draw_noise(lat, gen, s.cfg.training.noise_offset, s.comps.noise_scheduler.config.num_train_timesteps)
         sync = micro == len(chunk) - 1
-        ctx_mgr = acc.no_sync(s.unet) if not sync and acc.num_processes > 1 else _null()
+        ctx_mgr = acc.no_sync(s.unet) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         with ctx_mgr, acc.autocast():
             loss = diffusion_loss(s.unet, s.comps.noise_scheduler, lat, ctx, added, noise, t, s.comps.v_prediction,
                                   s.cfg.training, s.weight_dtype)
@@ -217,14 +228,6 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int) -> torch.T
     return total / len(chunk)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
 def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> str:
     """The loop. Returns the final state: 'finished' or 'stopped'."""
     cfg, io, ga = s.cfg, s.io, s.cfg.training.gradient_accumulation_steps
@@ -235,10 +238,13 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
         plan = D.shard(D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch), s.acc.process_index, s.acc.num_processes)
         rest = plan[prog.batch_in_epoch :]
         it = micro_batches(s, rest)
-        epoch_losses: list[float] = []
         while prog.batch_in_epoch < len(plan) and prog.global_step < s.total_steps:
+            t0 = time.perf_counter()
             chunk = [next(it) for _ in range(min(ga, len(plan) - prog.batch_in_epoch))]
+            t1 = time.perf_counter()
             loss = train_step(s, chunk, prog.global_step)
+            io.data_wait_s += t1 - t0
+            io.busy_s += time.perf_counter() - t1
             prog.global_step += 1
             prog.batch_in_epoch += len(chunk)
             io.step = prog.global_step
@@ -251,8 +257,9 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
                     raise TrainingError(
                         f"loss became {value} at step {prog.global_step}; lower the learning rate, or use bf16/fp32 instead of fp16"
                     )
-                epoch_losses.append(value)
-                prog.losses.append(value)
+                prog.epoch_loss_sum += value
+                prog.epoch_loss_count += 1
+                prog.last_loss = value
                 lr = s.lr_scheduler.get_last_lr()[0]
                 d = prodigy_d(s.optimizer)
                 eta = rate * (s.total_steps - prog.global_step)
@@ -265,7 +272,8 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
         if prog.batch_in_epoch >= len(plan):
             prog.epoch += 1
             prog.batch_in_epoch = 0
-            mean = sum(epoch_losses) / len(epoch_losses) if epoch_losses else None
+            mean = prog.epoch_loss_sum / prog.epoch_loss_count if prog.epoch_loss_count else None
+            prog.epoch_loss_sum, prog.epoch_loss_count = 0.0, 0
             io.emit("epoch_end", epoch=prog.epoch, step=prog.global_step, mean_loss=mean)
             after_epoch(sc, s, prog)
     return "finished"

@@ -21,6 +21,8 @@ class RunIO:
         self.is_main = is_main
         self.step = 0
         self.total_steps: int | None = None
+        self.data_wait_s = 0.0  # seconds the loop waited for its next batch (maintained by the loop)
+        self.busy_s = 0.0  # seconds spent in training steps (maintained by the loop)
         self._events = EventWriter(version_dir / "events.jsonl") if is_main else None
         self._tb = None
         if is_main and tensorboard:

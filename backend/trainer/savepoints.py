@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from accelerate.utils import gather_object
+
 from backend import checkpoints as C
-from backend.trainer import lora
+from backend.trainer import evaluation, lora
 from backend.trainer.sampling import generate
+from backend.trainer.state import rng_state, write_state
 
 if TYPE_CHECKING:
     from backend.trainer.loop import Progress, Setup
@@ -40,7 +45,7 @@ class SaveContext:
 
 def after_step(sc: SaveContext, s: Setup, prog: Progress) -> None:
     n = prog.global_step
-    if s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0 and n < s.total_steps:
+    if s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0:
         save(sc, s, prog, "step", n)
     if s.cfg.sampling.every_n_steps and n % s.cfg.sampling.every_n_steps == 0 and n < s.total_steps:
         samples(sc, s, prog, C.state_name("step", n))
@@ -49,20 +54,119 @@ def after_step(sc: SaveContext, s: Setup, prog: Progress) -> None:
 def after_epoch(sc: SaveContext, s: Setup, prog: Progress) -> None:
     e = prog.epoch
     last = e >= s.total_epochs or prog.global_step >= s.total_steps
-    if s.cfg.saving.save_every_n_epochs and e % s.cfg.saving.save_every_n_epochs == 0 and not last:
+    if s.cfg.saving.save_every_n_epochs and e % s.cfg.saving.save_every_n_epochs == 0:
         save(sc, s, prog, "epoch", e)
     if s.cfg.sampling.every_n_epochs and e % s.cfg.sampling.every_n_epochs == 0 and not last:
         samples(sc, s, prog, C.state_name("epoch", e))
 
 
 def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None = None) -> None:
-    """One save point: the export now; the resumable state folder arrives with the checkpoints work."""
+    """One save point, on every rank: RNG states are gathered, rank 0 evaluates, writes and prunes.
+
+    Order matters: the new state folder and export are complete on disk before anything old is
+    removed (save first, then prune), so a crash at any instant leaves a valid set behind.
+    """
+    rngs = gather_object([rng_state()]) if s.acc.num_processes > 1 else [rng_state()]
     if not s.acc.is_main_process:
         return
+    loss = evaluate(s)
+    val_loss = loss if s.eval_kind == "val" else None
+    improved = val_loss is not None and (prog.best_val_loss is None or val_loss < prog.best_val_loss)
+    if val_loss is not None:
+        s.io.emit("validation", epoch=prog.epoch, step=prog.global_step, val_loss=val_loss, best=improved)
+        if improved:
+            prog.best_val_loss = val_loss
+    write_save_point(sc, s, prog, kind, number, rngs, loss)
+    if improved:
+        write_save_point(sc, s, prog, "best", None, rngs, loss)
+    rotate(sc, s)
+
+
+def evaluate(s: Setup) -> float:
+    text = s.text
+    return evaluation.eval_loss(s.comps, s.acc.unwrap_model(s.unet), text, s.eval_samples, s.cfg.training.seed,
+                                s.acc.device, s.weight_dtype, s.cfg.training, s.acc.autocast)
+
+
+def write_save_point(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None,
+                     rngs: list[dict[str, Any]], eval_loss: float) -> None:
+    """The state folder (with save_state) and the export of one save point, each written atomically."""
+    name = C.state_name(kind, number)
+    if s.cfg.saving.save_state:
+        t0 = time.perf_counter()
+        info = manifest_info(sc, s, prog, kind, name, eval_loss)
+        atomic = C.AtomicDir(sc.version_dir / "checkpoints", name)
+        with atomic as tmp:
+            write_state(tmp, s, prog, rngs, {"kind": kind, "name": name})
+            manifest = atomic.commit(info)
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        s.io.emit("checkpoint_saved", kind=kind, name=name, path=str(atomic.final), step=prog.global_step,
+                  epoch=prog.epoch, bytes=size, seconds=round(time.perf_counter() - t0, 3), loss=prog.last_loss,
+                  val_loss=info["val_loss"])
     t0 = time.perf_counter()
     path = write_export(sc, s, prog, kind, number)
-    s.io.emit("export_saved", path=str(path), step=prog.global_step, epoch=prog.epoch, kind=kind,
+    s.io.emit("export_saved", kind=kind, path=str(path), step=prog.global_step, epoch=prog.epoch,
               bytes=path.stat().st_size, seconds=round(time.perf_counter() - t0, 3))
+
+
+def manifest_info(sc: SaveContext, s: Setup, prog: Progress, kind: str, name: str, eval_loss: float) -> dict[str, Any]:
+    return {
+        "format": 1, "run_name": s.cfg.run_name, "version": sc.version_dir.name, "kind": kind, "name": name,
+        "step": prog.global_step, "epoch": prog.epoch, "batch_in_epoch": prog.batch_in_epoch,
+        "loss": prog.last_loss, "val_loss": eval_loss if s.eval_kind == "val" else None,
+        "ref_loss": eval_loss if s.eval_kind == "ref" else None, "eval_kind": s.eval_kind,
+        "config_hash": s.cfg.config_hash(), "dataset_fingerprint": s.dataset_fingerprint,
+        "world_size": s.acc.num_processes, "total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch,
+        "resumed_from": sc.resumed_from,
+    }
+
+
+def rotate(sc: SaveContext, s: Setup) -> None:
+    """Apply save_last_n_epochs / save_last_n_steps to this version's save points (pure plan, then delete)."""
+    cfg = s.cfg.saving
+    if cfg.save_last_n_epochs is None and cfg.save_last_n_steps is None:
+        return
+    points = existing_save_points(sc.version_dir, s.cfg.run_name)
+    protected = frozenset({Path(sc.resumed_from).name}) if sc.resumed_from and \
+        Path(sc.resumed_from).parent.parent == sc.version_dir else frozenset()
+    for p in C.plan_rotation(list(points), cfg.save_last_n_epochs, cfg.save_last_n_steps, protected):
+        keep = cfg.save_last_n_epochs if p.kind == "epoch" else cfg.save_last_n_steps
+        reason = f"{C.ROTATED[p.kind]}={keep}: only the newest {keep} {p.kind} save points are kept"
+        folder = sc.version_dir / "checkpoints" / p.name
+        if folder.is_dir():
+            trash = folder.with_name(folder.name + C.TMP_SUFFIX)  # rename first: never a half-deleted "valid" folder
+            os.rename(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            s.io.emit("checkpoint_removed", kind=p.kind, name=p.name, path=str(folder), reason=reason)
+        export = sc.exports / C.export_name(s.cfg.run_name, p.kind, p.number)
+        if export.is_file():
+            export.unlink()
+            s.io.emit("export_removed", path=str(export), kind=p.kind, step=points[p].get("step"),
+                      epoch=points[p].get("epoch"), reason=reason)
+
+
+def existing_save_points(version_dir: Path, run_name: str) -> dict[C.SavePoint, dict[str, Any]]:
+    """Save points of this run found by exact names: state folders with a valid manifest of this run,
+    and exports named exactly as this run names them. Foreign files never match."""
+    found: dict[C.SavePoint, dict[str, Any]] = {}
+    cdir = version_dir / "checkpoints"
+    for folder in sorted(cdir.iterdir()) if cdir.is_dir() else []:
+        parsed = C.parse_state_name(folder.name)
+        manifest = C.read_manifest(folder) if parsed else None
+        if parsed and manifest and manifest.get("run_name") == run_name:
+            found[C.SavePoint(parsed[0], parsed[1], folder.name)] = manifest
+    edir = version_dir / "exports"
+    for f in sorted(edir.iterdir()) if edir.is_dir() else []:
+        for kind, rx in ((k, re.compile("^" + re.escape(run_name) + pat + "$")) for k, pat in EXPORT_PATTERNS):
+            m = rx.match(f.name)
+            if m:
+                point = C.SavePoint(kind, int(m.group(1)), C.state_name(kind, int(m.group(1))))
+                found.setdefault(point, {"step": int(m.group(1)) if kind == "step" else None,
+                                         "epoch": int(m.group(1)) if kind == "epoch" else None})
+    return found
+
+
+EXPORT_PATTERNS = (("epoch", r"-(\d{6})\.safetensors"), ("step", r"-step(\d{8})\.safetensors"))
 
 
 def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
@@ -81,6 +185,7 @@ def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
 
 def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None) -> Path:
     """Write the kohya LoRA file atomically (tmp name, fsync, rename)."""
+    _fail_export_hook()
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = lora.DTYPES[cfg.saving.save_precision]
@@ -94,6 +199,14 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+def _fail_export_hook() -> None:
+    """Test hook: LATHE_TEST_ENOSPC_ON=export makes the export write fail like a full disk."""
+    if os.environ.get("LATHE_TEST_ENOSPC_ON") == "export":
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", "export")
 
 
 def optimizer_description(cfg: Any) -> str:

@@ -1,0 +1,144 @@
+"""Resume preflight (torch-free): what differs between a checkpoint's config and the new one, what
+may change and what may not, and whether there is anything left to train."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend import checkpoints as C
+from backend.config import TrainingConfig, validate_config
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+# Settings that define what is being trained: changing them makes the saved state meaningless.
+FROZEN = {
+    "model.pretrained_model": "the base model the LoRA was trained on",
+    "model.family": "the base model the LoRA was trained on",
+    "model.v_parameterization": "the prediction target the LoRA learned",
+    "network": "the LoRA's shape and placement (rank, alpha, targets)",
+    "optimizer.type": "the optimizer state belongs to one optimizer",
+    "dataset.train_data_dir": "the data order and position depend on the dataset",
+    "dataset.caption_extension": "the captions are part of the dataset",
+    "dataset.resolution": "the buckets and the data order depend on it",
+    "dataset.enable_bucket": "the buckets and the data order depend on it",
+    "dataset.min_bucket_reso": "the buckets and the data order depend on it",
+    "dataset.max_bucket_reso": "the buckets and the data order depend on it",
+    "dataset.bucket_reso_steps": "the buckets and the data order depend on it",
+    "dataset.random_flip": "the data order and augmentation depend on it",
+    "dataset.shuffle_caption": "the captions seen at each step depend on it",
+    "dataset.keep_tokens": "the captions seen at each step depend on it",
+    "dataset.caption_dropout_rate": "the captions seen at each step depend on it",
+    "dataset.validation_split": "the split between training and validation images",
+    "dataset.validation_data_dir": "best/validation losses would not be comparable",
+    "training.train_batch_size": "the data position is counted in batches",
+    "training.gradient_accumulation_steps": "the step counter is counted in accumulated batches",
+    "training.seed": "the data order and noise are derived from the seed",
+    "launch.num_processes": "each process's share of the data depends on the process count",
+    "launch.num_machines": "each process's share of the data depends on the process count",
+}
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _frozen_reason(path: str) -> str | None:
+    for key, reason in FROZEN.items():
+        if path == key or path.startswith(key + "."):
+            return reason
+    return None
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path
+    manifest: dict[str, Any]
+    changed: list[tuple[str, Any, Any]] = field(default_factory=list)  # allowed changes (path, old, new)
+    refused: list[str] = field(default_factory=list)  # plain reasons; empty means the resume may start
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+    def describe(self) -> list[str]:
+        lines = [f"resume from {self.checkpoint} (step {self.manifest.get('step')}, epoch {self.manifest.get('epoch')})"]
+        lines += [f"  refused: {r}" for r in self.refused]
+        lines += [f"  changes: {p}: {json.dumps(a)} -> {json.dumps(b)}" for p, a, b in self.changed]
+        if not self.changed and not self.refused:
+            lines.append("  no settings changed")
+        return lines
+
+
+def dataset_fingerprint(data_dir: str | Path, caption_extension: str) -> str:
+    """sha256 over the image files' names and sizes and the caption texts (no image decoding)."""
+    root = Path(data_dir)
+    h = hashlib.sha256()
+    if not root.is_dir():
+        return "missing"
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and (p.suffix.lower() in IMAGE_EXTS or p.suffix == caption_extension or p.name == "metadata.jsonl"):
+            rel = p.relative_to(root).as_posix()
+            h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+            if p.suffix.lower() not in IMAGE_EXTS:
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def total_steps_for(cfg: TrainingConfig, steps_per_epoch: int) -> int:
+    t = cfg.training
+    return t.max_train_steps if t.max_train_steps is not None else t.max_train_epochs * steps_per_epoch
+
+
+def plan_resume(checkpoint: str | Path, new: TrainingConfig, check_dataset: bool = True) -> ResumePlan:
+    """Compare the checkpoint's config with `new` and decide. Never raises for a bad checkpoint:
+    the reasons go into `refused`."""
+    ckpt = Path(checkpoint).expanduser()
+    status, problems = C.checkpoint_status(ckpt) if ckpt.is_dir() else ("missing", ["folder does not exist"])
+    manifest = C.read_manifest(ckpt) or {}
+    plan = ResumePlan(ckpt, manifest)
+    if status != "valid":
+        plan.refused.append(f"checkpoint {ckpt.name} is {status}: {'; '.join(problems[:3])}")
+        return plan
+    try:
+        old = validate_config(json.loads((ckpt / "config.json").read_text(encoding="utf-8")))
+    except Exception as e:  # noqa: BLE001 - any unreadable config is a refusal with its reason
+        plan.refused.append(f"checkpoint config.json is unreadable: {e}")
+        return plan
+    a, b = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    for path in sorted(set(a) | set(b)):
+        if path == "resume_from" or a.get(path) == b.get(path):
+            continue
+        reason = _frozen_reason(path)
+        if reason:
+            plan.refused.append(f"{path} cannot change on resume ({json.dumps(a.get(path))} -> {json.dumps(b.get(path))}): {reason}")
+        else:
+            plan.changed.append((path, a.get(path), b.get(path)))
+    if check_dataset and manifest.get("dataset_fingerprint"):
+        now = dataset_fingerprint(new.dataset.train_data_dir, new.dataset.caption_extension)
+        if now != manifest["dataset_fingerprint"]:
+            plan.refused.append(
+                f"dataset.train_data_dir: the images or captions in {new.dataset.train_data_dir} changed since this "
+                "checkpoint was saved; the data position would no longer mean the same images"
+            )
+    spe = manifest.get("steps_per_epoch")
+    if spe and not plan.refused:
+        total = total_steps_for(new, int(spe))
+        if int(manifest.get("step", 0)) >= total:
+            epochs = math.ceil(total / int(spe))
+            plan.refused.append(
+                f"training is already complete at this checkpoint (step {manifest.get('step')} of {total}, "
+                f"{epochs} epochs); raise training.max_train_epochs or max_train_steps to train further"
+            )
+    return plan

@@ -1,0 +1,77 @@
+"""Deterministic evaluation loss: fixed images, fixed noise, fixed timesteps.
+
+Used for the validation loss (best checkpoint) when a validation set exists, and otherwise as a
+reference loss on a fixed training batch. Stored in each checkpoint's manifest; `verify` recomputes
+it by running the model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.trainer import data as D
+from backend.trainer.caching import encode_pixels
+from backend.trainer.loss import diffusion_loss
+from backend.trainer.models import Components, sdxl_time_ids
+
+TIMESTEP_FRACTIONS = (0.1, 0.35, 0.6, 0.85)
+REFERENCE_IMAGES = 4
+
+
+@dataclass
+class EvalSample:
+    latent: torch.Tensor  # [C, h, w] on CPU
+    caption: str
+    time_ids: list[int]
+    index: int
+
+
+def eval_items(train_items: list[D.ImageItem], val_items: list[D.ImageItem]) -> tuple[str, list[D.ImageItem]]:
+    """('val', the validation set) or ('ref', the first few training images by path)."""
+    if val_items:
+        return "val", val_items
+    return "ref", sorted(train_items, key=lambda it: it.path)[:REFERENCE_IMAGES]
+
+
+def prepare(comps: Components, items: list[D.ImageItem], buckets: list[tuple[int, int]] | None, square: int) -> list[EvalSample]:
+    """Encode the evaluation images once (VAE mean, no flip)."""
+    out = []
+    for i, (it, b) in enumerate(zip(items, D.bucket_of_items(items, buckets, square), strict=True)):
+        pixels = torch.from_numpy(D.load_pixels(it, b, flip=False)[None])
+        latent = encode_pixels(comps.vae, pixels)[0].cpu()
+        (_, _), (left, top) = D.crop_box(it.size, b)
+        out.append(EvalSample(latent, it.caption, sdxl_time_ids((it.size[1], it.size[0]), (top, left), (b[1], b[0])), i))
+    return out
+
+
+@torch.no_grad()
+def eval_loss(comps: Components, unet: Any, text: Any, samples: list[EvalSample], seed: int, device: torch.device,
+              weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
+    """Mean loss over every sample x fixed timestep. Identical inputs give identical results."""
+    was_training = unet.training
+    unet.eval()
+    n_t = comps.noise_scheduler.config.num_train_timesteps
+    steps = torch.tensor([int(f * n_t) for f in TIMESTEP_FRACTIONS], device=device)
+    total = 0.0
+    try:
+        for smp in samples:
+            k = len(steps)
+            lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
+            rng = np.random.default_rng([seed, 7919, smp.index])
+            noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32)).to(device)
+            ctx, pooled = text([smp.caption] * k, device)
+            added = None
+            if comps.is_sdxl:
+                added = {"text_embeds": pooled.to(weight_dtype),
+                         "time_ids": torch.tensor([smp.time_ids] * k, device=device, dtype=weight_dtype)}
+            with autocast():
+                loss = diffusion_loss(unet, comps.noise_scheduler, lat, ctx, added, noise, steps, comps.v_prediction,
+                                      training, weight_dtype)
+            total += float(loss)
+    finally:
+        unet.train(was_training)
+    return total / max(1, len(samples))
