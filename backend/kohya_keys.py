@@ -1,0 +1,284 @@
+"""What each kohya_ss GUI config key means to Lathe: value coercion and the key tables.
+
+kohya_ss stores many numbers and booleans as strings ("1", "True", "5e-05") and uses 0 or "" for
+"off"; the converters here turn them into typed values or raise ValueError with a plain message.
+The tables say where a key goes (backend.kohya does the mapping) or why it is not imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+UNSET: Any = object()  # kohya's 0 / "" for a setting that Lathe leaves empty ("off")
+
+
+def show(v: Any) -> str:
+    """A value as a short JSON-ish string for messages."""
+    s = json.dumps(v) if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def to_bool(v: Any) -> bool | None:
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    text = v.strip().lower() if isinstance(v, str) else None
+    if text == "":
+        return None
+    if text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return text in ("true", "1", "yes", "on")
+    raise ValueError(f"expected true or false; got {show(v)}")
+
+
+def to_float(v: Any) -> float | None:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    try:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError
+        f = float(v)
+        if not math.isfinite(f):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"expected a number; got {show(v)}") from None
+    return f
+
+
+def to_int(v: Any) -> int | None:
+    f = to_float(v)
+    if f is not None and not f.is_integer():
+        raise ValueError(f"expected a whole number; got {show(v)}")
+    return None if f is None else int(f)
+
+
+def to_str(v: Any) -> str | None:
+    if isinstance(v, (dict, list)):
+        raise ValueError(f"expected text; got {show(v)}")
+    return (str(v).strip() or None) if v is not None else None
+
+
+def off(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a converter for kohya settings where 0 or "" means off: those give UNSET."""
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            try:
+                if float(v or 0) == 0:
+                    return UNSET
+            except ValueError:
+                pass
+        return UNSET if v is None else conv(v)
+
+    return convert
+
+
+def real(v: Any) -> bool:
+    """True for a value that was given and is not kohya's 'off'."""
+    return v is not None and v is not UNSET
+
+
+# ------------------------------------------------------------------------------ where keys are mapped
+# kohya key -> (Lathe path, converter): one value, one setting. The others have handlers in kohya.py.
+SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "train_batch_size": ("training.train_batch_size", to_int),
+    "gradient_accumulation_steps": ("training.gradient_accumulation_steps", to_int),
+    "gradient_checkpointing": ("training.gradient_checkpointing", to_bool),
+    "mixed_precision": ("training.mixed_precision", to_str),
+    "clip_skip": ("training.clip_skip", to_int),
+    "min_snr_gamma": ("training.min_snr_gamma", off(to_float)),
+    "network_dim": ("network.rank", to_int),
+    "network_alpha": ("network.alpha", to_float),
+    "network_dropout": ("network.dropout", to_float),
+    "enable_bucket": ("dataset.enable_bucket", to_bool),
+    "min_bucket_reso": ("dataset.min_bucket_reso", to_int),
+    "max_bucket_reso": ("dataset.max_bucket_reso", to_int),
+    "bucket_reso_steps": ("dataset.bucket_reso_steps", to_int),
+    "shuffle_caption": ("dataset.shuffle_caption", to_bool),
+    "keep_tokens": ("dataset.keep_tokens", to_int),
+    "caption_dropout_rate": ("dataset.caption_dropout_rate", to_float),
+    "flip_aug": ("dataset.random_flip", to_bool),
+    "cache_latents": ("dataset.cache_latents", to_bool),
+    "cache_latents_to_disk": ("dataset.cache_latents_to_disk", to_bool),
+    "max_data_loader_n_workers": ("dataset.num_workers", to_int),
+    "save_state": ("saving.save_state", to_bool),
+    "sample_every_n_epochs": ("sampling.every_n_epochs", off(to_int)),
+    "sample_every_n_steps": ("sampling.every_n_steps", off(to_int)),
+    "num_processes": ("launch.num_processes", to_int),
+    "num_machines": ("launch.num_machines", to_int),
+    "main_process_ip": ("launch.main_process_ip", off(to_str)),
+    "main_process_port": ("launch.main_process_port", off(to_int)),
+    "gpu_ids": ("launch.gpu_ids", off(to_str)),
+    "v_parameterization": ("model.v_parameterization", to_bool),
+    "output_dir": ("output_dir", to_str),
+    "learning_rate": ("optimizer.learning_rate", to_float),
+    "max_grad_norm": ("optimizer.max_grad_norm", off(to_float)),
+}
+
+NETWORK_TYPES = {  # kohya LoRA_type -> plain name, for the refusal message
+    "Kohya LoCon": "LoCon (LoRA on convolution layers too)", "LoCon": "LoCon (LyCORIS)",
+    "LyCORIS/LoCon": "LoCon (LyCORIS)", "LyCORIS/LoHa": "LoHa (LyCORIS Hadamard product)",
+    "LyCORIS/LoKr": "LoKr (LyCORIS Kronecker product)", "Kohya DyLoRA": "DyLoRA", "LyCORIS/DyLoRA": "DyLoRA",
+    "LoRA-FA": "LoRA-FA", "LyCORIS/iA3": "(IA)^3", "LyCORIS/GLoRA": "GLoRA", "LyCORIS/Diag-OFT": "Diag-OFT",
+    "LyCORIS/BOFT": "BOFT", "LyCORIS/Native Fine-Tuning": "LyCORIS native fine-tuning",
+}
+
+OPTIMIZERS = {  # kohya name (lower case) -> (Lathe type, the variant Lathe replaces with it)
+    "adamw": ("AdamW", ""), "adamw8bit": ("AdamW8bit", ""), "pagedadamw": ("AdamW", "paged"),
+    "pagedadamw32bit": ("AdamW", "paged 32-bit"), "pagedadamw8bit": ("AdamW8bit", "paged"),
+    "prodigy": ("Prodigy", ""), "lion": ("Lion", ""), "lion8bit": ("Lion", "8-bit"),
+    "pagedlion8bit": ("Lion", "paged 8-bit"), "adafactor": ("Adafactor", ""), "sgdnesterov": ("SGD", ""),
+    "sgdnesterov8bit": ("SGD", "8-bit"),
+}
+# Defaults of the libraries kohya_ss calls, where they differ from Lathe's defaults for the same type.
+LIBRARY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Lion": {"weight_decay": 0.0},
+    "Adafactor": {"relative_step": True, "scale_parameter": True},
+    "SGD": {"nesterov": True},
+}
+BOOL_ARGS = {"use_bias_correction", "safeguard_warmup", "decouple", "relative_step", "scale_parameter",
+             "warmup_init", "nesterov"}
+NOT_ARGS = {"type", "learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm"}  # fields, not optimizer_args
+# Arguments the optimizer libraries accept that Lathe does not expose: reported, not errors.
+UNSUPPORTED_ARGS = {"amsgrad", "foreach", "maximize", "capturable", "differentiable", "fused", "fsdp_in_use",
+                    "slice_p", "prodigy_steps", "clip_threshold", "decay_rate", "beta1", "dampening",
+                    "optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged", "use_triton"}
+
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+SAVE_PRECISION = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+SAMPLE_FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {  # sample_prompts "--x" -> sampling field
+    "n": ("negative_prompt", to_str), "w": ("width", to_int), "h": ("height", to_int),
+    "s": ("steps", to_int), "l": ("guidance_scale", to_float), "d": ("seed", to_int),
+}
+
+
+# ------------------------------------------------------------------------ keys that are not imported
+SECRET = "secret: never copied into a preset"
+_FLUX = "not applicable: a Flux.1/SD3 setting"
+
+
+def _table(*groups: tuple[str, bool, str]) -> dict[str, tuple[str, bool]]:
+    return {key: (reason, warn) for reason, warn, keys in groups for key in keys.split()}
+
+
+# key -> (reason, warn): warn=True when a value other than the neutral one would change training.
+NOT_IMPORTED = _table(
+    ("GUI-only setting: the GUI's model dropdown", False, "model_list"),
+    ("GUI-only setting", False, "save_as_bool training_preset log_config file_path"),
+    ("GUI-only setting: Lathe uses several GPUs when launch.num_processes is above 1", False, "multi_gpu"),
+    ("not applicable: an accelerate CPU-thread setting left to accelerate", False, "num_cpu_threads_per_process"),
+    ("not applicable: Lathe picks the attention implementation itself", False, "xformers mem_eff_attn sdpa"),
+    ("not applicable: memory and loading tuning that Lathe manages itself", False,
+     "vae_batch_size persistent_data_loader_workers sdxl_no_half_vae no_half_vae lowram lowvram highvram "
+     "disable_mmap_load_safetensors skip_cache_check mem_eff_save"),
+    ("not applicable: Lathe decides what to cache itself", False, "sdxl_cache_text_encoder_outputs"),
+    ("not applicable: Lathe writes TensorBoard logs into each version folder", False,
+     "logging_dir log_with log_prefix log_tracker_name log_tracker_config use_wandb wandb_run_name"),
+    ("not applicable: Lathe never uploads or downloads", False,
+     "async_upload save_state_to_huggingface resume_from_huggingface"),
+    ("not applicable: Lathe always writes .safetensors LoRA files", True, "save_model_as"),
+    ("not applicable: Lathe rotates a save point's state and LoRA file together (saving.save_last_n_*)", False,
+     "save_last_n_epochs_state save_last_n_steps_state"),
+    ("not applicable: Lathe's final save follows saving.save_state", False, "save_state_on_train_end"),
+    ("not applicable: sample images use the model's own scheduler", False, "sample_sampler"),
+    ("not applicable: only used with regularization images", False, "prior_loss_weight"),
+    ("not applicable: only used with loss_type huber or smooth_l1", False, "huber_c huber_scale huber_schedule"),
+    ("not applicable: only used with ip_noise_gamma", False, "ip_noise_gamma_random_strength"),
+    ("not applicable: only used with network_weights", False, "dim_from_weights"),
+    ("not applicable: only used with dynamo_backend", False, "dynamo_mode dynamo_use_dynamic dynamo_use_fullgraph"),
+    ("not applicable: convolution ranks belong to LoCon/LyCORIS, not standard LoRA", False,
+     "conv_dim conv_alpha conv_dims conv_alphas"),
+    ("not applicable: a LyCORIS/DyLoRA setting, not used by standard LoRA", False,
+     "LyCORIS_preset factor use_cp use_tucker use_scalar decompose_both rank_dropout_scale constrain rescaled "
+     "train_norm train_on_input unit bypass_mode dora_wd"),
+    ("not applicable: a DreamBooth text-encoder learning rate (LoRA configs use text_encoder_lr)", False,
+     "learning_rate_te learning_rate_te1 learning_rate_te2"),
+    ("unsupported feature: regularization images (prior preservation)", True, "reg_data_dir"),
+    ("unsupported feature: a kohya dataset TOML file (set dataset.train_data_dir)", True, "dataset_config"),
+    ("unsupported feature: color augmentation", True, "color_aug"),
+    ("unsupported feature: random crop", True, "random_crop"),
+    ("unsupported feature: never upscaling small images into larger buckets", True, "bucket_no_upscale"),
+    ("unsupported feature: dropping every caption every N epochs", True, "caption_dropout_every_n_epochs"),
+    ("unsupported feature: tag dropout", True, "caption_tag_dropout_rate"),
+    ("unsupported feature: prompts longer than 75 tokens", True, "max_token_length"),
+    ("unsupported feature: weighted captions", True, "weighted_captions"),
+    ("unsupported feature: disabling token padding", True, "no_token_padding"),
+    ("unsupported feature: masked loss", True, "masked_loss"),
+    ("unsupported feature: loss types other than l2 (mean squared error)", True, "loss_type"),
+    ("unsupported feature: debiased estimation loss", True, "debiased_estimation_loss"),
+    ("unsupported feature: v-prediction loss scaling", True, "scale_v_pred_loss_like_noise_pred v_pred_like_loss"),
+    ("unsupported feature: restricting the timestep range", True, "min_timestep max_timestep"),
+    ("unsupported feature: input-perturbation noise", True, "ip_noise_gamma"),
+    ("unsupported feature: random noise-offset strength", True, "noise_offset_random_strength"),
+    ("unsupported feature: max-norm regularization", True, "scale_weight_norms"),
+    ("unsupported feature: rank and module dropout (network.dropout is kohya's network_dropout)", True,
+     "rank_dropout module_dropout"),
+    ("unsupported feature: block-wise ranks and learning rates", True,
+     "block_dims block_alphas block_lr_zero_threshold down_lr_weight mid_lr_weight up_lr_weight "
+     "conv_block_dims conv_block_alphas"),
+    ("unsupported feature: starting from an existing LoRA file", True, "network_weights lora_network_weights"),
+    ("unsupported feature: stopping text-encoder training part-way", True,
+     "stop_text_encoder_training stop_text_encoder_training_pct"),
+    ("unsupported feature: full fp16/bf16 training (Lathe keeps LoRA weights in fp32)", True, "full_fp16 full_bf16"),
+    ("unsupported feature: an fp8 base model", True, "fp8_base"),
+    ("unsupported feature: fused backward pass", True,
+     "fused_backward_pass fused_optimizer_groups blockwise_fused_optimizers"),
+    ("unsupported feature: a separate VAE file (Lathe uses the base model's VAE)", True, "vae"),
+    ("unsupported feature: extra accelerate arguments (use launch.accelerate_config_file)", True,
+     "extra_accelerate_launch_args"),
+    ("unsupported feature: torch.compile", True, "dynamo_backend"),
+    ("unsupported feature: extra command-line arguments are not read", True, "additional_parameters"),
+    ("unsupported feature: scheduler arguments", True, "lr_scheduler_args"),
+    ("unsupported feature: a custom scheduler class", True, "lr_scheduler_type"),
+    (_FLUX, False,
+     "ae clip_l clip_g apply_t5_attn_mask blocks_to_swap double_blocks_to_swap single_blocks_to_swap "
+     "cpu_offload_checkpointing discrete_flow_shift guidance_scale logit_mean logit_std mode_scale "
+     "model_prediction_type timestep_sampling weighting_scheme split_mode train_blocks save_clip save_t5xxl"),
+    (SECRET, False, "wandb_api_key huggingface_token"),
+)
+_PREFIXES = (
+    ("flux", _FLUX), ("sd3_", _FLUX), ("t5xxl", _FLUX),
+    ("huggingface_", "not applicable: Lathe never uploads or downloads"),
+    ("metadata_", "not applicable: Lathe writes its own metadata into exported LoRA files"),
+)
+_SECRET_NAME = re.compile(r"(?:^|_)(?:token|api_?key|secret|password|passwd|credentials?)$", re.I)
+_NEUTRAL = {"max_token_length": 75, "max_timestep": 1000, "loss_type": "l2", "save_model_as": "safetensors",
+            "dynamo_backend": "no"}
+UNKNOWN = "unknown kohya_ss setting: this importer does not know it"
+
+
+def reason_for(key: str) -> tuple[str, bool]:
+    """(reason, warn_when_set) for a key that no handler imported."""
+    if key in NOT_IMPORTED:
+        return NOT_IMPORTED[key]
+    if _SECRET_NAME.search(key):
+        return SECRET, False
+    for prefix, reason in _PREFIXES:
+        if key.startswith(prefix):
+            return reason, False
+    return UNKNOWN, True
+
+
+def is_set(key: str, value: Any) -> bool:
+    """Whether a kohya value turns its feature on (differs from 'off' or from the key's neutral value)."""
+    if key in _NEUTRAL:
+        neutral = _NEUTRAL[key]
+        try:
+            return float(value) != float(neutral)
+        except (TypeError, ValueError):
+            return str(value).strip().lower() not in (str(neutral), "")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return text not in ("", "false", "none", "no") and _nonzero(text)
+    return bool(value)
+
+
+def _nonzero(text: str) -> bool:
+    try:
+        return float(text) != 0
+    except ValueError:
+        return True

@@ -1,0 +1,396 @@
+"""How each kohya_ss setting becomes a Lathe setting: one function per topic, called by backend.kohya.
+
+Each `map_*` function reads the kohya keys of its topic through a `Mapper` and records, per key, the
+Lathe setting it became (`put`/`mapped`) or why it was not imported (`skip`), plus warnings and
+errors. The order in backend.kohya.import_kohya matters only where a topic needs an earlier result
+(the model family, the optimizer type).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from backend.config import OPTIMIZER_TYPES, TrainingConfig
+from backend.config_keys import optimizer_classes
+from backend.kohya_keys import (
+    BOOL_ARGS,
+    LIBRARY_DEFAULTS,
+    NETWORK_TYPES,
+    NOT_ARGS,
+    OPTIMIZERS,
+    SAMPLE_FLAGS,
+    SAVE_PRECISION,
+    SCHEDULERS,
+    SIMPLE,
+    UNSET,
+    UNSUPPORTED_ARGS,
+    is_set,
+    off,
+    real,
+    show,
+    to_bool,
+    to_float,
+    to_int,
+    to_str,
+)
+
+if TYPE_CHECKING:
+    from backend.kohya import Mapper
+
+
+# ------------------------------------------------------------------------------------------ refusal
+def refusal(m: Mapper) -> str | None:
+    """Why this config cannot become a Lathe preset (a model or network Lathe does not train), or None."""
+    d = m.data
+    lora_type = m.get("LoRA_type", to_str)
+    if (lora_type or "").startswith("Flux") or m.get("flux1_checkbox", to_bool):
+        return "a Flux.1 config: Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
+    if m.get("sd3_checkbox", to_bool):
+        return "an SD3 config: Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
+    if "LoRA_type" not in d and "network_dim" not in d:
+        if "num_vectors_per_token" in d or "token_string" in d:
+            return "a Textual Inversion config: Lathe trains LoRAs only"
+        if "train_dir" in d or "image_folder" in d:
+            return "a fine-tuning config (it trains the whole model): Lathe trains LoRAs only"
+        return ("a DreamBooth config (it trains the whole model; there is no LoRA_type or network_dim): "
+                "Lathe trains LoRAs only")
+    if lora_type not in (None, "Standard"):
+        kind = NETWORK_TYPES.get(lora_type, lora_type)
+        m.skip("LoRA_type", f"unsupported feature: {kind} networks")
+        return f"LoRA_type {lora_type!r}: {kind} networks are not supported; Lathe trains standard LoRA only"
+    m.mapped("LoRA_type", "network (standard LoRA)")
+    return None
+
+
+# ----------------------------------------------------------------------------------------- handlers
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/name", as on the Hugging Face hub
+_WEIGHTS_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin)$", re.I)
+
+
+def map_model(m: Mapper) -> str | None:
+    """Base model, image folder and model family; returns the family Lathe will use (None = auto)."""
+    defaults = TrainingConfig()
+    for key, path, what, default in (
+        ("pretrained_model_name_or_path", "model.pretrained_model", "base model", defaults.model.pretrained_model),
+        ("train_data_dir", "dataset.train_data_dir", "image folder", defaults.dataset.train_data_dir),
+    ):
+        value = m.get(key, to_str)
+        if value:
+            m.put(key, path, value)
+            if key.startswith("pretrained") and _HUB_ID.fullmatch(value) and not _WEIGHTS_FILE.search(value):
+                m.warn(f"{key}: {value!r} looks like a Hugging Face model id; Lathe never downloads: "
+                       f"make {path} a local diffusers folder or .safetensors file")
+        elif key not in m.done:
+            m.skip(key, "not applicable: empty in the kohya file")
+            m.warn(f"{key}: the kohya file names no {what}; the preset keeps Lathe's placeholder "
+                   f"{default!r}: set {path} before training")
+    sdxl, v2 = m.get("sdxl", to_bool), m.get("v2", to_bool)
+    if sdxl and v2:
+        m.error("sdxl: both sdxl and v2 are set; a model is either SDXL or SD2")
+        return None
+    family = "sdxl" if sdxl else "sd2" if v2 else "sd15" if (sdxl is False or v2 is False) else None
+    if family:
+        decider = "v2" if family == "sd2" or "sdxl" not in m.data else "sdxl"
+        m.put(decider, "model.family", family, "" if family != "sd15" else "neither sdxl nor v2 is set")
+        for key in ("sdxl", "v2"):
+            if key in m.data and key not in m.done:
+                m.mapped(key, f"model.family (decided by {decider})")
+    return family
+
+
+def map_dataset(m: Mapper) -> None:
+    key = "max_resolution" if "max_resolution" in m.data else "resolution"
+    raw = m.get(key, to_str)
+    if raw:
+        parts = [p for p in re.split(r"[,x\s]+", raw) if p]
+        if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+            m.error(f"{key}: expected WIDTH,HEIGHT such as 512,512; got {raw!r}")
+        else:
+            w, h = int(parts[0]), int(parts[-1])
+            side = w if w == h else round(math.sqrt(w * h) / 8) * 8
+            note = "" if w == h else f"{w}x{h} is not square: Lathe trains at the same area, {side}x{side}"
+            m.put(key, "dataset.resolution", side, note)
+            if note:
+                m.warn(f"{key}: {note}")
+    if "caption_extension" in m.data:
+        ext = m.get("caption_extension", to_str)
+        if ext is None and "caption_extension" not in m.done:
+            m.put("caption_extension", "dataset.caption_extension", ".caption", "empty means .caption in kohya_ss")
+        elif ext is not None:
+            m.put("caption_extension", "dataset.caption_extension", ext)
+
+
+def map_duration(m: Mapper) -> None:
+    """kohya: max_train_epochs overrides max_train_steps, which overrides epoch (0 or "" = unset)."""
+    values = {k: m.get(k, off(to_int)) for k in ("max_train_epochs", "max_train_steps", "epoch")}
+    chosen = next((k for k, v in values.items() if real(v)), None)
+    if chosen:
+        target = "training.max_train_steps" if chosen == "max_train_steps" else "training.max_train_epochs"
+        m.put(chosen, target, values[chosen])
+    elif not any(k in m.data for k in values):
+        m.warn(f"the kohya file sets no training length; Lathe's default ({TrainingConfig().training.max_train_epochs} epochs) is kept")
+    for k, v in values.items():
+        m.skip(k, f"not applicable: kohya_ss's {chosen} takes precedence" if real(v) else
+               "not applicable: 0 or empty means unset in kohya_ss")
+    steps = values["max_train_steps"] if chosen == "max_train_steps" else None
+    _map_warmup(m, steps)
+
+
+def _map_warmup(m: Mapper, total_steps: int | None) -> None:
+    """lr_warmup is a percentage of all steps; lr_warmup_steps (newer kohya_ss) a count that wins."""
+    warm_steps, pct = m.get("lr_warmup_steps", off(to_int)), m.get("lr_warmup", off(to_float))
+    if real(warm_steps):
+        m.put("lr_warmup_steps", "scheduler.warmup_steps", warm_steps)
+        m.skip("lr_warmup", "not applicable: lr_warmup_steps takes precedence")
+    elif real(pct) and total_steps:
+        m.put("lr_warmup", "scheduler.warmup_steps", round(pct * total_steps / 100), f"{pct:g}% of {total_steps} steps")
+    elif real(pct):
+        m.skip("lr_warmup", f"unsupported feature: a warmup of {pct:g}% of all steps cannot be converted without "
+               "a step count (it depends on your images); set scheduler.warmup_steps", warn=True)
+    else:
+        for key, value in (("lr_warmup_steps", warm_steps), ("lr_warmup", pct)):
+            if value is UNSET:
+                m.put(key, "scheduler.warmup_steps", 0)
+    for key in ("lr_warmup_steps", "lr_warmup"):
+        m.skip(key, "not applicable: 0 or empty means no warmup in kohya_ss")
+
+
+def map_optimizer(m: Mapper) -> str | None:
+    name = m.get("optimizer", to_str)
+    if name is None and m.get("use_8bit_adam", to_bool):
+        name = "AdamW8bit"
+        m.mapped("use_8bit_adam", "optimizer.type = \"AdamW8bit\"")
+    m.skip("use_8bit_adam", "not applicable: superseded by optimizer")
+    entry = OPTIMIZERS.get((name or "AdamW").lower())
+    if entry is None:
+        m.skip("optimizer", "unsupported feature: this optimizer")
+        m.skip("optimizer_args", "not applicable: arguments of an optimizer Lathe does not have")
+        m.res.refused = m.res.refused or (
+            f"optimizer {name!r} is not available in Lathe (it has {', '.join(OPTIMIZER_TYPES)})")
+        return None
+    otype, variant = entry
+    lib = LIBRARY_DEFAULTS.get(otype, {})
+    note = ", ".join(f"{k}={json.dumps(v)}" for k, v in lib.items())
+    if "optimizer" in m.data:
+        m.put("optimizer", "optimizer.type", otype, f"kohya's library defaults {note}" if note else "")
+    m.set("optimizer.type", otype)
+    for k, v in lib.items():
+        m.set(f"optimizer.{k}", v)
+    if variant:
+        m.warn(f"optimizer: {name} is the {variant} variant of {otype}; Lathe trains with its {otype}")
+    map_optimizer_args(m, otype)
+    return otype
+
+
+def _split_args(raw: str) -> list[str]:
+    out: list[str] = []
+    for token in shlex.split(raw):
+        if "=" in token or not out:
+            out.append(token)
+        else:
+            out[-1] += " " + token  # "betas=0.9, 0.99" was split at the space
+    return out
+
+
+def _arg_value(name: str, text: str) -> Any:
+    if name in BOOL_ARGS:
+        value = to_bool(text)
+    elif name == "betas":
+        parts = [p for p in re.split(r"[\s,()\[\]]+", text) if p]
+        if len(parts) != 2:
+            raise ValueError(f"expected two numbers such as 0.9,0.999; got {text!r}")
+        return [to_float(p) for p in parts]
+    elif name in ("beta3", "growth_rate") and text.lower() in ("none", "inf"):
+        return None  # Lathe's "empty": sqrt(beta2) / no growth limit
+    else:
+        value = to_float(text)
+    if value is None:
+        raise ValueError("no value given")
+    return value
+
+
+def map_optimizer_args(m: Mapper, otype: str) -> None:
+    if "optimizer_args" not in m.data:
+        return
+    raw = m.get("optimizer_args", to_str) or ""
+    try:
+        tokens = _split_args(raw)
+    except ValueError as e:
+        m.error(f"optimizer_args: cannot split {raw!r} into arguments ({e})")
+        return
+    accepted = sorted(set(optimizer_classes()[otype].model_fields) - NOT_ARGS)
+    if not tokens and "optimizer_args" not in m.done:
+        m.mapped("optimizer_args", "optimizer (no extra arguments)")
+    for token in tokens:
+        name, sep, text = (part.strip() for part in token.partition("="))
+        if name in accepted and sep:
+            try:
+                m.put("optimizer_args", f"optimizer.{name}", _arg_value(name, text))
+            except ValueError as e:
+                m.error(f"optimizer_args: {name}: {e}")
+        elif name in UNSUPPORTED_ARGS and sep:
+            m.res.unmapped.append((f"optimizer_args {name}", "unsupported feature: an optimizer argument Lathe does not expose"))
+            m.warn(f"optimizer_args: {name}={text} is not supported by Lathe and is not imported")
+        elif not sep:
+            m.error(f"optimizer_args: {token!r} is not NAME=VALUE")
+        else:
+            guess = difflib.get_close_matches(name, accepted + sorted(UNSUPPORTED_ARGS), n=1, cutoff=0.6)
+            hint = f"did you mean {guess[0]}?" if guess else f"{otype} takes {', '.join(accepted)}"
+            m.error(f"optimizer_args: unknown argument {name!r} for {otype}; {hint}")
+    m.done.add("optimizer_args")
+
+
+def map_learning_rates(m: Mapper, family: str | None) -> None:
+    """kohya_ss trains the text encoder too, unless its learning rate is 0 (or its outputs are cached)."""
+    unet, te = m.get("unet_lr", off(to_float)), m.get("text_encoder_lr", off(to_float))
+    for key, value in (("unet_lr", unet), ("text_encoder_lr", te)):
+        if value is not None:
+            m.put(key, f"optimizer.{key}", value if real(value) else None)
+    why_not_te = ""
+    if m.get("network_train_unet_only", to_bool):
+        why_not_te, key = "network_train_unet_only is set", "network_train_unet_only"
+    elif family == "sdxl" and m.get("sdxl_cache_text_encoder_outputs", to_bool):
+        why_not_te, key = "cached text-encoder outputs leave them untrained", "sdxl_cache_text_encoder_outputs"
+    elif te is UNSET and real(unet):
+        why_not_te, key = "kohya_ss trains only the UNet when text_encoder_lr is 0", "text_encoder_lr"
+    else:
+        key = "text_encoder_lr" if "text_encoder_lr" in m.data else "(kohya default)"
+    te_only = m.get("network_train_text_encoder_only", to_bool) or (unet is UNSET and real(te))
+    if te_only:
+        m.put("unet_lr" if unet is UNSET else "network_train_text_encoder_only", "network.train_unet", False,
+              "kohya_ss trains only the text encoder")
+    m.put(key, "network.train_text_encoder", not why_not_te,
+          why_not_te or "kohya_ss trains the text encoder too unless text_encoder_lr is 0")
+
+
+def map_scheduler(m: Mapper, otype: str | None) -> None:
+    name = m.get("lr_scheduler", to_str)
+    if name and name.lower() in SCHEDULERS:
+        m.put("lr_scheduler", "scheduler.type", name.lower())
+    elif name and name.lower() == "adafactor":
+        m.put("lr_scheduler", "scheduler.type", "constant", "kohya's adafactor scheduler lets Adafactor set its own step")
+        if otype != "Adafactor":
+            m.warn(f"lr_scheduler: 'adafactor' belongs to the Adafactor optimizer; {otype} gets a constant schedule")
+    elif name:
+        m.error(f"lr_scheduler: {name!r} is not available in Lathe (it has {', '.join(SCHEDULERS)})")
+    for key, path, conv in (("lr_scheduler_num_cycles", "scheduler.num_cycles", to_int),
+                            ("lr_scheduler_power", "scheduler.power", to_float)):
+        value = m.get(key, conv)
+        if value is not None:
+            m.put(key, path, value)
+        m.skip(key, "not applicable: empty in the kohya file, so Lathe's default is kept")
+
+
+def map_noise(m: Mapper) -> None:
+    kind = (m.get("noise_offset_type", to_str) or "Original").lower()
+    multires = "unsupported feature: multi-resolution noise (Lathe has the Original noise offset)"
+    if kind == "original":
+        if "noise_offset_type" in m.data:
+            m.mapped("noise_offset_type", "training.noise_offset (type Original)")
+        offset = m.get("noise_offset", off(to_float))
+        if offset is not None:
+            m.put("noise_offset", "training.noise_offset", offset if real(offset) else 0.0)
+        m.skip("adaptive_noise_scale", "unsupported feature: adaptive noise scale", is_set("adaptive_noise_scale", m.data.get("adaptive_noise_scale")))
+        for key in ("multires_noise_iterations", "multires_noise_discount"):
+            m.skip(key, "not applicable: only used when noise_offset_type is Multires")
+    elif kind == "multires":
+        m.skip("noise_offset_type", multires)
+        m.skip("multires_noise_iterations", multires, is_set("multires_noise_iterations", m.data.get("multires_noise_iterations")))
+        m.skip("multires_noise_discount", "not applicable: part of multi-resolution noise")
+        for key in ("noise_offset", "adaptive_noise_scale"):
+            m.skip(key, "not applicable: kohya_ss ignores it when noise_offset_type is Multires")
+    else:
+        m.error(f"noise_offset_type: expected Original or Multires; got {show(m.data['noise_offset_type'])}")
+        for key in ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount"):
+            m.skip(key, "not imported: noise_offset_type is not understood (see the errors)")
+
+
+def map_saving(m: Mapper) -> None:
+    for kind in ("epochs", "steps"):
+        every_key, last_key = f"save_every_n_{kind}", f"save_last_n_{kind}"
+        every, last = m.get(every_key, off(to_int)), m.get(last_key, off(to_int))
+        if every is not None:
+            m.put(every_key, f"saving.{every_key}", every if real(every) else None)
+        if real(last) and not real(every):
+            m.skip(last_key, f"not applicable: there are no {kind[:-1]} saves ({every_key} is 0)")
+        elif real(last) and kind == "steps":
+            count = max(1, last // every)
+            m.put(last_key, f"saving.{last_key}", count, f"kohya keeps saves within the last {last} steps: "
+                  f"{count} save(s) of every {every} steps")
+        elif last is not None:
+            m.put(last_key, f"saving.{last_key}", last if real(last) else None)
+    precision = m.get("save_precision", to_str)
+    if precision and precision.lower() in SAVE_PRECISION:
+        m.put("save_precision", "saving.save_precision", SAVE_PRECISION[precision.lower()])
+    elif precision:
+        m.error(f"save_precision: expected fp16, bf16 or float; got {precision!r}")
+
+
+def map_sampling(m: Mapper) -> None:
+    text = m.get("sample_prompts", to_str)
+    if text is None:
+        if "sample_prompts" in m.data and "sample_prompts" not in m.done:
+            m.put("sample_prompts", "sampling.prompts", [])
+        return
+    if re.fullmatch(r"\S+\.(txt|toml|json)", text):
+        m.skip("sample_prompts", "unsupported feature: a prompt file; paste its prompts into sampling.prompts", warn=True)
+        return
+    prompts, options = [], {}
+    for line in (ln.strip() for ln in text.splitlines()):
+        if line and not line.startswith("#"):
+            prompt, *opts = line.split(" --")
+            prompts.append(prompt.strip())
+            for opt in opts:
+                flag, _, value = opt.strip().partition(" ")
+                options.setdefault(flag, []).append(value.strip())
+    m.put("sample_prompts", "sampling.prompts", prompts)
+    for flag, values in options.items():
+        if flag not in SAMPLE_FLAGS:
+            m.warn(f"sample_prompts: option --{flag} is not supported and is ignored")
+            continue
+        path, conv = SAMPLE_FLAGS[flag]
+        if len(set(values)) > 1:
+            m.warn(f"sample_prompts: --{flag} differs between prompts; Lathe uses one value for all: {values[0]!r}")
+        try:
+            m.put("sample_prompts", f"sampling.{path}", conv(values[0]), f"from --{flag}")
+        except ValueError as e:
+            m.error(f"sample_prompts: --{flag}: {e}")
+
+
+def map_names(m: Mapper) -> None:
+    name = m.get("output_name", to_str)
+    if name:
+        clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
+        if clean in (".", ".."):
+            m.skip("output_name", "not applicable: not usable as a run name", warn=True)
+        else:
+            m.put("output_name", "run_name", clean, "" if clean == name else f"from {name!r}: file-name characters only")
+    resume = m.get("resume", to_str)
+    if "resume" in m.data and "resume" not in m.done:
+        m.put("resume", "resume_from", resume)
+        if resume:
+            m.warn("resume: Lathe resumes only from its own checkpoint folders (with manifest.json); "
+                   "a kohya_ss state folder is refused when training starts")
+    seed = m.get("seed", off(to_int))
+    if real(seed):
+        m.put("seed", "training.seed", seed)
+    m.skip("seed", "not applicable: empty or 0 is a random seed in kohya_ss; Lathe always seeds its runs so they can be repeated")
+    if m.get("training_comment", to_str):
+        m.mapped("training_comment", "preset description")
+    m.skip("training_comment", "not applicable: empty")
+
+
+def map_simple(m: Mapper) -> None:
+    for key, (path, conv) in SIMPLE.items():
+        value = m.get(key, conv)
+        if value is UNSET:
+            m.put(key, path, None)
+        elif value is not None:
+            m.put(key, path, value)
+        else:
+            m.skip(key, "not applicable: empty in the kohya file, so Lathe's default is kept")
