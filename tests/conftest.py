@@ -39,7 +39,8 @@ def demo_config(demo: Path, out: Path, **sections: dict) -> dict:
     data["dataset"]["train_data_dir"] = str(demo / "images")
     data["output_dir"] = str(out)
     for key, value in sections.items():
-        if isinstance(value, dict):
+        switching = key == "optimizer" and value.get("type", data[key].get("type")) != data[key].get("type")
+        if isinstance(value, dict) and not switching:
             data[key] = {**data.get(key, {}), **value}
         else:
             data[key] = value
@@ -73,3 +74,22 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def start_run(tmp: Path, demo: Path, extra_env: dict | None = None, **sections: dict):
+    """Start the trainer through the real launcher without following it; returns (Popen, version_dir)."""
+    from backend import launcher, runs
+    from backend.presets import resolve
+
+    cfg = launcher.absolutize(resolve(demo_config(demo, tmp / "runs", **sections)))
+    v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
+    # Same thread count as the CLI: CPU float reductions depend on it, and runs are compared bit for bit.
+    argv = launcher.build_argv(cfg, v, cpu_threads=launcher.default_cpu_threads(cfg))
+    runs.write_run_files(v, cfg, argv)
+    runs.new_status(v)
+    env = {**launcher.launch_env(cfg), **(extra_env or {})}
+    return launcher.start(v, argv, env), v
+
+
+def step_losses(version_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events(version_dir, "step")}

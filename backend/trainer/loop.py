@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,7 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
     io.total_steps = s.total_steps
     t_last, rate = time.perf_counter(), None
     images_per_step = cfg.training.train_batch_size * ga * s.acc.num_processes
+    slow = float(os.environ.get("LATHE_TEST_SLOW_STEP_S", "0") or 0)  # test hook: widen the window for stop tests
     while prog.epoch < s.total_epochs and prog.global_step < s.total_steps:
         plan = D.shard(D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch), s.acc.process_index, s.acc.num_processes)
         rest = plan[prog.batch_in_epoch :]
@@ -266,6 +268,8 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
                 io.emit("step", step=prog.global_step, epoch=prog.epoch + 1, loss=value, lr=lr, d=d,
                         samples_per_s=round(images_per_step / max(dt, 1e-9), 3), eta_s=round(eta, 1))
                 io.scalars(prog.global_step, {"loss": value, "lr": lr, "prodigy_d": d})
+            if slow:
+                time.sleep(slow)
             if stop.requested():
                 return "stopped"
             after_step(sc, s, prog)

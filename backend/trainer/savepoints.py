@@ -22,7 +22,7 @@ from accelerate.utils import gather_object
 from backend import checkpoints as C
 from backend.trainer import evaluation, lora
 from backend.trainer.sampling import generate
-from backend.trainer.state import rng_state, write_state
+from backend.trainer.state import fail_hook, rng_state, write_state
 
 if TYPE_CHECKING:
     from backend.trainer.loop import Progress, Setup
@@ -185,7 +185,7 @@ def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
 
 def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None) -> Path:
     """Write the kohya LoRA file atomically (tmp name, fsync, rename)."""
-    _fail_export_hook()
+    fail_hook("export", prog.global_step)
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = lora.DTYPES[cfg.saving.save_precision]
@@ -194,19 +194,14 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     tensors = lora.kohya_state_dict(unet, tes, s.comps.is_sdxl, cfg.network.alpha, dtype)
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
-    lora.save_export(str(tmp), tensors, export_metadata(sc, s, prog))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        lora.save_export(str(tmp), tensors, export_metadata(sc, s, prog))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure (disk full): no half-written file left behind
     return path
-
-
-def _fail_export_hook() -> None:
-    """Test hook: LATHE_TEST_ENOSPC_ON=export makes the export write fail like a full disk."""
-    if os.environ.get("LATHE_TEST_ENOSPC_ON") == "export":
-        import errno
-
-        raise OSError(errno.ENOSPC, "No space left on device", "export")
 
 
 def optimizer_description(cfg: Any) -> str:

@@ -42,9 +42,12 @@ def _slow_hook() -> None:
         time.sleep(delay)
 
 
-def _fail_hook(name: str) -> None:
-    """Test hook: LATHE_TEST_ENOSPC_ON=<file name> makes writing that file fail like a full disk."""
-    if os.environ.get("LATHE_TEST_ENOSPC_ON") == name:
+def fail_hook(name: str, step: int) -> None:
+    """Test hook: LATHE_TEST_ENOSPC_ON=<file>[@<step>] makes writing that file fail like a full disk
+    (from that step on), to prove a failed save damages nothing that was saved before."""
+    spec = os.environ.get("LATHE_TEST_ENOSPC_ON", "")
+    target, _, at = spec.partition("@")
+    if target == name and step >= int(at or 0):
         import errno
 
         raise OSError(errno.ENOSPC, "No space left on device", name)
@@ -71,10 +74,10 @@ def rng_state() -> dict[str, Any]:
 
 def write_state(folder: Path, s: Setup, prog: Progress, all_rng: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """Fill a (temporary) checkpoint folder. Called on rank 0 only."""
-    _fail_hook("lora.safetensors")
+    fail_hook("lora.safetensors", prog.global_step)
     save_file(trainable_tensors(s), str(folder / "lora.safetensors"))
     _slow_hook()
-    _fail_hook("optimizer.pt")
+    fail_hook("optimizer.pt", prog.global_step)
     torch.save(s.optimizer.state_dict(), folder / "optimizer.pt")
     _slow_hook()
     torch.save(s.lr_scheduler.state_dict(), folder / "scheduler.pt")
