@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from backend.config import TrainingConfig
 from backend.resume import dataset_fingerprint
@@ -231,11 +233,20 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int) -> torch.T
 
 def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> str:
     """The loop. Returns the final state: 'finished' or 'stopped'."""
-    cfg, io, ga = s.cfg, s.io, s.cfg.training.gradient_accumulation_steps
-    io.total_steps = s.total_steps
-    t_last, rate = time.perf_counter(), None
-    images_per_step = cfg.training.train_batch_size * ga * s.acc.num_processes
+    s.io.total_steps = s.total_steps
+    images_per_step = s.cfg.training.train_batch_size * s.cfg.training.gradient_accumulation_steps * s.acc.num_processes
     slow = float(os.environ.get("LATHE_TEST_SLOW_STEP_S", "0") or 0)  # test hook: widen the window for stop tests
+    bar = tqdm(total=s.total_steps, initial=prog.global_step, desc="train", unit="step", mininterval=2.0,
+               disable=not s.acc.is_main_process, ascii=True, file=sys.stdout)
+    try:
+        return _loop(s, prog, stop, sc, bar, slow, images_per_step)
+    finally:
+        bar.close()
+
+
+def _loop(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext, bar: Any, slow: float, images_per_step: int) -> str:
+    cfg, io, ga = s.cfg, s.io, s.cfg.training.gradient_accumulation_steps
+    t_last, rate = time.perf_counter(), None
     while prog.epoch < s.total_epochs and prog.global_step < s.total_steps:
         plan = D.shard(D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch), s.acc.process_index, s.acc.num_processes)
         rest = plan[prog.batch_in_epoch :]
@@ -250,6 +261,7 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
             prog.global_step += 1
             prog.batch_in_epoch += len(chunk)
             io.step = prog.global_step
+            bar.update(1)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             rate = dt if rate is None else 0.8 * rate + 0.2 * dt

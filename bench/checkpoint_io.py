@@ -1,0 +1,147 @@
+"""Benchmark: state-checkpoint save/load against plain safetensors, and resume-to-first-step against
+fresh-start-to-first-step. Interleaved repetitions; medians with min/max; a JSON result.
+
+    .venv/bin/python bench/checkpoint_io.py [--reps 5] [--rank 16] [--json out.json]
+
+The state is shaped like a real SD1.5 LoRA: the LoRA tensors of the published SD1.5 UNet
+architecture (built on the meta device, no weights needed) plus AdamW's two moments per tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backend import checkpoints as C  # noqa: E402
+
+
+def sd15_lora_state(rank: int) -> dict[str, torch.Tensor]:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from backend.config import UNET_TARGETS_DEFAULT
+
+    cfg = json.loads((ROOT / "backend/trainer/model_configs/sd15/unet/config.json").read_text())
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=UNET_TARGETS_DEFAULT), unet)
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(p.shape, generator=g) for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def lathe_save(folder: Path, lora: dict, optim: dict) -> None:
+    atomic = C.AtomicDir(folder.parent, folder.name)
+    with atomic as tmp:
+        save_file(lora, str(tmp / "lora.safetensors"))
+        torch.save(optim, tmp / "optimizer.pt")
+        atomic.commit({"run_name": "bench", "step": 1})
+
+
+def lathe_load(folder: Path) -> None:
+    status, _ = C.checkpoint_status(folder)
+    assert status == "valid"
+    load_file(str(folder / "lora.safetensors"))
+    torch.load(folder / "optimizer.pt", weights_only=True)
+
+
+def plain_save(path: Path, flat: dict) -> None:
+    save_file(flat, str(path))
+
+
+def timed(fn, *a) -> float:
+    t0 = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0
+
+
+def io_bench(reps: int, rank: int, tmp: Path) -> dict:
+    lora = sd15_lora_state(rank)
+    optim = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": t.clone(), "exp_avg_sq": t.clone()}
+                       for i, t in enumerate(lora.values())}, "param_groups": [{"lr": 1e-4, "params": list(range(len(lora)))}]}
+    flat = {**lora, **{f"m{i}": s["exp_avg"] for i, s in optim["state"].items()},
+            **{f"v{i}": s["exp_avg_sq"] for i, s in optim["state"].items()}}
+    nbytes = sum(t.numel() * t.element_size() for t in flat.values())
+    res = {"lathe_save": [], "plain_save": [], "lathe_load": [], "plain_load": []}
+    for r in range(reps):
+        folder, plain = tmp / f"ck{r}", tmp / f"plain{r}.safetensors"
+        res["lathe_save"].append(timed(lathe_save, folder, lora, optim))
+        res["plain_save"].append(timed(plain_save, plain, flat))
+        res["lathe_load"].append(timed(lathe_load, folder))
+        res["plain_load"].append(timed(load_file, str(plain)))
+        shutil.rmtree(folder)
+        plain.unlink()
+    out = {"bytes": nbytes, "tensors": len(lora), "rank": rank}
+    for k, v in res.items():
+        out[k] = {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
+    out["save_ratio"] = out["lathe_save"]["median_s"] / out["plain_save"]["median_s"]
+    out["load_ratio"] = out["lathe_load"]["median_s"] / out["plain_load"]["median_s"]
+    return out
+
+
+def first_step_latency(version_dir: Path) -> float:
+    evs = [json.loads(x) for x in (version_dir / "events.jsonl").read_text().splitlines()]
+    first = next(e for e in evs if e["event"] == "step")
+    started = json.loads((version_dir / "status.json").read_text())["started_at"]
+    return first["time"] - started
+
+
+def cli(*args: str) -> Path:
+    out = subprocess.run([sys.executable, "-m", "backend", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return Path(next(ln for ln in out.stdout.splitlines() if "/version_" in ln and not ln.startswith("resume")))
+
+
+def resume_bench(reps: int, tmp: Path) -> dict:
+    demo = json.loads((ROOT / "presets/demo.json").read_text())
+    demo.update(output_dir=str(tmp / "runs"), sampling={"prompts": []})
+    demo["training"] = {"max_train_epochs": 2, "train_batch_size": 4}
+    cfg = tmp / "bench.json"
+    cfg.write_text(json.dumps(demo))
+    base = cli("train", str(cfg))
+    ckpt = base / "checkpoints" / "epoch-000001"
+    fresh, resumed = [], []
+    for _ in range(reps):
+        fresh.append(first_step_latency(cli("train", str(cfg))))
+        resumed.append(first_step_latency(cli("resume", str(ckpt))))
+    return {"fresh_first_step_s": {"median": statistics.median(fresh), "min": min(fresh), "max": max(fresh)},
+            "resume_first_step_s": {"median": statistics.median(resumed), "min": min(resumed), "max": max(resumed)},
+            "resume_over_fresh": statistics.median(resumed) / statistics.median(fresh)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        result = {"io": io_bench(args.reps, args.rank, tmp), "resume": resume_bench(max(2, args.reps // 2), tmp)}
+    io_ = result["io"]
+    print(f"state of {io_['tensors']} LoRA tensors (rank {io_['rank']}) + AdamW moments: {io_['bytes'] / 1e6:.1f} MB")
+    for k in ("lathe_save", "plain_save", "lathe_load", "plain_load"):
+        v = io_[k]
+        print(f"  {k:<11} median {v['median_s'] * 1000:8.1f} ms  (min {v['min_s'] * 1000:.1f}, max {v['max_s'] * 1000:.1f})")
+    print(f"  save: Lathe / plain safetensors = {io_['save_ratio']:.2f}x; load (with sha256 verify) = {io_['load_ratio']:.2f}x")
+    r = result["resume"]
+    print(f"first step after start: fresh {r['fresh_first_step_s']['median']:.2f} s, resume "
+          f"{r['resume_first_step_s']['median']:.2f} s, resume/fresh = {r['resume_over_fresh']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
