@@ -195,3 +195,13 @@ def test_cli_and_backend_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_single_file_checkpoint_trains_offline(demo, tmp_path):
+    """The demo model converted to one LDM-layout .safetensors file (what most users have) trains."""
+    proc, v = train(tmp_path, demo, model={"pretrained_model": str(demo / "model.safetensors")},
+                    training={"max_train_steps": 2, "max_train_epochs": None}, sampling={"prompts": []},
+                    saving={"save_every_n_epochs": None, "save_last_n_epochs": None})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert events(v, "run_started")[0]["family"] == "sd15"
+    assert (v / "exports" / "demo.safetensors").is_file()
