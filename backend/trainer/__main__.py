@@ -58,6 +58,18 @@ def recover_run_folder(version_dir: Path) -> list[str]:
     return notes
 
 
+def peak_memory() -> dict:
+    """Peak host RAM of this process and peak CUDA memory, in MB (for the GUI and benchmarks)."""
+    import resource
+
+    import torch
+
+    out = {"peak_ram_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def optimizer_args(optimizer: object) -> dict:
     """The hyperparameters as the optimizer itself holds them (proof that the config reached it)."""
     group = optimizer.param_groups[0]
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         state, error, code = "failed", failure_reason(exc), EXIT_FAILED
         print(f"error: {error}", file=sys.stderr, flush=True)
-    io.emit("run_finished", state=state, step=prog.global_step, error=error)
+    io.emit("run_finished", state=state, step=prog.global_step, error=error, **peak_memory())
     io.status(state=state, step=prog.global_step, error=error, exit_code=code, finished_at=time.time())
     io.close()
     return code

@@ -122,21 +122,26 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def build_sd15(out: Path) -> Path:
-    """A tiny SD1.5-shaped diffusers folder (UNet with cross-attention, 8x VAE, CLIP text encoder)."""
+def build_sd15(out: Path, block_out_channels: tuple[int, ...] = (32, 64)) -> Path:
+    """A tiny SD1.5-shaped diffusers folder (UNet with cross-attention, 8x VAE, CLIP text encoder).
+
+    Wider/deeper `block_out_channels` (e.g. (64, 128, 256) for benchmarks) keep the SD1.5 layout:
+    cross-attention in every level but the lowest.
+    """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(1234)
     tokenizer = build_tokenizer()
     text_encoder = _text_encoder(len(tokenizer))
+    levels = len(block_out_channels)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
