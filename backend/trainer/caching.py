@@ -96,6 +96,9 @@ class LatentCache:
         save_file({"latent": latent}, str(tmp))
         os.replace(tmp, path)
 
+    def to(self, device: torch.device) -> None:
+        self.latents = {k: v.to(device) for k, v in self.latents.items()}
+
     def batch(self, b: Batch) -> torch.Tensor:
         return torch.stack([self.latents[(s.item, s.flip)] for s in b.samples])
 
@@ -119,7 +122,8 @@ class TextEncoder:
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cache:
             self.precompute(set(captions))
-            ctx = torch.stack([self._memo[c][0] for c in captions]).to(device)
-            pooled = None if self.comps.is_sdxl is False else torch.stack([self._memo[c][1] for c in captions]).to(device)
-            return ctx, pooled
+            ctx = torch.stack([self._memo[c][0].to(device) for c in captions])
+            if not self.comps.is_sdxl:
+                return ctx, None
+            return ctx, torch.stack([self._memo[c][1].to(device) for c in captions])
         return encode_tokens(self.comps, tokenize(self.comps, captions), self.clip_skip)

@@ -114,8 +114,9 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
         flips = (False, True) if ds.random_flip else (False,)
         print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
         latents.fill(flips)
-        if not cfg.sampling.prompts:
-            comps.vae.to("cpu")
+        if device.type == "cuda":
+            latents.to(device)  # a few hundred MB at most; saves a host->device copy every step
+            comps.vae.to("cpu")  # not needed until sampling, which borrows it back
 
     # Text encoders: trained (LoRA) or frozen; frozen + fixed captions -> embeddings cached.
     train_te = cfg.network.train_text_encoder
@@ -125,9 +126,14 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
     if text.cache:
         caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
         text.precompute(caps | {smp.caption for smp in eval_samples})
+        if device.type == "cuda":
+            for te in comps.text_encoders:
+                te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
 
     # LoRA on the UNet (frozen base weights in weight_dtype, LoRA weights in fp32).
     unet = _place(comps.unet, device, wdtype)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
     if cfg.network.train_unet:
         lora.inject(unet, cfg.network, cfg.network.target_modules, "unet")
     else:

@@ -1,28 +1,43 @@
 """What the trainer writes into its version folder besides checkpoints: events, status with a
-heartbeat, TensorBoard scalars. Only rank 0 writes; other ranks get a silent stand-in."""
+heartbeat, TensorBoard scalars, and periodic `resources` events. Only rank 0 writes; other ranks
+get a silent stand-in."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from backend import runs
+import psutil
+
+from backend import resources, runs
 from backend.events import EventWriter
 
 HEARTBEAT_S = 2.0
+RESOURCES_S = float(os.environ.get("LATHE_RESOURCES_INTERVAL_S", "10"))  # 0 turns resources events off
+WARN_REPEAT_S = 600.0  # the same kind of warning at most this often
+MB = 1024 * 1024
 
 
 class RunIO:
+    """The trainer's writer. The loop adds to two counters that the resources events turn into the
+    share of time spent waiting for data: `data_wait_s` (waiting for the next batch) and `busy_s`
+    (inside training steps)."""
+
     def __init__(self, version_dir: Path, is_main: bool, tensorboard: bool):
         self.dir = version_dir
         self.is_main = is_main
         self.step = 0
         self.total_steps: int | None = None
-        self.data_wait_s = 0.0  # seconds the loop waited for its next batch (maintained by the loop)
-        self.busy_s = 0.0  # seconds spent in training steps (maintained by the loop)
+        self.data_wait_s = 0.0
+        self.busy_s = 0.0
+        self._window = (0.0, 0.0)  # the counters at the last resources event
+        self._save_bytes: dict[int, int] = {}  # bytes written per save point (by step)
+        self._warned_at: dict[str, float] = {}
         self._events = EventWriter(version_dir / "events.jsonl") if is_main else None
         self._tb = None
         if is_main and tensorboard:
@@ -34,8 +49,12 @@ class RunIO:
 
     # ------------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields: Any) -> None:
-        if self._events is not None:
-            self._events.emit(event, **fields)
+        if self._events is None:
+            return
+        self._events.emit(event, **fields)
+        if event in ("checkpoint_saved", "export_saved") and isinstance(fields.get("bytes"), int):
+            step = int(fields.get("step") or 0)
+            self._save_bytes[step] = self._save_bytes.get(step, 0) + fields["bytes"]
 
     def warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
@@ -53,18 +72,56 @@ class RunIO:
             runs.update_status(self.dir, heartbeat_at=time.time(), **fields)
 
     def start_heartbeat(self) -> None:
-        """A thread refreshes status.json every few seconds, so a stale heartbeat means a dead trainer."""
+        """A thread refreshes status.json every few seconds, so a stale heartbeat means a dead or hung
+        trainer, and emits a `resources` event every RESOURCES_S."""
         if not self.is_main or self._beat is not None:
             return
 
         def beat() -> None:
-            while not self._stop_beat.wait(HEARTBEAT_S):
+            interval = min(HEARTBEAT_S, RESOURCES_S) if RESOURCES_S > 0 else HEARTBEAT_S
+            next_report = time.monotonic() + RESOURCES_S
+            last_step, step_at = self.step, time.time()
+            while not self._stop_beat.wait(interval):
+                # step_at: when the step counter last moved. A trainer whose main thread is stuck
+                # (in a collective, say) keeps beating from this thread; it shows here.
+                if self.step != last_step:
+                    last_step, step_at = self.step, time.time()
                 # A full disk must not kill the trainer from this thread.
                 with contextlib.suppress(OSError):
-                    runs.update_status(self.dir, heartbeat_at=time.time(), step=self.step)
+                    runs.update_status(self.dir, heartbeat_at=time.time(), step=self.step, step_at=step_at)
+                if RESOURCES_S > 0 and time.monotonic() >= next_report:
+                    next_report = time.monotonic() + RESOURCES_S
+                    try:
+                        self.report_resources()
+                    except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+                        print(f"resources report failed: {exc}", file=sys.stderr, flush=True)
 
         self._beat = threading.Thread(target=beat, name="heartbeat", daemon=True)
         self._beat.start()
+
+    # ------------------------------------------------------------------------------ resources
+    def next_save_bytes(self) -> int | None:
+        """The size of the latest save point (export + state): what the next one will need."""
+        return self._save_bytes[max(self._save_bytes)] if self._save_bytes else None
+
+    def report_resources(self) -> dict[str, Any]:
+        """Emit one `resources` event (and warnings it calls for); return the event's fields."""
+        wait, busy = self.data_wait_s, self.busy_s
+        d_wait, d_busy = wait - self._window[0], busy - self._window[1]
+        share = resources.data_wait_share(d_wait, d_busy)
+        if share is not None or d_wait + d_busy <= 0:
+            self._window = (wait, busy)  # else keep widening the window until it is long enough
+        snap = resources.sample(self.dir)
+        fields = {**snap, "step": self.step, "data_wait_share": share, "data_wait_s": round(d_wait, 3),
+                  "busy_s": round(d_busy, 3), "process": _process_memory()}
+        self.emit("resources", **fields)
+        now = time.monotonic()
+        for message in resources.warnings_for(snap, share, self.next_save_bytes()):
+            kind = message.split(":", 1)[0]
+            if now - self._warned_at.get(kind, -WARN_REPEAT_S) >= WARN_REPEAT_S:
+                self._warned_at[kind] = now
+                self.warn(message)
+        return fields
 
     def close(self) -> None:
         self._stop_beat.set()
@@ -75,3 +132,14 @@ class RunIO:
             self._tb.close()
         if self._events is not None:
             self._events.close()
+
+
+def _process_memory() -> dict[str, Any]:
+    """This process: resident memory and, when CUDA is in use, what torch holds on its device."""
+    out: dict[str, Any] = {"rss_mb": round(psutil.Process().memory_info().rss / MB, 1)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated_mb"] = round(torch.cuda.memory_allocated() / MB, 1)
+        out["cuda_reserved_mb"] = round(torch.cuda.memory_reserved() / MB, 1)
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / MB, 1)
+    return out

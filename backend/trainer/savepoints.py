@@ -7,12 +7,14 @@ functions of the step and epoch counters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,15 +174,25 @@ EXPORT_PATTERNS = (("epoch", r"-(\d{6})\.safetensors"), ("step", r"-step(\d{8})\
 def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
     if not s.cfg.sampling.prompts or not s.acc.is_main_process:
         return
-    comps = s.comps
-    comps.vae.to(s.acc.device)
     tes = [s.acc.unwrap_model(te) for te in s.text_encoders]
-    for te in tes:
-        te.to(s.acc.device)
-    out = generate(comps, s.acc.unwrap_model(s.unet), tes, s.cfg.sampling, sc.version_dir / "samples" / label,
-                   s.acc.device, s.acc.autocast)
+    with borrowed([s.comps.vae, *tes], s.acc.device):
+        out = generate(s.comps, s.acc.unwrap_model(s.unet), tes, s.cfg.sampling, sc.version_dir / "samples" / label,
+                       s.acc.device, s.acc.autocast)
     for path, prompt in out:
         s.io.emit("sample_saved", path=str(path), prompt=prompt, step=prog.global_step, epoch=prog.epoch)
+
+
+@contextlib.contextmanager
+def borrowed(modules: list[Any], device: Any) -> Iterator[None]:
+    """Move frozen modules that were parked on the CPU to the device for a while, then back."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes, strict=True):
+            m.to(home)
 
 
 def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None) -> Path:
