@@ -205,3 +205,19 @@ def test_single_file_checkpoint_trains_offline(demo, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert events(v, "run_started")[0]["family"] == "sd15"
     assert (v / "exports" / "demo.safetensors").is_file()
+
+
+def test_gradient_checkpointing_trains_unet_and_text_encoder_the_same(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    losses = []
+    for gc in (False, True):
+        proc, v = train(tmp_path, demo, network={"train_text_encoder": True}, sampling={"prompts": []},
+                        training={"max_train_steps": 3, "max_train_epochs": None, "gradient_checkpointing": gc},
+                        saving={"save_every_n_epochs": None, "save_last_n_epochs": None})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        losses.append([e["loss"] for e in events(v, "step")])
+        sd = load_file(v / "exports" / "demo.safetensors")
+        ups = {k: t for k, t in sd.items() if k.endswith("lora_up.weight")}
+        assert any(k.startswith("lora_te_") for k in ups) and all(t.abs().max() > 0 for t in ups.values())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

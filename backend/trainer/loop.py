@@ -223,9 +223,10 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int) -> torch.T
         noise, t = draw_noise(lat, gen, s.cfg.training.noise_offset, s.comps.noise_scheduler.config.num_train_timesteps)
         sync = micro == len(chunk) - 1
         ctx_mgr = acc.no_sync(s.unet) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
-        with ctx_mgr, acc.autocast():
-            loss = diffusion_loss(s.unet, s.comps.noise_scheduler, lat, ctx, added, noise, t, s.comps.v_prediction,
-                                  s.cfg.training, s.weight_dtype)
+        with ctx_mgr:
+            with acc.autocast():
+                loss = diffusion_loss(s.unet, s.comps.noise_scheduler, lat, ctx, added, noise, t, s.comps.v_prediction,
+                                      s.cfg.training, s.weight_dtype)
             acc.backward(loss / len(chunk))
         total = total + loss.detach()
     if s.cfg.optimizer.max_grad_norm is not None:
