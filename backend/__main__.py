@@ -149,6 +149,66 @@ def cmd_import_kohya(args: argparse.Namespace) -> int:
     return import_kohya_file(args.src, args.output)
 
 
+# ------------------------------------------------------------------- run lifecycle: runs, stop
+def cmd_runs(args: argparse.Namespace) -> int:
+    from backend.runs import list_runs
+
+    infos = list_runs(args.output_dir)
+    if args.json:
+        print(json.dumps([i.to_json() for i in infos], indent=1))
+        return 0
+    if not infos:
+        print(f"no runs in {args.output_dir}")
+        return 0
+    for i in infos:
+        steps = f"{i.step}/{i.total_steps if i.total_steps is not None else '?'}"
+        print(f"{i.run_name}/version_{i.version}  {i.state:<9} step {steps:<12} {i.path}")
+        if i.reason and i.state != "finished":
+            print(f"    {i.reason}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from backend import launcher, runs
+
+    v = Path(args.version_dir).expanduser().resolve()
+    if not (v / "status.json").is_file():
+        _print_errors([f"stop: {v} is not a version folder (no status.json); list runs with `python -m backend runs`"])
+        return 2
+    status = runs.reconcile(v)
+    if args.kill:
+        status = launcher.kill(v)
+    elif status.get("state") in runs.FINAL_STATES:
+        print(f"run already {status['state']}: {v}")
+        return 0
+    elif args.no_wait:
+        launcher.request_stop(v)
+        print(f"stop requested: {v} (the trainer saves a stop checkpoint and exits after its current step)")
+        return 0
+    else:
+        print(f"stopping {v} (waiting up to {args.grace:.0f} s for the stop checkpoint, then terminating)", flush=True)
+        status = launcher.stop(v, grace_s=args.grace, term_s=args.term)
+    reason = f" ({status['error']})" if status.get("error") else ""
+    print(f"run {status.get('state', 'unknown')}: {v}{reason}")
+    return 0 if status.get("state") in runs.FINAL_STATES else 1
+
+
+def _add_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list every version with its state; marks runs whose process died as failed")
+    p.add_argument("output_dir", nargs="?", default="runs", help="the output folder (default: runs)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per version")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("stop", help="stop a run gracefully (stop checkpoint), or kill its whole process tree")
+    p.add_argument("version_dir", help="the run's version folder, e.g. runs/NAME/version_0")
+    p.add_argument("--kill", action="store_true", help="SIGKILL every process of the run now (nothing is saved)")
+    p.add_argument("--no-wait", action="store_true", help="only write the STOP file and return")
+    p.add_argument("--grace", type=float, default=120.0, metavar="S", help="seconds to wait for the stop checkpoint (default 120)")
+    p.add_argument("--term", type=float, default=30.0, metavar="S",
+                   help="seconds to wait after SIGTERM before SIGKILL of the whole tree (default 30)")
+    p.set_defaults(func=cmd_stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m backend", description="Lathe: train Stable Diffusion LoRAs headless.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -188,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_import_kohya)
+    _add_lifecycle_commands(sub)
     return ap
 
 

@@ -112,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                 io.warn(note)
         if cfg.resume_from:
             load_state(Path(cfg.resume_from), s, prog)
-            print(f"resumed from {cfg.resume_from} at step {prog.global_step} (epoch {prog.epoch + 1}, "
-                  f"batch {prog.batch_in_epoch})", flush=True)
+            if acc.is_main_process:
+                print(f"resumed from {cfg.resume_from} at step {prog.global_step} (epoch {prog.epoch + 1}, "
+                      f"batch {prog.batch_in_epoch})", flush=True)
         io.emit("run_started", version=int(version_dir.name.split("_")[-1]), world_size=acc.num_processes,
                 total_steps=s.total_steps, total_epochs=s.total_epochs, resumed_from=cfg.resume_from,
                 family=s.comps.family, images=len(s.items), optimizer=optimizer_args(s.optimizer))
         io.status(total_steps=s.total_steps)
-        print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
-              f"{acc.num_processes} process(es) on {acc.device}", flush=True)
+        if acc.is_main_process:
+            print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
+                  f"{acc.num_processes} process(es) on {acc.device}", flush=True)
         state = run_training(s, prog, stop, sc)
         if state == "stopped":
             error = stop.reason
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_FINISHED
         acc.wait_for_everyone()
     except KeyboardInterrupt:
-        state, error, code = "stopped", "aborted by a second interrupt (nothing saved)", EXIT_STOPPED
+        state, error, code = "stopped", "aborted after a stop request (nothing saved)", EXIT_STOPPED
     except (TrainingError, Exception) as exc:  # noqa: BLE001 - every failure gets a reason
         traceback.print_exc()
         state, error, code = "failed", failure_reason(exc), EXIT_FAILED

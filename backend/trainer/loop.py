@@ -112,7 +112,8 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
         disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
         latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
         flips = (False, True) if ds.random_flip else (False,)
-        print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
+        if acc.is_main_process:
+            print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
         latents.fill(flips)
         if device.type == "cuda":
             latents.to(device)  # a few hundred MB at most; saves a host->device copy every step

@@ -1,0 +1,130 @@
+"""Two-process CPU DDP of the demo through the real launcher (`accelerate launch --multi_gpu` with
+ACCELERATE_USE_CPU): ranks stay in sync, rank 0 alone writes, data is sharded, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from backend import launcher, process_tree, runs
+from tests.conftest import ROOT, events, run_cli
+from tests.lifecycle_helpers import alive, demo_cfg, wait_steps
+
+pytestmark = pytest.mark.train
+
+PROBE = Path(__file__).with_name("ddp_probe.py")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(demo, tmp_path_factory) -> Path:
+    """The demo on 2 CPU processes: 2 epochs, a save per epoch, one sample at the end."""
+    out = tmp_path_factory.mktemp("ddp") / "runs"
+    cfg = launcher.absolutize(demo_cfg(demo, out, launch={"device": "cpu", "num_processes": 2},
+                                       training={"max_train_epochs": 2},
+                                       sampling={"prompts": ["a red circle"], "every_n_epochs": None, "steps": 2}))
+    v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
+    argv = launcher.build_argv(cfg, v, cpu_threads=1)
+    i = argv.index("backend.trainer")
+    argv[i - 1 : i + 1] = [str(PROBE)]  # the real trainer, plus a dump of each rank's tensors
+    runs.write_run_files(v, cfg, argv)
+    runs.new_status(v)
+    proc = launcher.start(v, argv, launcher.launch_env(cfg))
+    proc.wait(timeout=300)
+    status = runs.finalize(v, proc.returncode)
+    assert status["state"] == "finished", (v / "train.log").read_text()[-3000:]
+    return v
+
+
+def test_ddp_runs_two_processes_with_synchronized_weights(ddp_run):
+    from safetensors.torch import load_file
+
+    started = events(ddp_run, "run_started")
+    assert len(started) == 1 and started[0]["world_size"] == 2
+    r0, r1 = (load_file(ddp_run / "probe" / f"rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and len(r0) > 0
+    ups = [k for k in r0 if "lora_B" in k]
+    assert ups and all(r0[k].abs().max() > 0 for k in ups)  # trained: lora_B starts at zero
+    different = [k for k in r0 if not r0[k].equal(r1[k])]
+    assert different == [], different[:5]
+
+
+def test_ddp_shards_the_data_deterministically(ddp_run):
+    s0, s1 = (json.loads((ddp_run / "probe" / f"rank{r}-shard.json").read_text()) for r in (0, 1))
+    assert s0["full"] == s1["full"] and (s0["rank"], s1["rank"], s0["world"]) == (0, 1, 2)
+    n = len(s0["mine"])
+    assert n == len(s1["mine"]) == len(s0["full"]) // 2
+    interleaved = [b for pair in zip(s0["mine"], s1["mine"], strict=True) for b in pair]
+    assert interleaved == s0["full"][: 2 * n]  # round-robin: every batch to exactly one rank
+
+
+def test_ddp_writes_each_event_and_file_once(ddp_run):
+    total = runs.read_status(ddp_run)["total_steps"]
+    assert [e["step"] for e in events(ddp_run, "step")] == list(range(1, total + 1))
+    assert [e["epoch"] for e in events(ddp_run, "epoch_end")] == [1, 2]
+    names = [e["name"] for e in events(ddp_run, "checkpoint_saved")]
+    assert len(names) == len(set(names)) and {"epoch-000001", "final"} <= set(names)
+    assert set(names) == {p.name for p in (ddp_run / "checkpoints").iterdir()}
+    files = [Path(e["path"]).name for e in events(ddp_run, "export_saved")]
+    assert len(files) == len(set(files)) and {"demo-000001.safetensors", "demo.safetensors"} <= set(files)
+    assert set(files) == {p.name for p in (ddp_run / "exports").iterdir()}
+    assert len(events(ddp_run, "sample_saved")) == 1 and len(events(ddp_run, "run_finished")) == 1
+    assert [p.relative_to(ddp_run / "samples").as_posix() for p in (ddp_run / "samples").rglob("*.png")] == ["final/0.png"]
+    assert not list(ddp_run.rglob("*.tmp"))
+
+
+@pytest.mark.skipif(not (ROOT / "backend" / "trainer" / "state.py").exists(), reason="needs state checkpoints")
+def test_ddp_resumes_exactly_from_its_checkpoint(ddp_run):
+    from safetensors.torch import load_file
+
+    proc = run_cli("resume", str(ddp_run / "checkpoints" / "epoch-000001"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = runs.version_dirs(ddp_run.parent)[-1]
+    assert resumed != ddp_run and events(resumed, "run_started")[0]["world_size"] == 2
+    before = {e["step"]: e["loss"] for e in events(ddp_run, "step")}
+    after = {e["step"]: e["loss"] for e in events(resumed, "step")}
+    first = min(after)
+    assert first == events(ddp_run, "epoch_end")[0]["step"] + 1 and max(after) == max(before)
+    assert after == {k: v for k, v in before.items() if k >= first}  # bit-identical losses
+    a, b = load_file(ddp_run / "exports" / "demo.safetensors"), load_file(resumed / "exports" / "demo.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def _ddp_long(demo: Path, out: Path) -> launcher.Launched:
+    cfg = demo_cfg(demo, out, launch={"device": "cpu", "num_processes": 2}, training={"max_train_epochs": 500})
+    return launcher.launch(cfg, cpu_threads=1)
+
+
+def test_ddp_graceful_stop_stops_every_rank_at_the_same_step(demo, tmp_path):
+    launched = _ddp_long(demo, tmp_path / "runs")
+    v = launched.version_dir
+    try:
+        wait_steps(v, 2)
+        status = launcher.stop(v, grace_s=90)
+    finally:
+        if process_tree.find_for_status(runs.read_status(v)):
+            launcher.kill(v)
+        launched.proc.wait(timeout=30)
+    assert status["state"] == "stopped" and status["exit_code"] == 0, status
+    step = status["step"]
+    assert (v / "exports" / f"demo-stop{step:08d}.safetensors").is_file()
+    assert (v / "checkpoints" / f"stop-{step:08d}" / "manifest.json").is_file()
+    assert len(events(v, "run_finished")) == 1 and events(v)[-1]["state"] == "stopped"
+
+
+def test_ddp_kill_leaves_no_worker_behind(demo, tmp_path):
+    """accelerate's elastic agent starts each worker in a session of its own: a group kill would miss them."""
+    launched = _ddp_long(demo, tmp_path / "runs")
+    v = launched.version_dir
+    try:
+        wait_steps(v, 1)
+        procs = process_tree.find_for_status(runs.read_status(v))
+        workers = [p for p in procs if "--run-dir" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+        assert len(workers) == 2 and all(os.getsid(p.pid) != os.getsid(launched.proc.pid) for p in workers)
+        status = launcher.kill(v)
+    finally:
+        launched.proc.wait(timeout=30)
+    assert [p.pid for p in procs if alive(p.pid)] == []
+    assert status["state"] == "stopped" and status["exit_code"] == -9 and "killed by request" in status["error"]

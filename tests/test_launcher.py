@@ -1,0 +1,223 @@
+"""argv building for every launch mode, hostile values, the lock, and resource sampling (no trainer)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from backend import launcher, lock, resources, runs
+from backend.config import ConfigError, TrainingConfig
+from backend.presets import resolve
+from tests.conftest import wait_for
+
+V = Path("/runs/demo/version_0")
+TRAINER = ["-m", "backend.trainer", "--run-dir", str(V)]
+
+
+def cfg(**launch: object) -> TrainingConfig:
+    mp = launch.pop("mixed_precision", "no")
+    return TrainingConfig.model_validate({"launch": launch, "training": {"mixed_precision": mp}})
+
+
+def argv(c: TrainingConfig, **kw: object) -> list[str]:
+    out = launcher.build_argv(c, V, python="PY", **kw)
+    assert out[:3] == ["PY", "-m", "accelerate.commands.launch"] and out[-4:] == TRAINER
+    return out[3:-4]
+
+
+def test_cpu_single_process():
+    c = cfg(device="cpu")
+    assert argv(c, cpu_threads=2) == ["--cpu", "--num_processes", "1", "--num_machines", "1",
+                                      "--num_cpu_threads_per_process", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = launcher.launch_env(c, base={"PATH": "/bin"})
+    assert env["ACCELERATE_USE_CPU"] == "true" and env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_cpu_ddp_uses_multi_gpu_with_accelerate_use_cpu():
+    c = cfg(device="cpu", num_processes=2)
+    assert argv(c) == ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                       "--dynamo_backend", "no"]
+    assert launcher.launch_env(c, base={})["ACCELERATE_USE_CPU"] == "true"
+    assert launcher.default_cpu_threads(c) >= 1
+
+
+def test_one_gpu_with_mixed_precision():
+    c = cfg(device="cuda", gpu_ids="1", mixed_precision="bf16")
+    assert argv(c) == ["--num_processes", "1", "--num_machines", "1", "--gpu_ids", "1", "--mixed_precision", "bf16",
+                       "--dynamo_backend", "no"]
+    env = launcher.launch_env(c, base={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert "ACCELERATE_USE_CPU" not in env and env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_several_gpus():
+    c = cfg(device="cuda", num_processes=4, gpu_ids="0, 1,2,3", mixed_precision="fp16", main_process_port=29501)
+    assert argv(c) == ["--multi_gpu", "--num_processes", "4", "--num_machines", "1", "--main_process_port", "29501",
+                       "--gpu_ids", "0,1,2,3", "--mixed_precision", "fp16", "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_several_machines(rank):
+    c = cfg(device="cuda", num_processes=16, num_machines=2, machine_rank=rank, main_process_ip="10.0.0.5",
+            main_process_port=29500, mixed_precision="bf16")
+    assert argv(c) == ["--multi_gpu", "--num_processes", "16", "--num_machines", "2", "--machine_rank", str(rank),
+                       "--main_process_ip", "10.0.0.5", "--main_process_port", "29500", "--mixed_precision", "bf16",
+                       "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize("name", ["deepspeed zero2.yaml", "fsdp.yaml"])
+def test_an_accelerate_config_file_replaces_the_launch_flags(name):
+    # Flags would override the file; --multi_gpu would even turn DeepSpeed off.
+    c = cfg(device="cuda", num_processes=8, accelerate_config_file=f"/cfg/{name}", mixed_precision="bf16")
+    assert argv(c) == ["--config_file", f"/cfg/{name}"]
+
+
+HOSTILE = "/tmp/a b/it's \"q\"; touch PWNED $(touch PWNED) `touch PWNED` | & > x\n*.yaml"
+
+
+def test_hostile_values_arrive_as_single_literal_arguments(tmp_path):
+    """Run the built argv for real (with a probe in place of accelerate) and compare what arrives."""
+    v = tmp_path / "out $(touch PWNED); x" / "version_0"
+    v.mkdir(parents=True)
+    c = cfg(device="cuda", accelerate_config_file=HOSTILE)
+    built = launcher.build_argv(c, v)
+    assert built[built.index("--config_file") + 1] == HOSTILE and built[-1] == str(v)
+    probe = [sys.executable, "-c", "import json, sys; print('ARGV' + json.dumps(sys.argv[1:]))", *built[3:]]
+    runs.new_status(v)
+    proc = launcher.start(v, probe, launcher.launch_env(c), exclusive=False)
+    assert proc.wait(timeout=30) == 0
+    log = (v / "train.log").read_text()
+    assert json.loads(log.split("ARGV", 1)[1]) == built[3:]
+    assert not list(tmp_path.rglob("PWNED")) and not (launcher.PROJECT_ROOT / "PWNED").exists()
+
+
+def test_command_txt_records_the_exact_command(tmp_path):
+    c = TrainingConfig.model_validate({"run_name": "demo", "output_dir": str(tmp_path),
+                                       "launch": {"device": "cpu", "num_processes": 2}})
+    v = runs.create_version_dir(tmp_path, "demo")
+    built = launcher.build_argv(c, v)
+    runs.write_run_files(v, c, launcher.command_argv(c, built))
+    words = shlex.split((v / "command.txt").read_text())
+    assert words[0] == "env" and "ACCELERATE_USE_CPU=true" in words and words[-len(built):] == built
+
+
+@pytest.mark.parametrize("launch", [{"main_process_ip": "1.2.3.4; rm -rf /", "num_machines": 2},
+                                    {"main_process_ip": "$(reboot)", "num_machines": 2},
+                                    {"gpu_ids": "0;1"}, {"gpu_ids": "0,1 && x"}])
+def test_hostile_host_and_gpu_values_are_rejected_by_validation(launch):
+    with pytest.raises(ConfigError):
+        resolve({"launch": {"device": "cuda", **launch}})
+
+
+# ------------------------------------------------------------------------------------------ lock
+def test_gpu_set_keys():
+    assert lock.gpu_set(cfg(device="cpu").launch) == "cpu"
+    assert lock.gpu_set(cfg(device="cuda").launch) == "gpu-all"
+    assert lock.gpu_set(cfg(device="auto", gpu_ids="0,1").launch) == "gpu-0,1"
+
+
+def test_a_lock_naming_a_dead_run_is_free(tmp_path):
+    v = runs.create_version_dir(tmp_path, "x")
+    runs.update_status(v, state="running", pid=2 ** 22 + 1, pgid=2 ** 22 + 1, run_token="gone", launched_at=0)
+    with lock.claim(tmp_path, "cpu") as held:
+        held.hold(v)
+    assert json.loads(lock.lock_path(tmp_path, "cpu").read_text())["version_dir"] == str(v)
+    assert lock.holder(tmp_path, "cpu") is None
+    with lock.claim(tmp_path, "cpu"):  # not refused: nobody alive holds it
+        pass
+
+
+# ------------------------------------------------------------------------------------- resources
+def test_resources_sample_without_gpus(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    monkeypatch.setattr(resources.shutil, "which", lambda name: None)
+    snap = resources.sample(tmp_path / "not-yet-created")
+    assert snap["gpus"] == [] and snap["ram"]["total_mb"] > 0 and 0 <= snap["ram"]["pct"] <= 100
+    assert snap["disk"]["path"] == str(tmp_path) and snap["disk"]["free_mb"] > 0
+
+
+def test_resources_read_nvml_per_device(monkeypatch):
+    mib = 1024 * 1024
+    nv = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=(h + 1) * 1000 * mib, total=24000 * mib),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=50 + h),
+        nvmlDeviceGetName=lambda h: b"NVIDIA RTX 4090",
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    assert resources.gpus() == [
+        {"index": 0, "name": "NVIDIA RTX 4090", "util_pct": 50.0, "mem_used_mb": 1000.0, "mem_total_mb": 24000.0},
+        {"index": 1, "name": "NVIDIA RTX 4090", "util_pct": 51.0, "mem_used_mb": 2000.0, "mem_total_mb": 24000.0},
+    ]
+
+
+def test_parse_nvidia_smi():
+    text = "0, NVIDIA A100-SXM4-80GB, 97, 70123, 81920\n1, NVIDIA A100-SXM4-80GB, 3, 1, 81920\ngarbage\n"
+    gpus = resources.parse_nvidia_smi(text)
+    assert [g["util_pct"] for g in gpus] == [97.0, 3.0] and gpus[0]["mem_used_mb"] == 70123.0
+
+
+def test_warnings_for_data_bottleneck_and_full_disk():
+    assert resources.data_wait_share(1.0, 2.0) is None  # too short a window to judge
+    assert resources.data_wait_share(4.0, 6.0) == 0.4
+    snap = {"disk": {"path": "/runs", "free_mb": 100.0, "total_mb": 1000.0}}
+    w = resources.warnings_for(snap, 0.4, 200 * 1024 * 1024)
+    assert len(w) == 2 and w[0].startswith("data loading is the bottleneck") and "num_workers" in w[0]
+    assert w[1].startswith("free disk space (100 MB") and "next save" in w[1]
+    assert resources.warnings_for(snap, 0.1, 10 * 1024 * 1024) == []
+
+
+def test_run_io_reports_resources_and_warns_once(tmp_path, monkeypatch):
+    from backend.trainer.run_io import RunIO
+
+    io = RunIO(tmp_path, is_main=True, tensorboard=False)
+    monkeypatch.setattr(resources, "disk", lambda p: {"path": str(p), "free_mb": 50.0, "total_mb": 100.0})
+    io.emit("export_saved", path="x", step=10, epoch=1, bytes=40 * 1024 * 1024)
+    io.emit("checkpoint_saved", kind="step", name="step-00000010", path="y", step=10, epoch=1, bytes=30 * 1024 * 1024)
+    assert io.next_save_bytes() == 70 * 1024 * 1024
+    io.data_wait_s, io.busy_s = 6.0, 4.0
+    first = io.report_resources()
+    assert first["data_wait_share"] == 0.6 and first["data_wait_s"] == 6.0
+    io.data_wait_s, io.busy_s = 6.5, 13.5
+    assert io.report_resources()["data_wait_share"] == 0.05  # 0.5 s of 10 s: over the new window only
+    io.close()
+    evs = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    warnings = [e["message"] for e in evs if e["event"] == "warning"]
+    assert len(warnings) == 2 and warnings[0].startswith("data loading") and warnings[1].startswith("free disk space")
+    assert [e["event"] for e in evs].count("resources") == 2
+
+
+def test_heartbeat_thread_emits_resources(tmp_path, monkeypatch):
+    from backend.trainer import run_io
+
+    monkeypatch.setattr(run_io, "RESOURCES_S", 0.2)
+    monkeypatch.setattr(run_io, "HEARTBEAT_S", 0.1)
+    runs.new_status(tmp_path)
+    io = run_io.RunIO(tmp_path, is_main=True, tensorboard=False)
+    io.start_heartbeat()
+    wait_for(lambda: '"resources"' in (tmp_path / "events.jsonl").read_text(), timeout=10)
+    io.close()
+    assert runs.read_status(tmp_path)["heartbeat_at"] > runs.read_status(tmp_path)["started_at"]
+
+
+def test_preview_shows_the_command_a_launch_would_run():
+    text = launcher.preview(cfg(device="cpu", num_processes=2))
+    words = shlex.split(text)
+    assert words[0] == "env" and "ACCELERATE_USE_CPU=true" in words and "--multi_gpu" in words
+    assert words[-2:] == ["--run-dir", "<version_dir>"]
+
+
+def test_a_launch_that_cannot_start_is_recorded_as_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "build_argv", lambda *a, **k: [str(tmp_path / "no-such-python")])
+    c = TrainingConfig.model_validate({"run_name": "x", "output_dir": str(tmp_path), "launch": {"device": "cpu"}})
+    with pytest.raises(FileNotFoundError):
+        launcher.launch(c)
+    (info,) = runs.list_runs(tmp_path)
+    assert info.state == "failed" and info.reason.startswith("could not start the trainer")
+    with lock.claim(tmp_path, "cpu"):  # and it holds no lock
+        pass
