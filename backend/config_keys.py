@@ -4,6 +4,8 @@ sparse difference of a config from the defaults. Used by backend.presets; never 
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from functools import cache
 from typing import Any, get_args
 
@@ -69,6 +71,11 @@ def _unknown_message(cls: type[BaseModel], prefix: str, key: str) -> str:
     return f"unknown setting; did you mean {guess}?" if guess else UNKNOWN_SETTING
 
 
+def shown_key(key: str) -> str:
+    """A key as it can be shown in `path: message`: plain names as they are, anything else quoted."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]{1,80}", key) else json.dumps(key[:60])
+
+
 def unknown_key_lines(data: dict[str, Any], cls: type[BaseModel] = TrainingConfig, prefix: str = "") -> list[str]:
     """`path: message` lines for keys that are no setting, each with the closest valid key."""
     lines: list[str] = []
@@ -76,12 +83,13 @@ def unknown_key_lines(data: dict[str, Any], cls: type[BaseModel] = TrainingConfi
         if not prefix and key in PRESET_META_KEYS:
             continue
         if key not in cls.model_fields:
-            lines.append(f"{prefix}{key}: {_unknown_message(cls, prefix, key)}")
+            lines.append(f"{prefix}{shown_key(key)}: {_unknown_message(cls, prefix, key)}")
             continue
         if not isinstance(value, dict):
             continue
         if cls is TrainingConfig and key == "optimizer":
-            sub = optimizer_classes().get(value.get("type", "AdamW"))  # unknown type: validation says so
+            kind = value.get("type", "AdamW")
+            sub = optimizer_classes().get(kind) if isinstance(kind, str) else None  # bad type: validation says so
         else:
             sub = _section_class(cls, key)
         if sub is not None:
