@@ -286,7 +286,10 @@ class SamplingConfig(Section):
 # ------------------------------------------------------------------------------------------- logging
 class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard scalars into the version folder.")
-    log_every_n_steps: int = Field(1, ge=1, le=100_000, description="Write a step event every N optimizer steps.")
+    log_every_n_steps: int = Field(
+        1, ge=1, le=100_000,
+        description="Read the loss back from the GPU every N steps (one sync per N steps); every step still gets its event.",
+    )
 
 
 # -------------------------------------------------------------------------------------------- launch

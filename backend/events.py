@@ -49,10 +49,11 @@ class EventWriter:
         self._lock = threading.Lock()
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
-    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, event: str, when: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Append one event; `when` (unix seconds) dates it when it is written later than it happened."""
         if event not in EVENT_NAMES:
             raise ValueError(f"unknown event {event!r}")
-        record = {"event": event, "time": round(time.time(), 3), **_clean(fields)}
+        record = {"event": event, "time": round(time.time() if when is None else when, 3), **_clean(fields)}
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
         with self._lock:
             self._fh.write(line)

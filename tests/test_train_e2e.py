@@ -106,8 +106,11 @@ def test_sdxl_with_text_encoders_trains_and_exports(demo, tmp_path):
 def test_prodigy_d_coef_reaches_the_optimizer(demo, tmp_path):
     proc, v = train(tmp_path, demo, optimizer={"type": "Prodigy", "d_coef": 0.37, "use_bias_correction": True,
                                                "safeguard_warmup": True, "weight_decay": 0.01, "learning_rate": 1.0},
-                    training={"max_train_steps": 3, "max_train_epochs": None}, sampling={"prompts": []})
+                    training={"max_train_steps": 3, "max_train_epochs": None}, sampling={"prompts": []},
+                    logging={"log_every_n_steps": 2})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = events(v, "step")  # losses are read back two at a time, but every step has its event, dated when it ran
+    assert [e["step"] for e in steps] == [1, 2, 3] and steps[0]["time"] <= steps[1]["time"] <= steps[2]["time"]
     opt = events(v, "run_started")[0]["optimizer"]
     assert opt["class"] == "Prodigy"
     assert (opt["d_coef"], opt["use_bias_correction"], opt["safeguard_warmup"], opt["weight_decay"]) == (0.37, True, True, 0.01)

@@ -21,14 +21,15 @@ EXIT_FINISHED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 0
 
 def failure_reason(exc: BaseException) -> str:
     """One plain line saying why the run failed."""
-    from backend.trainer.caching import LatentCache  # noqa: F401  (import check only)
     from backend.trainer.data import DatasetError
     from backend.trainer.lora import NoTargetsError
     from backend.trainer.models import ModelLoadError
     from backend.trainer.optim import OptimizerUnavailable
+    from backend.trainer.state import StateError
+    from backend.trainer.steplog import NonFiniteLoss
 
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, (DatasetError, ModelLoadError, NoTargetsError, OptimizerUnavailable)):
+    if isinstance(exc, (DatasetError, ModelLoadError, NoTargetsError, OptimizerUnavailable, NonFiniteLoss, StateError)):
         return msg
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"disk full while writing {getattr(exc, 'filename', None) or 'a file'}: free space in the output folder and resume from the last checkpoint"
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_file(version_dir / "config.json")
     from accelerate import Accelerator
 
-    from backend.trainer.loop import Progress, TrainingError, run_training, setup
+    from backend.trainer.loop import Progress, run_training, setup
     from backend.trainer.run_io import RunIO
     from backend.trainer.savepoints import SaveContext, samples, save
     from backend.trainer.state import load_state
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         acc.wait_for_everyone()
     except KeyboardInterrupt:
         state, error, code = "stopped", "aborted after a stop request (nothing saved)", EXIT_STOPPED
-    except (TrainingError, Exception) as exc:  # noqa: BLE001 - every failure gets a reason
+    except Exception as exc:  # noqa: BLE001 - every failure gets a reason
         traceback.print_exc()
         state, error, code = "failed", failure_reason(exc), EXIT_FAILED
         print(f"error: {error}", file=sys.stderr, flush=True)

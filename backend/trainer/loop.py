@@ -25,14 +25,11 @@ from backend.trainer import evaluation, lora
 from backend.trainer.caching import LatentCache, PixelBatches, TextEncoder, encode_pixels
 from backend.trainer.loss import diffusion_loss, draw_noise, step_generator
 from backend.trainer.models import Components, load_components, sdxl_time_ids
-from backend.trainer.optim import build_optimizer, build_scheduler, param_groups, prodigy_d
+from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
 from backend.trainer.run_io import RunIO
-from backend.trainer.savepoints import SaveContext, after_epoch, after_step
+from backend.trainer.savepoints import SaveContext, after_epoch, after_step, boundary_due
+from backend.trainer.steplog import StepLog
 from backend.trainer.stopping import StopWatch
-
-
-class TrainingError(Exception):
-    """A failure with a one-line reason for the user."""
 
 
 @dataclass
@@ -253,12 +250,11 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
 
 
 def _loop(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext, bar: Any, slow: float, images_per_step: int) -> str:
-    cfg, io, ga = s.cfg, s.io, s.cfg.training.gradient_accumulation_steps
-    t_last, rate = time.perf_counter(), None
+    io, ga = s.io, s.cfg.training.gradient_accumulation_steps
+    log = StepLog(s, prog, images_per_step)
     while prog.epoch < s.total_epochs and prog.global_step < s.total_steps:
         plan = D.shard(D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch), s.acc.process_index, s.acc.num_processes)
-        rest = plan[prog.batch_in_epoch :]
-        it = micro_batches(s, rest)
+        it = micro_batches(s, plan[prog.batch_in_epoch :])
         while prog.batch_in_epoch < len(plan) and prog.global_step < s.total_steps:
             t0 = time.perf_counter()
             chunk = [next(it) for _ in range(min(ga, len(plan) - prog.batch_in_epoch))]
@@ -270,34 +266,22 @@ def _loop(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext, bar: Any, 
             prog.batch_in_epoch += len(chunk)
             io.step = prog.global_step
             bar.update(1)
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            rate = dt if rate is None else 0.8 * rate + 0.2 * dt
-            if prog.global_step % cfg.logging.log_every_n_steps == 0 or prog.global_step == s.total_steps:
-                value = float(loss.item())
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"loss became {value} at step {prog.global_step}; lower the learning rate, or use bf16/fp32 instead of fp16"
-                    )
-                prog.epoch_loss_sum += value
-                prog.epoch_loss_count += 1
-                prog.last_loss = value
-                lr = s.lr_scheduler.get_last_lr()[0]
-                d = prodigy_d(s.optimizer)
-                eta = rate * (s.total_steps - prog.global_step)
-                io.emit("step", step=prog.global_step, epoch=prog.epoch + 1, loss=value, lr=lr, d=d,
-                        samples_per_s=round(images_per_step / max(dt, 1e-9), 3), eta_s=round(eta, 1))
-                io.scalars(prog.global_step, {"loss": value, "lr": lr, "prodigy_d": d})
+            log.record(loss)
             if slow:
                 time.sleep(slow)
             if stop.requested():
+                log.flush()
                 return "stopped"
+            if boundary_due(s, prog):
+                log.flush()  # save points and samples record the latest loss
             after_step(sc, s, prog)
         if prog.batch_in_epoch >= len(plan):
+            log.flush()
             prog.epoch += 1
             prog.batch_in_epoch = 0
             mean = prog.epoch_loss_sum / prog.epoch_loss_count if prog.epoch_loss_count else None
             prog.epoch_loss_sum, prog.epoch_loss_count = 0.0, 0
             io.emit("epoch_end", epoch=prog.epoch, step=prog.global_step, mean_loss=mean)
             after_epoch(sc, s, prog)
+    log.flush()
     return "finished"

@@ -45,6 +45,13 @@ class SaveContext:
         return self.version_dir / "exports"
 
 
+def boundary_due(s: Setup, prog: Progress) -> bool:
+    """Whether this step ends with a step save point or step samples (the same tests as after_step)."""
+    n = prog.global_step
+    return bool((s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0)
+                or (s.cfg.sampling.every_n_steps and n % s.cfg.sampling.every_n_steps == 0 and n < s.total_steps))
+
+
 def after_step(sc: SaveContext, s: Setup, prog: Progress) -> None:
     n = prog.global_step
     if s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0:
