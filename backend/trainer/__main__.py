@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import time
@@ -79,12 +80,23 @@ def optimizer_args(optimizer: object) -> dict:
             **{k: v for k, v in group.items() if k != "params" and isinstance(v, plain)}}
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drop transformers' notice that torchvision is missing: Lathe uses PIL for images on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.trainer")
     ap.add_argument("--run-dir", required=True, type=Path, help="the version folder holding config.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    import transformers  # noqa: F401 - sets up its log handler, which gets the filter
+
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_NoTorchvisionNotice())
     version_dir: Path = args.run_dir
     from backend.config import load_config_file
 
