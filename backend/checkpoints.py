@@ -275,3 +275,38 @@ def best(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The valid checkpoint with the lowest validation loss, if any has one."""
     scored = [c for c in checkpoints if c["status"] == "valid" and c["val_loss"] is not None]
     return min(scored, key=lambda c: c["val_loss"]) if scored else None
+
+
+# ------------------------------------------------------------------------------------------ removal
+def remove_state_folder(folder: Path) -> None:
+    """Delete a checkpoint folder so that it is never seen half-deleted: rename it to `<name>.tmp`
+    first (never listed, and removed by `recover` if a crash interrupts the rmtree)."""
+    trash = folder.with_name(folder.name + TMP_SUFFIX)
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def export_path(checkpoint: str | Path) -> Path | None:
+    """The LoRA file saved together with a checkpoint (<version>/exports/<kohya name>), if it exists."""
+    ck = Path(checkpoint)
+    parsed = parse_state_name(ck.name)
+    if parsed is None:
+        return None
+    run_name = (read_manifest(ck) or {}).get("run_name") or ck.parent.parent.parent.name
+    path = ck.parent.parent / "exports" / export_name(run_name, parsed[0], parsed[1])
+    return path if path.is_file() else None
+
+
+def delete_checkpoint(checkpoint: str | Path) -> Path | None:
+    """Delete a checkpoint folder and its export; returns the export removed (or None).
+    Raises ValueError for anything that is not a Lathe checkpoint folder. The caller makes sure the
+    run is not going (backend.runs / the GUI refuse that)."""
+    ck = Path(checkpoint)
+    if parse_state_name(ck.name) is None or ck.parent.name != "checkpoints" or not ck.is_dir():
+        raise ValueError(f"{ck} is not a checkpoint folder")
+    export = export_path(ck)
+    remove_state_folder(ck)
+    if export is not None:
+        export.unlink(missing_ok=True)
+    return export

@@ -249,6 +249,9 @@ def kill(version_dir: Path, reason: str = "killed by request (nothing saved sinc
     status = runs.read_status(v)
     if not process_tree.find_for_status(status):
         return runs.reconcile(v)  # it ended by itself: record that, not a kill
+    # Say it is a kill before killing: a follower or reconcile that sees the processes vanish in
+    # between then records "stopped" with this reason, not a mysterious failure.
+    runs.update_status(v, when=runs.not_final, kill_requested_at=time.time(), kill_reason=reason)
     survivors = process_tree.kill_all(status)
     if survivors:
         reason = f"{reason}; processes {survivors} could not be killed"

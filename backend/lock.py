@@ -26,6 +26,9 @@ from backend.config import LaunchConfig
 LOCK_DIR = ".locks"
 
 
+ENDING_GRACE_S = 20.0  # how long a finished run's processes may take to exit before a new start is refused
+
+
 class RunBusyError(RuntimeError):
     """A run is already active in this output folder on the same devices."""
 
@@ -59,6 +62,12 @@ def active_holder(record: dict[str, Any]) -> Path | None:
     if not v:
         return None
     status = runs.read_status(v)
+    if status.get("state") in runs.FINAL_STATES:
+        # The run has said its last word and its processes are exiting: give them a moment rather
+        # than refusing a start that comes right after a finish.
+        deadline = time.monotonic() + ENDING_GRACE_S
+        while process_tree.find_for_status(status) and time.monotonic() < deadline:
+            time.sleep(0.2)
     return Path(v) if process_tree.find_for_status(status) else None
 
 

@@ -195,6 +195,9 @@ def _not_final(status: dict[str, Any]) -> bool:
     return status.get("state") not in FINAL_STATES
 
 
+not_final = _not_final  # public name for other modules' conditional updates
+
+
 def close_run(version_dir: str | Path, state: str, exit_code: int | None, reason: str | None) -> dict[str, Any]:
     """Write a final state the trainer could not write (it is dead), and the run_finished event it
     would have written, so status.json and events.jsonl both end with the truth. Keeps a final
@@ -218,10 +221,14 @@ def close_run(version_dir: str | Path, state: str, exit_code: int | None, reason
 
 
 def finalize(version_dir: str | Path, exit_code: int | None, what: str = "the trainer exited without a final status") -> dict[str, Any]:
-    """After the run's processes are gone: keep the trainer's own verdict, or record a failure."""
-    if not _not_final(read_status(version_dir)):
+    """After the run's processes are gone: keep the trainer's own verdict, or record a failure
+    (or the stop, when they are gone because someone killed them)."""
+    status = read_status(version_dir)
+    if not _not_final(status):
         return update_status(version_dir, when=lambda st: st.get("exit_code") is None and exit_code is not None,
                              exit_code=exit_code)
+    if status.get("kill_requested_at"):
+        return close_run(version_dir, "stopped", exit_code if exit_code is not None else -9, status.get("kill_reason"))
     return close_run(version_dir, "failed", exit_code, death_reason(version_dir, exit_code, what))
 
 

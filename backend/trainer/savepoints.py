@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -143,9 +142,7 @@ def rotate(sc: SaveContext, s: Setup) -> None:
         reason = f"{C.ROTATED[p.kind]}={keep}: only the newest {keep} {p.kind} save points are kept"
         folder = sc.version_dir / "checkpoints" / p.name
         if folder.is_dir():
-            trash = folder.with_name(folder.name + C.TMP_SUFFIX)  # rename first: never a half-deleted "valid" folder
-            os.rename(folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            C.remove_state_folder(folder)
             s.io.emit("checkpoint_removed", kind=p.kind, name=p.name, path=str(folder), reason=reason)
         export = sc.exports / C.export_name(s.cfg.run_name, p.kind, p.number)
         if export.is_file():

@@ -1,0 +1,150 @@
+"""The Setup tab: one group per config section, fields generated from the config's metadata,
+advanced fields folded away, Validate / Show command, and the saving preview."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import gradio as gr
+
+from backend import launcher
+from backend.config import OPTIMIZER_TYPES, TrainingConfig
+from gui.fields import build_field, command_box
+from gui.form import GENERAL, FieldError, FormError, by_section, form_to_config, form_warnings
+from gui.page import Page
+from gui.preview import saving_preview, train_command
+from gui.schema import SECTIONS, FieldSpec, section_specs
+from gui.tabs import presets
+
+PER_ROW = 3
+PREVIEW_TRIGGERS = ("saving.", "training.max_train_")
+
+
+def _rows(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+    for i in range(0, len(specs), PER_ROW):
+        with gr.Row(equal_height=False):
+            for spec in specs[i:i + PER_ROW]:
+                page.form.add(spec.key, build_field(spec, values[spec.key]))
+
+
+def _fields(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+    basic = [s for s in specs if not s.advanced]
+    advanced = [s for s in specs if s.advanced]
+    _rows(page, basic, values)
+    if advanced:
+        with gr.Accordion("Advanced", open=False, elem_classes=["lathe-advanced"]):
+            _rows(page, advanced, values)
+
+
+def _optimizer_section(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+    type_spec = next(s for s in specs if s.key == "optimizer.type")
+    page.form.add(type_spec.key, build_field(type_spec, values[type_spec.key]))
+    groups = {}
+    for otype in OPTIMIZER_TYPES:
+        with gr.Column(visible=values["optimizer.type"] == otype, elem_id=f"opt-{otype}") as col:
+            _fields(page, [s for s in specs if s.optimizer == otype], values)
+        groups[otype] = col
+    page.share("optimizer_groups", groups)
+    type_box = page.form.components["optimizer.type"]
+    type_box.change(lambda data: {col: gr.update(visible=data[type_box] == t) for t, col in groups.items()},
+                    inputs={type_box}, outputs=list(groups.values()), show_progress="hidden")
+
+
+def _section(page: Page, section: str, values: dict[str, Any]) -> None:
+    with gr.Accordion(section, open=True, elem_id=f"sec-{section}", elem_classes=["lathe-section"]):
+        page.shared.setdefault("section_errors", {})[section] = gr.Markdown(
+            "", visible=False, elem_id=f"err-{section}", elem_classes=["lathe-errors"])
+        specs = section_specs(section)
+        if section == "Optimizer":
+            _optimizer_section(page, specs, values)
+        else:
+            _fields(page, specs, values)
+        if section == "Saving":
+            page.share("saving_preview", gr.Markdown(_preview_text(values), elem_id="saving-preview",
+                                                     elem_classes=["lathe-preview"]))
+
+
+# ------------------------------------------------------------------------------------ messages
+def _lines(items: Iterable[FieldError], icon: str) -> list[str]:
+    return [f"{icon} **{e.label}**: {e.message}" if e.label else f"{icon} {e.message}" for e in items]
+
+
+def message_updates(page: Page, errors: list[FieldError], warnings: list[FieldError], ok_text: str = "") -> dict:
+    """Each section's error box (hidden when clean) and the summary above the sections."""
+    errs, warns = by_section(errors), by_section(warnings)
+    out: dict[Any, Any] = {}
+    for section, box in page.component("section_errors").items():
+        text = "\n\n".join(_lines(errs.get(section, []), "✖") + _lines(warns.get(section, []), "⚠"))
+        out[box] = gr.update(value=text, visible=bool(text))
+    general = _lines(errs.get(GENERAL, []), "✖")
+    if errors:
+        where = sorted({e.section for e in errors if e.section != GENERAL}, key=lambda s: (SECTIONS + (s,)).index(s))
+        head = f"**{len(errors)} problem{'s' if len(errors) > 1 else ''}** to fix" + (
+            f" in {', '.join(where)}" if where else "") + ": nothing was started."
+        summary = "\n\n".join([head, *general, *(f"- {e}" for e in errors if e.section != GENERAL)])
+    else:
+        summary = ok_text
+    out[page.component("setup_summary")] = gr.update(value=summary, visible=bool(summary))
+    return out
+
+
+def validate_values(page: Page, values: dict[str, Any]) -> tuple[TrainingConfig | None, dict]:
+    """(config or None, message updates) for the form's values."""
+    try:
+        cfg = form_to_config(values)
+    except FormError as e:
+        return None, message_updates(page, e.errors, [])
+    warnings = form_warnings(cfg)
+    ok = "✔ **Valid.** " + ("Warnings are shown next to their sections." if warnings else "Ready to start.")
+    return cfg, message_updates(page, [], warnings, ok)
+
+
+def _preview_text(values: dict[str, Any]) -> str:
+    try:
+        return "**What is kept:** " + saving_preview(form_to_config(values))
+    except FormError:
+        return "**What is kept:** fix the errors above to see which checkpoints will be kept."
+
+
+# ------------------------------------------------------------------------------------ the tab
+def build(page: Page) -> None:
+    values, loaded = page.first_form()
+    with gr.Tab("Setup", id="setup", elem_id="tab-setup"):
+        preset_parts = presets.build(page, loaded)
+        with gr.Row(elem_classes=["lathe-actions"]):
+            validate = gr.Button("Validate", elem_id="btn-validate")
+            show = gr.Button("Show command", elem_id="btn-show-command")
+            page.shared.setdefault("start_buttons", []).append(
+                gr.Button("Start training", variant="primary", elem_id="btn-start-setup"))
+        page.share("setup_summary", gr.Markdown("", visible=False, elem_id="setup-summary",
+                                                elem_classes=["lathe-summary"]))
+        command = command_box("The CLI command that reproduces this run", "command-preview", lines=12, visible=False)
+        for section in SECTIONS:
+            _section(page, section, values)
+    presets.wire(page, preset_parts)
+    _wire(page, validate, show, command)
+
+
+def _wire(page: Page, validate: gr.Button, show: gr.Button, command: gr.Textbox) -> None:
+    form = page.form
+    outputs = [*page.component("section_errors").values(), page.component("setup_summary")]
+
+    def on_validate(data: dict) -> dict:
+        return validate_values(page, form.values(data))[1]
+
+    validate.click(on_validate, inputs=form.inputs, outputs=outputs)
+
+    def on_show(data: dict) -> dict:
+        cfg, messages = validate_values(page, form.values(data))
+        if cfg is None:
+            return {**messages, command: gr.update(visible=False)}
+        text = (f"# Reproduce with the CLI (from the Lathe folder):\n{train_command(launcher.absolutize(cfg))}\n\n"
+                f"# ...which launches (the version folder is chosen at start):\n{launcher.preview(cfg)}")
+        return {**messages, command: gr.update(value=text, visible=True)}
+
+    show.click(on_show, inputs=form.inputs, outputs=[*outputs, command])
+    preview = page.component("saving_preview")
+    triggers = [c.change for k, c in form.components.items() if k.startswith(PREVIEW_TRIGGERS)]
+    gr.on(triggers, lambda data: {preview: _preview_text(form.values(data))}, inputs=form.inputs,
+          outputs=[preview], show_progress="hidden", trigger_mode="always_last")
