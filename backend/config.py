@@ -226,6 +226,9 @@ class TrainingSection(Section):
         "no", description="Mixed precision on GPU. CPU runs always compute in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade speed for memory: recompute activations in backward.")
+    torch_compile: bool = Field(
+        False, description="Compile the UNet with torch.compile (faster steps on a GPU after a slow first step)."
+    )
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Noise offset (helps very dark/bright images). 0.05-0.1 typical.")
     min_snr_gamma: float | None = Field(
         None, gt=0, le=100.0, description="Min-SNR loss weighting gamma (5 is typical). Empty: off."

@@ -6,9 +6,11 @@ from a byte offset, so a restarted GUI picks up where it left off and never re-r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -42,12 +44,23 @@ def _clean(v: Any) -> Any:
 
 
 class EventWriter:
-    """Appends events to events.jsonl, one flushed line each (thread-safe)."""
+    """Appends events to events.jsonl, one flushed line each (thread-safe).
 
-    def __init__(self, path: str | Path):
+    With background=True (the trainer), lines go through a queue to a writer thread, so a slow
+    disk never holds up a training step; order is kept, and close() drains the queue and fsyncs.
+    """
+
+    def __init__(self, path: str | Path, background: bool = False):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self.write_error: OSError | None = None
+        self._queue: queue.SimpleQueue[str | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._drain, name="events", daemon=True)
+            self._thread.start()
 
     def emit(self, event: str, when: float | None = None, **fields: Any) -> dict[str, Any]:
         """Append one event; `when` (unix seconds) dates it when it is written later than it happened."""
@@ -55,16 +68,33 @@ class EventWriter:
             raise ValueError(f"unknown event {event!r}")
         record = {"event": event, "time": round(time.time() if when is None else when, 3), **_clean(fields)}
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+        if self._queue is not None:
+            self._queue.put(line)
+        else:
+            self._write(line)
+        return record
+
+    def _write(self, line: str) -> None:
         with self._lock:
             self._fh.write(line)
             self._fh.flush()
-        return record
+
+    def _drain(self) -> None:
+        while (line := self._queue.get()) is not None:
+            try:
+                self._write(line)
+            except OSError as e:  # a full disk: keep training; the save that fails will say so
+                self.write_error = e
 
     def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
         with self._lock:
             if not self._fh.closed:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
+                with contextlib.suppress(OSError):
+                    self._fh.flush()
+                    os.fsync(self._fh.fileno())
                 self._fh.close()
 
 

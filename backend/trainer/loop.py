@@ -68,6 +68,10 @@ class Setup:
     eval_samples: list[Any] = field(default_factory=list)
     dataset_fingerprint: str = ""
 
+    def bare(self, module: Any) -> Any:
+        """The plain module behind accelerate's wrappers and torch.compile (to save, sample, evaluate)."""
+        return self.acc.unwrap_model(module, keep_torch_compile=False)
+
 
 def weight_dtype_for(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
@@ -169,6 +173,8 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
 
     prepared = acc.prepare(unet, *(tes if train_te else []), optimizer)
     unet, optimizer = prepared[0], prepared[-1]
+    if cfg.training.torch_compile:
+        unet = torch.compile(unet)  # Setup.bare() sees through it for saving and sampling
     if train_te:
         tes = list(prepared[1:-1])
     return Setup(cfg, acc, io, comps, items, item_buckets, plan, latents, text, unet, tes, optimizer, lr_scheduler,

@@ -38,7 +38,7 @@ class RunIO:
         self._window = (0.0, 0.0)  # the counters at the last resources event
         self._save_bytes: dict[int, int] = {}  # bytes written per save point (by step)
         self._warned_at: dict[str, float] = {}
-        self._events = EventWriter(version_dir / "events.jsonl") if is_main else None
+        self._events = EventWriter(version_dir / "events.jsonl", background=True) if is_main else None
         self._tb = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -92,7 +92,7 @@ def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | Non
 
 def evaluate(s: Setup) -> float:
     text = s.text
-    return evaluation.eval_loss(s.comps, s.acc.unwrap_model(s.unet), text, s.eval_samples, s.cfg.training.seed,
+    return evaluation.eval_loss(s.comps, s.bare(s.unet), text, s.eval_samples, s.cfg.training.seed,
                                 s.acc.device, s.weight_dtype, s.cfg.training, s.acc.autocast)
 
 
@@ -178,9 +178,9 @@ EXPORT_PATTERNS = (("epoch", r"-(\d{6})\.safetensors"), ("step", r"-step(\d{8})\
 def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
     if not s.cfg.sampling.prompts or not s.acc.is_main_process:
         return
-    tes = [s.acc.unwrap_model(te) for te in s.text_encoders]
+    tes = [s.bare(te) for te in s.text_encoders]
     with borrowed([s.comps.vae, *tes], s.acc.device):
-        out = generate(s.comps, s.acc.unwrap_model(s.unet), tes, s.cfg.sampling, sc.version_dir / "samples" / label,
+        out = generate(s.comps, s.bare(s.unet), tes, s.cfg.sampling, sc.version_dir / "samples" / label,
                        s.acc.device, s.acc.autocast)
     for path, prompt in out:
         s.io.emit("sample_saved", path=str(path), prompt=prompt, step=prog.global_step, epoch=prog.epoch)
@@ -205,8 +205,8 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = lora.DTYPES[cfg.saving.save_precision]
-    unet = s.acc.unwrap_model(s.unet) if cfg.network.train_unet else None
-    tes = [s.acc.unwrap_model(te) for te in s.text_encoders] if cfg.network.train_text_encoder else []
+    unet = s.bare(s.unet) if cfg.network.train_unet else None
+    tes = [s.bare(te) for te in s.text_encoders] if cfg.network.train_text_encoder else []
     tensors = lora.kohya_state_dict(unet, tes, s.comps.is_sdxl, cfg.network.alpha, dtype)
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")

@@ -56,10 +56,10 @@ def fail_hook(name: str, step: int) -> None:
 def trainable_tensors(s: Setup) -> dict[str, torch.Tensor]:
     out = {}
     if s.cfg.network.train_unet:
-        out.update({f"unet.{k}": v for k, v in lora.trainable_state(s.acc.unwrap_model(s.unet)).items()})
+        out.update({f"unet.{k}": v for k, v in lora.trainable_state(s.bare(s.unet)).items()})
     if s.cfg.network.train_text_encoder:
         for i, te in enumerate(s.text_encoders):
-            out.update({f"text_encoder_{i}.{k}": v for k, v in lora.trainable_state(s.acc.unwrap_model(te)).items()})
+            out.update({f"text_encoder_{i}.{k}": v for k, v in lora.trainable_state(s.bare(te)).items()})
     return out
 
 
@@ -97,10 +97,10 @@ def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
         raise StateError(f"resume_from: checkpoint {folder} is {status}: {'; '.join(problems[:3])}")
     tensors = load_file(str(folder / "lora.safetensors"), device="cpu")
     if s.cfg.network.train_unet:
-        lora.load_trainable_state(s.acc.unwrap_model(s.unet), _strip(tensors, "unet."))
+        lora.load_trainable_state(s.bare(s.unet), _strip(tensors, "unet."))
     if s.cfg.network.train_text_encoder:
         for i, te in enumerate(s.text_encoders):
-            lora.load_trainable_state(s.acc.unwrap_model(te), _strip(tensors, f"text_encoder_{i}."))
+            lora.load_trainable_state(s.bare(te), _strip(tensors, f"text_encoder_{i}."))
     s.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     s.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=False))
     ts = json.loads((folder / "training_state.json").read_text(encoding="utf-8"))
