@@ -427,8 +427,8 @@ def validate_config(data: dict[str, Any]) -> TrainingConfig:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config_file(path: str | Path) -> TrainingConfig:
-    """Read a full config.json (as written into a version folder) and validate it."""
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file whose top level is an object; ConfigError with a plain reason otherwise."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -438,4 +438,9 @@ def load_config_file(path: str | Path) -> TrainingConfig:
         raise ConfigError([f"{p}: not readable JSON ({e})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{p}: expected a JSON object at the top level"])
-    return validate_config(data)
+    return data
+
+
+def load_config_file(path: str | Path) -> TrainingConfig:
+    """Read a full config.json (as written into a version folder) and validate it."""
+    return validate_config(read_json_object(path))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backend.config import SCHEMA_VERSION, ConfigError, TrainingConfig, validate_config
+from backend.config import SCHEMA_VERSION, ConfigError, TrainingConfig, read_json_object, validate_config
 from backend.config_keys import (  # noqa: F401  (re-exported: callers use backend.presets)
     PRESET_META_KEYS,
     UNKNOWN_SETTING,
@@ -75,20 +75,6 @@ def apply_sets(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
         for k in reversed(keys[:-1]):
             over = {k: over}
         data = deep_merge(data, over)
-    return data
-
-
-def read_json_object(path: str | Path) -> dict[str, Any]:
-    """Read a JSON file whose top level is an object; ConfigError with a plain reason otherwise."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([f"{p}: file not found"]) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError([f"{p}: not readable JSON ({e})"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{p}: expected a JSON object at the top level"])
     return data
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from backend.trainer.clip_tokenizer import bytes_to_unicode
+
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -31,22 +33,9 @@ EXTRA_WORDS = ("a", "an", "on", "of", "the", "background", "shape", "photo", "dr
 VOCAB_WORDS = sorted({*COLORS, *SHAPES, *EXTRA_WORDS})
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
 def tokenizer_vocab(words: tuple[str, ...] | list[str] = VOCAB_WORDS) -> tuple[dict[str, int], list[str]]:
     """A CLIP-style BPE vocabulary: every byte, every byte as a word end, whole words via merges."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
     for word in words:
