@@ -1,17 +1,22 @@
 """Lathe's web GUI: `python app.py [--host 127.0.0.1] [--port 7860] [--output-dir runs]
-[--auth user:pass | --auth-file FILE] [--insecure]`.
+[--auth user:pass | --auth-file FILE] [--insecure] [--allow-host NAME ...]`.
 
 Binding to anything but loopback needs a password (or --insecure): the GUI starts processes and
-serves the output folder. There is never a public share link, and no telemetry.
+serves the output folder. There is never a public share link, and no telemetry. docs/security.md
+says what else guards the port (login throttling, Host check, file serving limits).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported anywhere
 
@@ -53,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--auth-file", metavar="FILE", help="require a login from this file (user:password per line)")
     ap.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback --host without a login (anyone who reaches the port can start runs)")
+    ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="on a loopback --host, also answer requests addressed to this host name (e.g. the name a "
+                         "reverse proxy on this machine forwards with); repeatable")
     return ap
 
 
@@ -73,7 +81,37 @@ def check_exposure(host: str, auth: list[tuple[str, str]] | None, insecure: bool
             "a remote machine, prefer an SSH tunnel to 127.0.0.1.")
 
 
-def main(argv: list[str] | None = None) -> int:
+def allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The Host header names the server answers to: loopback names (plus --allow-host) on a loopback
+    --host; any name otherwise (the login, not the name, guards an exposed port)."""
+    if not is_loopback(args.host):
+        return None
+    from gui.security import LOOPBACK_HOSTS
+
+    return (*LOOPBACK_HOSTS, args.host.lower(), *(h.lower() for h in args.allow_host))
+
+
+def serve(args: argparse.Namespace, auth: list[tuple[str, str]] | None, block: bool = True) -> Any:
+    """Build the UI and launch it; returns the Blocks (at once when block is False)."""
+    # Gradio serves its own cache of uploads and shown files: keep it private to this process
+    # (the shared /tmp/gradio would serve other apps' files too). Set before gradio is imported.
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="lathe-gradio-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = os.path.join(os.environ["GRADIO_TEMP_DIR"], "examples")
+    from gui.security import password_check
+    from gui.ui import build_ui, launch_kwargs
+
+    blocks, page = build_ui(args.output_dir)
+    page.output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Lathe: runs in {page.output_dir}", flush=True)
+    blocks.queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, auth=password_check(auth) if auth else None,
+        prevent_thread_lock=not block, **launch_kwargs(page, allowed_hosts(args)))
+    return blocks
+
+
+def main(argv: list[str] | None = None, block: bool = True) -> Any:
+    """0 after the server ends (or the Blocks, when block is False); 2 when it must not start."""
     args = build_parser().parse_args(argv)
     try:
         auth = resolve_auth(args)
@@ -84,14 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from gui.ui import build_ui, launch_kwargs
-
-    blocks, page = build_ui(args.output_dir)
-    page.output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Lathe: runs in {page.output_dir}", flush=True)
-    blocks.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth,
-                                                     **launch_kwargs(page))
-    return 0
+    blocks = serve(args, auth, block)
+    return 0 if block else blocks
 
 
 if __name__ == "__main__":

@@ -362,8 +362,8 @@ class TrainingConfig(Section):
     @field_validator("run_name")
     @classmethod
     def _run_name(cls, v: str) -> str:
-        if not RUN_NAME_RE.match(v) or v in {".", ".."}:
-            raise ValueError("use 1-80 letters, digits, '.', '_' or '-' (it becomes part of file names)")
+        if not RUN_NAME_RE.match(v) or v.startswith("."):
+            raise ValueError("use 1-80 letters, digits, '.', '_' or '-', not starting with '.' (it names a folder)")
         return v
 
     @model_validator(mode="after")

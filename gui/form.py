@@ -118,6 +118,19 @@ def _parse_pair(value: Any) -> list[float]:
     return numbers
 
 
+TRISTATE = {"auto": None, "yes": True, "no": False}
+
+
+def _parse_tristate(value: Any) -> bool | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or value not in TRISTATE:
+        raise _Bad(f"must be auto, yes or no; got {value!r}")
+    return TRISTATE[value]
+
+
 def parse_value(spec: FieldSpec, value: Any) -> Any:
     """One form value as the config wants it; raises ValueError with a plain message."""
     kind = spec.kind
@@ -126,7 +139,7 @@ def parse_value(spec: FieldSpec, value: Any) -> Any:
     if kind == "bool":
         return bool(value)
     if kind == "tristate":
-        return {"auto": None, "yes": True, "no": False}.get(value or "auto")
+        return _parse_tristate(value)
     if kind == "lines":
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
     if kind == "pair":

@@ -3,6 +3,8 @@
 A RunView follows status.json, events.jsonl and train.log from byte offsets (backend.follow), so
 each poll reads only what is new and a view can be rebuilt from the folder alone after a restart.
 Every part the page draws has a revision number; the page redraws a part only when it changed.
+A view starts reading train.log near its end (LOG_START_BYTES before it), not at its first byte:
+the page shows the log's tail, and a long log (100k lines) is never read whole.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from backend.follow import Follower
 
 LOG_LINES = 400
+LOG_START_BYTES = 256 * 1024  # enough for LOG_LINES lines of up to 650 bytes
 MAX_POINTS = 2000  # a curve never sends more points than this to the browser
 MIN_POLL_S = 0.4
 
@@ -37,6 +40,7 @@ class RunView:
     step_times: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=20))  # (time, step)
     log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     partial: str = ""  # the log's last line while it is still being written
+    log_cut: bool = False  # reading began mid-file: the text up to the first newline is a fragment
     revs: dict[str, int] = field(default_factory=lambda: {"status": 0, "curves": 0, "samples": 0, "activity": 0,
                                                           "log": 0, "checkpoints": 0, "resources": 0})
     done: bool = False
@@ -139,6 +143,11 @@ class RunView:
         self._bump("checkpoints")
 
     def _log(self, text: str) -> None:
+        if self.log_cut:
+            cut = text.find("\n")
+            if cut < 0:
+                return
+            text, self.log_cut = text[cut + 1:], False
         lines = (self.partial + text).split("\n")
         self.partial = lines.pop()
         for line in lines:
@@ -190,5 +199,14 @@ class Views:
         with self._lock:
             view = self._views.get(key)
             if view is None:
-                view = self._views[key] = RunView(Path(key), Follower(Path(key)), guard=self._guard)
+                view = self._views[key] = new_view(Path(key), self._guard)
             return view
+
+
+def new_view(version_dir: Path, guard: Any) -> RunView:
+    """A view of `version_dir` whose log reading starts LOG_START_BYTES before the log's end."""
+    try:
+        start = max(0, (version_dir / "train.log").stat().st_size - LOG_START_BYTES)
+    except OSError:
+        start = 0
+    return RunView(version_dir, Follower(version_dir, log_offset=start), log_cut=start > 0, guard=guard)

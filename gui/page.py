@@ -19,6 +19,7 @@ from gui.form import Form as FormValues
 from gui.form import config_to_form
 from gui.live import Views
 from gui.runner import Runner
+from gui.security import inside
 
 RUNS_CACHE_S = 2.0
 FIRST_PRESET = "demo"
@@ -31,6 +32,7 @@ class Page:
     views: Views
     form: Form = field(default_factory=Form)
     shared: dict[str, Any] = field(default_factory=dict)  # name -> component shared across tabs
+    tabs: dict[str, Any] = field(default_factory=dict)  # name -> the object holding a tab's handlers
     _runs: tuple[float, list[runs.RunInfo]] = (0.0, [])
     _runs_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -43,6 +45,12 @@ class Page:
     @property
     def presets_dir(self) -> Path:
         return user_presets_dir(self.output_dir)
+
+    def inside(self, path: Any) -> str | None:
+        """A path a browser sent (a dropdown value, a table row), only when it lies in the output folder:
+        the handlers never act on a folder elsewhere, whatever a client posts."""
+        ok = inside(path, self.output_dir)
+        return str(ok) if ok is not None else None
 
     def component(self, name: str) -> Any:
         return self.shared[name]

@@ -11,8 +11,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from gui.page import Page  # noqa: E402
+from gui.security import LOOPBACK_HOSTS, HostCheck, LoginPageFilter, LoginThrottle  # noqa: E402
 from gui.tabs import checkpoints, run, samples, setup  # noqa: E402
 
 TITLE = "Lathe"
@@ -29,7 +31,8 @@ def theme() -> gr.themes.Base:
 def build_ui(output_dir: str | Path) -> tuple[gr.Blocks, Page]:
     """The Blocks app over `output_dir` (and the Page holding its shared state)."""
     page = Page.create(output_dir)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
+    # delete_cache: Gradio's copies of shown and uploaded files older than a day go, hourly.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as blocks:
         gr.Markdown(f"# {TITLE}\nTrain Stable Diffusion LoRAs: set up, start, watch, resume. "
                     f"Runs are kept in `{page.output_dir}`.", elem_id="lathe-header")
         with gr.Tabs(selected="setup", elem_id="lathe-tabs") as tabs:
@@ -38,6 +41,7 @@ def build_ui(output_dir: str | Path) -> tuple[gr.Blocks, Page]:
             run_tab = run.build(page)
             ckpt_tab = checkpoints.build(page, run_tab)
             samples_tab, samples_gr_tab = samples.build(page)
+        page.tabs.update(run=run_tab, checkpoints=ckpt_tab, samples=samples_tab)
         run_tab.build_hidden()
         ckpt_tab.build_hidden()
         run_tab.wire(blocks)
@@ -46,11 +50,16 @@ def build_ui(output_dir: str | Path) -> tuple[gr.Blocks, Page]:
     return blocks, page
 
 
-def launch_kwargs(page: Page) -> dict[str, Any]:
-    """What launch() needs besides host, port and auth: no share link, only the output folder served."""
+def launch_kwargs(page: Page, hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> dict[str, Any]:
+    """What launch() needs besides host, port and auth: no share link, only the output folder served,
+    logins throttled, and only requests addressed to `hosts` answered (None: any)."""
+    middleware = [Middleware(HostCheck, allowed=hosts), Middleware(LoginThrottle), Middleware(LoginPageFilter)]
     return {
         "share": False,
         "allowed_paths": [str(page.output_dir)],
+        # openapi_url None: FastAPI's own /openapi.json would answer without the login (Gradio's
+        # /gradio_api/openapi.json asks for it).
+        "app_kwargs": {"middleware": middleware, "openapi_url": None},
         "ssr_mode": False,
         "theme": theme(),
         "css_paths": [CSS_FILE],

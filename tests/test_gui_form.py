@@ -131,7 +131,7 @@ def test_validation_messages_name_section_and_label():
         "Schedule › Epochs: set exactly one of max_train_epochs or max_train_steps (both are set; clear one)"]
     assert errors_of(training__max_train_steps="ten") == ["Schedule › Steps (instead of epochs): must be a number; got 'ten'"]
     assert errors_of(run_name="my run") == [
-        "Saving › Run name: use 1-80 letters, digits, '.', '_' or '-' (it becomes part of file names)"]
+        "Saving › Run name: use 1-80 letters, digits, '.', '_' or '-', not starting with '.' (it names a folder)"]
 
 
 def test_optimizer_errors_go_to_the_chosen_optimizers_field():

@@ -84,7 +84,7 @@ class CheckpointsTab:
         state = dict(data.get(c["state"]) or {})
         wanted = data.get(c["version"])
         if not force and sig == state.get("sig"):
-            return {}, wanted
+            return {}, self.page.inside(wanted)
         choices = version_choices(infos)
         newest = choices[0][1] if choices else None
         if wanted is None or wanted == state.get("newest") or wanted not in {v for _, v in choices}:
@@ -117,7 +117,11 @@ class CheckpointsTab:
         return reply(out)
 
     def on_version(self, data: dict) -> dict:
-        return self._table(data.get(self.c["version"]), None)
+        return self._table(self.page.inside(data.get(self.c["version"])), None)
+
+    def _checkpoint(self, data: dict) -> str | None:
+        """The chosen checkpoint, only when it lies in the output folder."""
+        return self.page.inside(data.get(self.c["choice"]))
 
     def on_refresh(self, data: dict) -> dict:
         out, version = self._versions(data, force=True)
@@ -125,15 +129,16 @@ class CheckpointsTab:
 
     def on_run_row(self, data: dict, evt: gr.SelectData) -> dict:
         row = evt.row_value or []
-        version = row[-1] if row else None
+        version = self.page.inside(row[-1]) if row else None
         return {self.c["version"]: gr.update(value=version), **self._table(version, None)}
 
     def on_ckpt_row(self, data: dict, evt: gr.SelectData) -> dict:
         row = evt.row_value or []
         version = data.get(self.c["version"])
-        if not row or not version:
+        ckpt = self.page.inside(Path(version) / "checkpoints" / str(row[0])) if row and version else None
+        if ckpt is None:
             return gr.skip()
-        return {self.c["choice"]: gr.update(value=str(Path(version) / "checkpoints" / str(row[0])))}
+        return {self.c["choice"]: gr.update(value=ckpt)}
 
     # ------------------------------------------------------------------------------ actions
     def _base(self, data: dict) -> tuple[Any, str | None]:
@@ -148,7 +153,7 @@ class CheckpointsTab:
     def on_plan(self, data: dict) -> dict:
         """What a resume from the chosen checkpoint would change, or why it cannot start."""
         c = self.c
-        ckpt = data.get(c["choice"])
+        ckpt = self._checkpoint(data)
         if not ckpt:
             return {c["plan"]: "Choose a checkpoint to see what a resume would do.", c["command"]: "",
                     c["resume"]: gr.update(interactive=False)}
@@ -168,7 +173,7 @@ class CheckpointsTab:
 
     def on_resume(self, data: dict) -> dict:
         c, page = self.c, self.page
-        ckpt = data.get(c["choice"])
+        ckpt = self._checkpoint(data)
         base, problem = self._base(data)
         if not ckpt or problem:
             return {c["result"]: f"✖ Not resumed: {problem or 'choose a checkpoint first'}."}
@@ -184,7 +189,7 @@ class CheckpointsTab:
         return out
 
     def on_verify(self, data: dict) -> dict:
-        ckpt = data.get(self.c["choice"])
+        ckpt = self._checkpoint(data)
         if not ckpt:
             return {self.c["result"]: "Choose a checkpoint first."}
         ok, text = verify(ckpt)
@@ -192,7 +197,7 @@ class CheckpointsTab:
         return {self.c["result"]: f"{head}: {Path(ckpt).name}\n\n```\n{text}\n```"}
 
     def on_export(self, data: dict) -> dict:
-        ckpt = data.get(self.c["choice"])
+        ckpt = self._checkpoint(data)
         path = export_path(ckpt) if ckpt else None
         if path is None:
             return {self.c["path"]: gr.update(visible=False),
@@ -201,10 +206,10 @@ class CheckpointsTab:
 
     def on_delete(self, data: dict) -> dict:
         c = self.c
-        ckpt = data.get(c["choice"])
+        ckpt = self._checkpoint(data)
         message = delete_checkpoint(ckpt) if ckpt else "Choose a checkpoint first."
         return {c["result"]: message, c["confirm"]: gr.update(visible=False),
-                **self._table(data.get(c["version"]), None)}
+                **self._table(self.page.inside(data.get(c["version"])), None)}
 
     # ------------------------------------------------------------------------------ wiring
     def wire(self, blocks: gr.Blocks) -> None:

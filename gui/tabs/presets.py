@@ -71,43 +71,39 @@ def build(page: Page, loaded: str) -> dict[str, Any]:
             "download": download}
 
 
-def wire(page: Page, parts: dict[str, Any]) -> None:
-    _wire_loads(page, parts)
-    _wire_store(page, parts)
+class PresetsPanel:
+    """The panel's handlers: each takes one mapping {component: value} and returns one mapping."""
 
+    def __init__(self, page: Page, parts: dict[str, Any]):
+        self.page, self.p = page, parts
 
-def _apply(page: Page, data: dict, cfg_values: dict[str, Any], title: str) -> dict:
-    form = page.form
-    return {**form.updates(cfg_values), "__status__": changes_text(title, form.values(data), cfg_values)}
-
-
-def _wire_loads(page: Page, parts: dict[str, Any]) -> None:
-    form, status, report, choice = page.form, parts["status"], parts["report"], parts["choice"]
-    load, upload, kohya = parts["load"], parts["upload"], parts["kohya"]
-    outputs = [*form.components.values(), status, report]
-
-    def finish(out: dict, report_text: str | None = None) -> dict:
-        out[status] = out.pop("__status__")
-        out[report] = gr.update(value=report_text or "", visible=bool(report_text))
+    def _finish(self, out: dict, report_text: str | None = None) -> dict:
+        out[self.p["status"]] = out.pop("__status__")
+        out[self.p["report"]] = gr.update(value=report_text or "", visible=bool(report_text))
         return out
 
-    def on_load(data: dict) -> dict:
+    def on_load(self, data: dict) -> dict:
+        page, status = self.page, self.p["status"]
         try:
-            preset = load_preset(data[choice], page.presets_dir)
+            preset = load_preset(data.get(self.p["choice"]) or "", page.presets_dir)
         except ConfigError as e:
             return {status: "✖ " + "; ".join(e.lines)}
-        return finish(_apply(page, data, page.form_values_for(preset.config), f"Loaded preset **{preset.name}**"))
+        return self._finish(_apply(page, data, page.form_values_for(preset.config), f"Loaded preset **{preset.name}**"))
 
-    def on_upload(data: dict) -> dict:
-        path = data[upload]
+    def on_upload(self, data: dict) -> dict:
+        page, status, path = self.page, self.p["status"], data.get(self.p["upload"])
+        if not path:
+            return {status: "✖ No file was uploaded."}
         try:
             preset = read_preset(path, "file")
         except ConfigError as e:
             return {status: f"✖ {Path(path).name} did not load:\n" + "\n".join(f"- {x}" for x in e.lines)}
-        return finish(_apply(page, data, page.form_values_for(preset.config), f"Loaded **{Path(path).name}**"))
+        return self._finish(_apply(page, data, page.form_values_for(preset.config), f"Loaded **{Path(path).name}**"))
 
-    def on_kohya(data: dict) -> dict:
-        path = data[kohya]
+    def on_kohya(self, data: dict) -> dict:
+        page, status, path = self.page, self.p["status"], data.get(self.p["kohya"])
+        if not path:
+            return {status: "✖ No file was uploaded."}
         try:
             result = load_kohya_file(path)
         except ConfigError as e:
@@ -115,25 +111,18 @@ def _wire_loads(page: Page, parts: dict[str, Any]) -> None:
         lines = result.report(f"kohya_ss import of {Path(path).name}")
         if not result.ok or result.config is None:
             why = result.refused or f"{len(result.errors)} error(s), listed in the report"
-            return finish({"__status__": f"✖ Not imported: {why}"}, "\n".join(lines))
+            return self._finish({"__status__": f"✖ Not imported: {why}"}, "\n".join(lines))
         title = (f"Imported kohya_ss config **{Path(path).name}** ({len(result.mapped)} settings imported, "
                  f"{len(result.unmapped)} not imported: see the report)")
-        return finish(_apply(page, data, page.form_values_for(result.config), title), "\n".join(lines))
+        return self._finish(_apply(page, data, page.form_values_for(result.config), title), "\n".join(lines))
 
-    load.click(on_load, inputs=form.inputs | {choice}, outputs=outputs)
-    upload.upload(on_upload, inputs=form.inputs | {upload}, outputs=outputs)
-    kohya.upload(on_kohya, inputs=form.inputs | {kohya}, outputs=outputs)
-
-
-def _wire_store(page: Page, parts: dict[str, Any]) -> None:
-    form, status, choice, file_out = page.form, parts["status"], parts["choice"], parts["file"]
-    save, delete, download = parts["save"], parts["delete"], parts["download"]
-    name, overwrite = parts["name"], parts["overwrite"]
-
-    def on_save(data: dict) -> dict:
+    def on_save(self, data: dict) -> dict:
+        page, p = self.page, self.p
+        status, choice = p["status"], p["choice"]
         try:
-            cfg = form_to_config(form.values(data))
-            saved = save_preset(cfg, data[name], user_dir=page.presets_dir, overwrite=bool(data[overwrite]))
+            cfg = form_to_config(page.form.values(data))
+            saved = save_preset(cfg, data.get(p["name"]) or "", user_dir=page.presets_dir,
+                                overwrite=bool(data.get(p["overwrite"])))
         except PresetExistsError as e:
             return {status: f"⚠ {e.lines[0]} Tick “Replace if it exists” and save again."}
         except FormError as e:
@@ -144,16 +133,18 @@ def _wire_store(page: Page, parts: dict[str, Any]) -> None:
         return {status: f"✔ Saved preset **{saved.path.stem}** to {saved.path}{note}.",
                 choice: gr.update(choices=preset_choices(page), value=saved.path.stem)}
 
-    def on_delete(data: dict) -> dict:
+    def on_delete(self, data: dict) -> dict:
+        page, status, choice = self.page, self.p["status"], self.p["choice"]
         try:
-            path = delete_preset(data[choice] or "", page.presets_dir)
+            path = delete_preset(data.get(choice) or "", page.presets_dir)
         except ConfigError as e:
             return {status: "✖ " + "; ".join(e.lines)}
         return {status: f"Deleted preset **{path.stem}**.", choice: gr.update(choices=preset_choices(page), value="demo")}
 
-    def on_download(data: dict) -> dict:
+    def on_download(self, data: dict) -> dict:
+        status, file_out = self.p["status"], self.p["file"]
         try:
-            cfg = form_to_config(form.values(data))
+            cfg = form_to_config(self.page.form.values(data))
         except FormError as e:
             return {status: f"✖ {len(e.errors)} problem(s) to fix first; press Validate to see them.",
                     file_out: gr.update(visible=False)}
@@ -162,6 +153,20 @@ def _wire_store(page: Page, parts: dict[str, Any]) -> None:
         write_preset_file(path, preset)
         return {status: f"Preset file **{path.name}** is ready below.", file_out: gr.update(value=str(path), visible=True)}
 
-    save.click(on_save, inputs=form.inputs | {name, overwrite}, outputs=[status, choice])
-    delete.click(on_delete, inputs={choice}, outputs=[status, choice])
-    download.click(on_download, inputs=form.inputs, outputs=[status, file_out])
+
+def _apply(page: Page, data: dict, cfg_values: dict[str, Any], title: str) -> dict:
+    form = page.form
+    return {**form.updates(cfg_values), "__status__": changes_text(title, form.values(data), cfg_values)}
+
+
+def wire(page: Page, parts: dict[str, Any]) -> PresetsPanel:
+    panel = PresetsPanel(page, parts)
+    form, p = page.form, parts
+    loaded_out = [*form.components.values(), p["status"], p["report"]]
+    p["load"].click(panel.on_load, inputs=form.inputs | {p["choice"]}, outputs=loaded_out)
+    p["upload"].upload(panel.on_upload, inputs=form.inputs | {p["upload"]}, outputs=loaded_out)
+    p["kohya"].upload(panel.on_kohya, inputs=form.inputs | {p["kohya"]}, outputs=loaded_out)
+    p["save"].click(panel.on_save, inputs=form.inputs | {p["name"], p["overwrite"]}, outputs=[p["status"], p["choice"]])
+    p["delete"].click(panel.on_delete, inputs={p["choice"]}, outputs=[p["status"], p["choice"]])
+    p["download"].click(panel.on_download, inputs=form.inputs, outputs=[p["status"], p["file"]])
+    return panel

@@ -217,7 +217,7 @@ class RunTab:
         return self.attach(current.path if current else None)
 
     def on_choice(self, data: dict) -> dict:
-        return self.attach(data[self.c["choice"]])
+        return self.attach(self.page.inside(data[self.c["choice"]]))
 
     def on_start(self, data: dict) -> dict:
         page, c = self.page, self.c

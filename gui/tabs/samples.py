@@ -37,6 +37,7 @@ class SamplesTab:
         return tab
 
     def _points(self, version: str | None) -> list[SavePointSamples]:
+        version = self.page.inside(version)
         return save_points(version) if version else []
 
     def draw(self, version: str | None, left: str | None = None, right: str | None = None) -> dict:

@@ -122,7 +122,7 @@ def build(page: Page) -> None:
         command = command_box("The CLI command that reproduces this run", "command-preview", lines=12, visible=False)
         for section in SECTIONS:
             _section(page, section, values)
-    presets.wire(page, preset_parts)
+    page.tabs["presets"] = presets.wire(page, preset_parts)
     _wire(page, validate, show, command)
 
 
