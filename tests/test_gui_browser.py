@@ -29,7 +29,9 @@ from tests.gui_helpers import (
 
 pytestmark = [pytest.mark.browser, pytest.mark.train]
 
-KOHYA = Path("/work/shared/kohya-presets/sd15 - EDG_LoraOptiSettings.json")
+KOHYA = next(p / "sd15 - EDG_LoraOptiSettings.json" for p in (ROOT.parent / "shared" / "kohya-presets",
+                                                                ROOT / "tests" / "fixtures" / "kohya")
+             if (p / "sd15 - EDG_LoraOptiSettings.json").is_file())
 KOHYA_FALLBACK = {"LoRA_type": "Standard", "network_dim": 64, "network_alpha": 64, "optimizer": "AdamW8bit",
                   "learning_rate": 0.0001, "epoch": 1, "block_alphas": "", "color_aug": False, "save_model_as": "safetensors"}
 RUN_TIMEOUT = 240

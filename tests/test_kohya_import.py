@@ -16,7 +16,10 @@ from backend.kohya import KohyaImport, import_kohya, import_kohya_file, load_koh
 from backend.presets import load_config_or_preset, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = Path("/work/shared/kohya-presets")
+# The real kohya_ss configs users bring: ../shared/kohya-presets beside the checkout when present,
+# else the frozen copies in tests/fixtures/kohya (the same files), so the suite runs anywhere.
+SAMPLES = next(p for p in (ROOT.parent / "shared" / "kohya-presets", ROOT / "tests" / "fixtures" / "kohya")
+               if p.is_dir() and any(p.glob("*.json")))
 FILES = sorted(SAMPLES.glob("*.json"))
 CATEGORIES = ("unsupported feature", "GUI-only setting", "not applicable", "secret", "unknown kohya_ss setting",
               "not imported")
