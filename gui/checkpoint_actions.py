@@ -40,9 +40,6 @@ def checkpoint_rows(version_dir: str | Path) -> tuple[list[list[str]], list[dict
     return rows, cks
 
 
-export_path = C.export_path
-
-
 def version_is_active(version_dir: str | Path) -> bool:
     status = runs.reconcile(version_dir)
     return status.get("state") in ACTIVE_STATES and bool(process_tree.find_for_status(status))
@@ -52,11 +49,12 @@ def delete_checkpoint(checkpoint: str | Path) -> str:
     """Delete a checkpoint folder and its LoRA file; refused while its run is going. Returns a message."""
     ck = Path(checkpoint)
     version_dir = ck.parent.parent
-    if C.parse_state_name(ck.name) is None or ck.parent.name != "checkpoints" or not ck.is_dir():
-        return f"✖ {ck} is not a checkpoint folder."
     if version_is_active(version_dir):
         return f"✖ Not deleted: {version_dir.parent.name} / {version_dir.name} is still running. Stop it first."
-    export = C.delete_checkpoint(ck)
+    try:
+        export = C.delete_checkpoint(ck)
+    except ValueError:
+        return f"✖ {ck} is not a checkpoint folder."
     return f"Deleted checkpoint **{ck.name}**" + (f" and its LoRA file {export.name}." if export else ".")
 
 

@@ -327,7 +327,8 @@ def test_samples_are_grouped_by_save_point_with_prompts(tmp_path):
 
 
 def test_delete_removes_a_checkpoint_and_its_lora_file_and_knows_its_export(tmp_path):
-    from gui.checkpoint_actions import checkpoint_rows, delete_checkpoint, export_path
+    from backend.checkpoints import export_path
+    from gui.checkpoint_actions import checkpoint_rows, delete_checkpoint
 
     v = tmp_path / "demo" / "version_0"
     (v / "exports").mkdir(parents=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from backend.config import DatasetConfig
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 REPEATS_RE = re.compile(r"^(\d+)_(.*)$")
 
@@ -122,7 +124,21 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
     return train, val
 
 
+def load_dataset(ds: DatasetConfig, seed: int) -> tuple[list[ImageItem], list[ImageItem], list[str]]:
+    """(training items, validation items, warnings) for a config: the split, or validation_data_dir."""
+    disc = discover(ds.train_data_dir, ds.caption_extension)
+    items, val_items = split_validation(disc.items, ds.validation_split, seed)
+    if ds.validation_data_dir:
+        val_items = discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir").items
+    return items, val_items, disc.warnings
+
+
 # ---------------------------------------------------------------------------------------- buckets
+def buckets_for(ds: DatasetConfig) -> list[tuple[int, int]] | None:
+    """The config's bucket set, or None when bucketing is off (square crops)."""
+    return make_buckets(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) if ds.enable_bucket else None
+
+
 def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
     """All (w, h) with sides multiples of `step` in [min, max] and area <= resolution^2, as kohya does."""
     area = resolution * resolution

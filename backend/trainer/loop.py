@@ -91,34 +91,21 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
     wdtype = weight_dtype_for(cfg, device)
 
     # Data: discover, hold out validation images, bucket, plan.
-    disc = D.discover(cfg.dataset.train_data_dir, cfg.dataset.caption_extension)
-    for w in disc.warnings:
-        io.warn(w)
-    items, val_items = D.split_validation(disc.items, cfg.dataset.validation_split, cfg.training.seed)
     ds = cfg.dataset
-    buckets = D.make_buckets(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) if ds.enable_bucket else None
+    items, val_items, warnings = D.load_dataset(ds, cfg.training.seed)
+    for w in warnings:
+        io.warn(w)
+    buckets = D.buckets_for(ds)
     item_buckets = D.bucket_of_items(items, buckets, ds.resolution)
     plan = D.PlanSettings(
         cfg.training.seed, cfg.training.train_batch_size, ds.random_flip, ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate
     )
 
-    # VAE: fp32 unless bf16 (fp16 VAEs overflow); latents are encoded once when caching.
+    # VAE: fp32 unless bf16 (fp16 VAEs overflow); evaluation images and (when caching) latents encoded once.
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
     eval_kind, eval_list = evaluation.eval_items(items, val_items)
-    if ds.validation_data_dir:
-        eval_kind, eval_list = "val", D.discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir").items
     eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
-    latents = None
-    if ds.cache_latents:
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
-        latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
-        flips = (False, True) if ds.random_flip else (False,)
-        if acc.is_main_process:
-            print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
-        latents.fill(flips)
-        if device.type == "cuda":
-            latents.to(device)  # a few hundred MB at most; saves a host->device copy every step
-            comps.vae.to("cpu")  # not needed until sampling, which borrows it back
+    latents = _cache_latents(cfg, acc, comps, items, item_buckets) if ds.cache_latents else None
 
     # Text encoders: trained (LoRA) or frozen; frozen + fixed captions -> embeddings cached.
     train_te = cfg.network.train_text_encoder
@@ -132,7 +119,42 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
             for te in comps.text_encoders:
                 te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
 
-    # LoRA on the UNet (frozen base weights in weight_dtype, LoRA weights in fp32).
+    unet, tes = _attach_lora(cfg, comps, device, wdtype)
+    unet_params = lora.lora_parameters(unet) if cfg.network.train_unet else []
+    te_params = [p for te in tes for p in lora.lora_parameters(te)] if train_te else []
+    optimizer = build_optimizer(cfg, param_groups(cfg, unet_params, te_params), device.type)
+    spe, total_steps, total_epochs = _schedule_length(cfg, acc, items, item_buckets, plan)
+    lr_scheduler = build_scheduler(cfg, optimizer, total_steps)
+
+    prepared = acc.prepare(unet, *(tes if train_te else []), optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    if cfg.training.torch_compile:
+        unet = torch.compile(unet)  # Setup.bare() sees through it for saving and sampling
+    if train_te:
+        tes = list(prepared[1:-1])
+    return Setup(cfg, acc, io, comps, items, item_buckets, plan, latents, text, unet, tes, optimizer, lr_scheduler,
+                 wdtype, spe, total_steps, total_epochs, eval_kind, eval_samples,
+                 dataset_fingerprint(ds.train_data_dir, ds.caption_extension))
+
+
+def _cache_latents(cfg: TrainingConfig, acc: Any, comps: Components, items: list[D.ImageItem],
+                   item_buckets: list[tuple[int, int]]) -> LatentCache:
+    ds = cfg.dataset
+    disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
+    latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
+    flips = (False, True) if ds.random_flip else (False,)
+    if acc.is_main_process:
+        print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
+    latents.fill(flips)
+    if acc.device.type == "cuda":
+        latents.to(acc.device)  # a few hundred MB at most; saves a host->device copy every step
+        comps.vae.to("cpu")  # not needed until sampling, which borrows it back
+    return latents
+
+
+def _attach_lora(cfg: TrainingConfig, comps: Components, device: torch.device, wdtype: torch.dtype) -> tuple[Any, list[Any]]:
+    """LoRA on the UNet (and text encoders): frozen base weights in weight_dtype, LoRA weights in fp32."""
+    train_te = cfg.network.train_text_encoder
     unet = _place(comps.unet, device, wdtype)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
@@ -149,37 +171,22 @@ def setup(cfg: TrainingConfig, acc: Any, io: RunIO, version_dir: Path) -> Setup:
             p.data = p.data.float()
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_te:
-            for te in tes:
-                te.gradient_checkpointing_enable()
+        for te in tes if train_te else []:
+            te.gradient_checkpointing_enable()
     unet.train()
     for te in tes:
         te.train(train_te)
+    return unet, tes
 
-    unet_params = lora.lora_parameters(unet) if cfg.network.train_unet else []
-    te_params = [p for te in tes for p in lora.lora_parameters(te)] if train_te else []
-    optimizer = build_optimizer(cfg, param_groups(cfg, unet_params, te_params), device.type)
 
-    # Schedule length: this rank's batches per epoch, grouped into optimizer steps.
+def _schedule_length(cfg: TrainingConfig, acc: Any, items: list[D.ImageItem], item_buckets: list[tuple[int, int]],
+                     plan: D.PlanSettings) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, total epochs): this rank's batches per epoch, grouped into optimizer steps."""
     n_batches = len(D.shard(D.epoch_plan(items, item_buckets, plan, 0), acc.process_index, acc.num_processes))
     spe = D.steps_per_epoch(n_batches, cfg.training.gradient_accumulation_steps)
     if cfg.training.max_train_steps is not None:
-        total_steps = cfg.training.max_train_steps
-        total_epochs = math.ceil(total_steps / spe)
-    else:
-        total_epochs = cfg.training.max_train_epochs
-        total_steps = total_epochs * spe
-    lr_scheduler = build_scheduler(cfg, optimizer, total_steps)
-
-    prepared = acc.prepare(unet, *(tes if train_te else []), optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
-    if cfg.training.torch_compile:
-        unet = torch.compile(unet)  # Setup.bare() sees through it for saving and sampling
-    if train_te:
-        tes = list(prepared[1:-1])
-    return Setup(cfg, acc, io, comps, items, item_buckets, plan, latents, text, unet, tes, optimizer, lr_scheduler,
-                 wdtype, spe, total_steps, total_epochs, eval_kind, eval_samples,
-                 dataset_fingerprint(ds.train_data_dir, ds.caption_extension))
+        return spe, cfg.training.max_train_steps, math.ceil(cfg.training.max_train_steps / spe)
+    return spe, cfg.training.max_train_epochs * spe, cfg.training.max_train_epochs
 
 
 def batch_tensors(s: Setup, b: D.Batch, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:

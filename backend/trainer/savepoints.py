@@ -44,18 +44,24 @@ class SaveContext:
         return self.version_dir / "exports"
 
 
+def _step_save_due(s: Setup, n: int) -> bool:
+    return bool(s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0)
+
+
+def _step_sample_due(s: Setup, n: int) -> bool:
+    return bool(s.cfg.sampling.every_n_steps and n % s.cfg.sampling.every_n_steps == 0 and n < s.total_steps)
+
+
 def boundary_due(s: Setup, prog: Progress) -> bool:
-    """Whether this step ends with a step save point or step samples (the same tests as after_step)."""
-    n = prog.global_step
-    return bool((s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0)
-                or (s.cfg.sampling.every_n_steps and n % s.cfg.sampling.every_n_steps == 0 and n < s.total_steps))
+    """Whether this step ends with a step save point or step samples (what after_step will do)."""
+    return _step_save_due(s, prog.global_step) or _step_sample_due(s, prog.global_step)
 
 
 def after_step(sc: SaveContext, s: Setup, prog: Progress) -> None:
     n = prog.global_step
-    if s.cfg.saving.save_every_n_steps and n % s.cfg.saving.save_every_n_steps == 0:
+    if _step_save_due(s, n):
         save(sc, s, prog, "step", n)
-    if s.cfg.sampling.every_n_steps and n % s.cfg.sampling.every_n_steps == 0 and n < s.total_steps:
+    if _step_sample_due(s, n):
         samples(sc, s, prog, C.state_name("step", n))
 
 

@@ -69,14 +69,9 @@ def _check_shapes(comps, cfg, tensors: dict[str, torch.Tensor]) -> tuple[bool, l
 
 
 def _recompute(comps, cfg, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
-    ds = cfg.dataset
-    disc = D.discover(ds.train_data_dir, ds.caption_extension)
-    items, val_items = D.split_validation(disc.items, ds.validation_split, cfg.training.seed)
-    if ds.validation_data_dir:
-        val_items = D.discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir").items
+    items, val_items, _ = D.load_dataset(cfg.dataset, cfg.training.seed)
     kind, eval_list = evaluation.eval_items(items, val_items)
-    buckets = D.make_buckets(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) if ds.enable_bucket else None
-    samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
+    samples = evaluation.prepare(comps, eval_list, D.buckets_for(cfg.dataset), cfg.dataset.resolution)
     text = TextEncoder(comps, cfg.training.clip_skip, cache=False)
     with torch.no_grad():
         loss = evaluation.eval_loss(comps, comps.unet, text, samples, cfg.training.seed, torch.device("cpu"),

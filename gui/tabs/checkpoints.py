@@ -12,8 +12,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from backend import checkpoints as C
 from backend.runs import RunInfo
-from gui.checkpoint_actions import HEADERS, checkpoint_rows, delete_checkpoint, export_path, verify
+from gui.checkpoint_actions import HEADERS, checkpoint_rows, delete_checkpoint, verify
 from gui.fields import command_box, reply
 from gui.form import FormError, form_to_config
 from gui.page import Page, dropdown_update, version_choices
@@ -198,7 +199,7 @@ class CheckpointsTab:
 
     def on_export(self, data: dict) -> dict:
         ckpt = self._checkpoint(data)
-        path = export_path(ckpt) if ckpt else None
+        path = C.export_path(ckpt) if ckpt else None
         if path is None:
             return {self.c["path"]: gr.update(visible=False),
                     self.c["result"]: "This checkpoint has no LoRA file (it was removed or never written)."}
