@@ -26,10 +26,17 @@ def _load(path: str, sets: list[str]) -> TrainingConfig:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from backend.preflight import accelerate_config_problems
+
     try:
         cfg = _load(args.config, args.set)
     except ConfigError as e:
         _print_errors(e.lines)
+        return 2
+    problems = accelerate_config_problems(Path(cfg.launch.accelerate_config_file).expanduser()) \
+        if cfg.launch.accelerate_config_file else []
+    if problems:
+        _print_errors(problems)
         return 2
     warnings = config_warnings(cfg)
     if args.json:

@@ -104,7 +104,10 @@ class NetworkConfig(Section):
     alpha: float = Field(
         16.0, gt=0, le=4096, description="LoRA alpha (network_alpha). The update is scaled by alpha/rank."
     )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path during training.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout on the LoRA down projection's output during training (kohya's network_dropout).",
+    )
     train_unet: bool = Field(True, description="Train LoRA weights on the UNet.")
     train_text_encoder: bool = Field(False, description="Train LoRA weights on the text encoder(s) too.")
     target_modules: list[str] = Field(
@@ -212,6 +215,15 @@ class SchedulerConfig(Section):
     num_cycles: int = Field(1, ge=1, le=1000, description="Restarts for cosine_with_restarts.")
     power: float = Field(1.0, gt=0, le=10.0, description="Power of the polynomial schedule.")
 
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerConfig:
+        if self.type == "constant" and self.warmup_steps > 0:
+            raise ValueError(
+                f"warmup_steps: the constant schedule has no warmup (got {self.warmup_steps}); "
+                "choose constant_with_warmup, or set warmup_steps to 0"
+            )
+        return self
+
 
 # ------------------------------------------------------------------------------------------ training
 class TrainingSection(Section):
@@ -233,7 +245,11 @@ class TrainingSection(Section):
     min_snr_gamma: float | None = Field(
         None, gt=0, le=100.0, description="Min-SNR loss weighting gamma (5 is typical). Empty: off."
     )
-    clip_skip: int = Field(1, ge=1, le=12, description="Use the output of the n-th last text-encoder layer (2 for anime models).")
+    clip_skip: int = Field(
+        1, ge=1, le=12,
+        description="Use the output of the n-th last text-encoder layer (2 for anime models). SDXL ignores it "
+        "and always uses the penultimate layer, as sd-scripts does.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSection:
@@ -305,7 +321,9 @@ class LaunchConfig(Section):
     main_process_ip: str | None = Field(None, description="Address of machine 0 (several machines only).")
     main_process_port: int | None = Field(None, ge=1, le=65535, description="Port on machine 0 (several machines only).")
     accelerate_config_file: str | None = Field(
-        None, description="An accelerate config file (DeepSpeed, FSDP). It overrides the settings above."
+        None,
+        description="An accelerate config file (one machine or several, plain DDP). It overrides the settings "
+        "above. DeepSpeed and FSDP configs are refused: Lathe's checkpoints hold unsharded state.",
     )
 
     @field_validator("gpu_ids")
@@ -406,6 +424,8 @@ def config_warnings(cfg: TrainingConfig) -> list[str]:
         out.append("dataset.random_flip: flipping mixes up left and right, which your sample prompts mention")
     if cfg.training.mixed_precision != "no" and cfg.launch.device == "cpu":
         out.append("training.mixed_precision: ignored on CPU (training runs in fp32)")
+    if cfg.model.family == "sdxl" and cfg.training.clip_skip > 1:
+        out.append("training.clip_skip: ignored for SDXL, which always uses the penultimate layer (as sd-scripts does)")
     if cfg.dataset.shuffle_caption and cfg.dataset.keep_tokens == 0:
         out.append("dataset.keep_tokens: with shuffle_caption, keep_tokens=1 keeps a trigger word first")
     return out

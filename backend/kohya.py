@@ -173,6 +173,7 @@ def import_kohya(data: dict[str, Any], source_name: str = "") -> KohyaImport:
     rules.map_sampling(m)
     rules.map_names(m)
     rules.map_simple(m)
+    rules.check_combinations(m, family)
     _report_rest(m)
     comment = data.get("training_comment") if isinstance(data.get("training_comment"), str) else ""
     name = str(m.out.get("run_name") or Path(source_name).stem or "kohya-import")

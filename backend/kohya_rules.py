@@ -286,6 +286,19 @@ def map_scheduler(m: Mapper, otype: str | None) -> None:
         m.skip(key, "not applicable: empty in the kohya file, so Lathe's default is kept")
 
 
+def check_combinations(m: Mapper, family: str | None) -> None:
+    """Pairs of settings that sd-scripts itself refuses or ignores, made plain in the report."""
+    sched = m.out.get("scheduler", {})
+    if sched.get("type", "constant") == "constant" and (sched.get("warmup_steps") or 0) > 0:
+        steps = sched.pop("warmup_steps")
+        m.warn(f"lr_warmup: the constant schedule has no warmup (sd-scripts refuses the pair); the {steps} warmup "
+               "steps were dropped: choose scheduler.type constant_with_warmup to keep them")
+    clip_skip = m.out.get("training", {}).get("clip_skip") or 1
+    if family == "sdxl" and clip_skip > 1:
+        m.warn(f"clip_skip: {clip_skip} has no effect on SDXL, in sd-scripts as in Lathe (SDXL always uses the "
+               "penultimate text-encoder layer)")
+
+
 def map_noise(m: Mapper) -> None:
     kind = (m.get("noise_offset_type", to_str) or "Original").lower()
     multires = "unsupported feature: multi-resolution noise (Lathe has the Original noise offset)"

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,11 @@ def absolutize(cfg: TrainingConfig, base: Path | None = None) -> TrainingConfig:
 
 
 # ------------------------------------------------------------------------------------------ argv
-def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None, cpu_threads: int | None = None) -> list[str]:
+TRAINER_ENTRY = ("-m", "backend.trainer")
+
+
+def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None, cpu_threads: int | None = None,
+               entry: Sequence[str] = TRAINER_ENTRY) -> list[str]:
     """The exact `accelerate launch` command for this config (pure: no I/O, no environment reads).
 
     - CPU, one process: `--cpu`. CPU, several: `--multi_gpu` plus ACCELERATE_USE_CPU=true in the
@@ -68,10 +73,11 @@ def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None
     - An accelerate config file (DeepSpeed, FSDP) replaces all of the above: flags on the command
       line would override it (`--multi_gpu` would even switch DeepSpeed off).
     cpu_threads: torch threads per process for CPU training (accelerate's default is a guess).
+    entry: what accelerate starts (the trainer module; a script path runs that script instead).
     """
     lc = cfg.launch
     argv = [python or sys.executable, "-m", "accelerate.commands.launch"]
-    trainer = ["-m", "backend.trainer", "--run-dir", str(version_dir)]
+    trainer = [*entry, "--run-dir", str(version_dir)]
     if lc.accelerate_config_file:
         return [*argv, "--config_file", lc.accelerate_config_file, *trainer]
     cpu = lc.device == "cpu"
@@ -177,7 +183,7 @@ def start(version_dir: Path, argv: list[str], env: dict[str, str], exclusive: bo
 
 
 def launch(cfg: TrainingConfig, env: dict[str, str] | None = None, exclusive: bool = True,
-           cpu_threads: int | None = None) -> Launched:
+           cpu_threads: int | None = None, entry: Sequence[str] = TRAINER_ENTRY) -> Launched:
     """Create the next version folder for cfg, write its files, and start the trainer.
 
     Raises lock.RunBusyError (before creating anything) when a run is active in the same output
@@ -188,7 +194,7 @@ def launch(cfg: TrainingConfig, env: dict[str, str] | None = None, exclusive: bo
 
     def go() -> Launched:
         version_dir = runs.create_version_dir(cfg.output_dir, cfg.run_name)
-        argv = build_argv(cfg, version_dir, cpu_threads=cpu_threads or default_cpu_threads(cfg))
+        argv = build_argv(cfg, version_dir, cpu_threads=cpu_threads or default_cpu_threads(cfg), entry=entry)
         runs.write_run_files(version_dir, cfg, command_argv(cfg, argv))
         runs.new_status(version_dir)
         try:

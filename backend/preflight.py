@@ -3,9 +3,14 @@ a preset is valid on any machine, a launch only where its files are)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from backend.config import TrainingConfig
+
+# What the recipe supports: one process, or plain DDP on GPUs or CPUs. A sharded optimizer (DeepSpeed,
+# FSDP) would be saved as rank 0's shard, so those are refused until the recipe handles them.
+SUPPORTED_DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU")
 
 
 def preflight(cfg: TrainingConfig) -> list[str]:
@@ -21,8 +26,36 @@ def preflight(cfg: TrainingConfig) -> list[str]:
         out.append(f"dataset.train_data_dir: folder {data} does not exist")
     if cfg.dataset.validation_data_dir and not Path(cfg.dataset.validation_data_dir).expanduser().is_dir():
         out.append(f"dataset.validation_data_dir: folder {cfg.dataset.validation_data_dir} does not exist")
-    if cfg.launch.accelerate_config_file and not Path(cfg.launch.accelerate_config_file).expanduser().is_file():
-        out.append(f"launch.accelerate_config_file: {cfg.launch.accelerate_config_file} does not exist")
+    if cfg.launch.accelerate_config_file:
+        out += accelerate_config_problems(Path(cfg.launch.accelerate_config_file).expanduser())
     if cfg.resume_from and not Path(cfg.resume_from).expanduser().is_dir():
         out.append(f"resume_from: checkpoint folder {cfg.resume_from} does not exist")
     return out
+
+
+def accelerate_config_problems(path: Path) -> list[str]:
+    """The file exists, parses (YAML or JSON), and asks for a distributed type Lathe supports."""
+    field = "launch.accelerate_config_file"
+    if not path.is_file():
+        return [f"{field}: {path} does not exist"]
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [f"{field}: {path} is not a readable accelerate config ({type(e).__name__}: {str(e)[:120]})"]
+    except Exception as e:  # noqa: BLE001 - yaml's errors are not ValueErrors
+        return [f"{field}: {path} is not a readable accelerate config ({type(e).__name__}: {str(e)[:120]})"]
+    if not isinstance(data, dict):
+        return [f"{field}: {path} does not hold an accelerate config (expected a mapping of settings)"]
+    raw = data.get("distributed_type", "NO")
+    kind = "NO" if raw is False else str(raw).upper()  # YAML 1.1 reads an unquoted NO as false
+    if kind not in SUPPORTED_DISTRIBUTED:
+        return [f"{field}: distributed_type {kind} is not supported; Lathe trains with one process or plain "
+                f"DDP ({', '.join(SUPPORTED_DISTRIBUTED)}). DeepSpeed and FSDP would save a sharded optimizer "
+                "as one rank's shard."]
+    return []

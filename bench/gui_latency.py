@@ -89,12 +89,13 @@ OBSERVER = """
 def event_delay(seconds: float, browser, tmp: Path) -> dict:
     from backend import launcher
     from backend.presets import load_config_or_preset
+    from tests.trainer_probe import PROBE_ENTRY  # the trainer, slowed down per step
 
     out = tmp / "live"
     proc, url, _ = start_app(out)
     cfg = load_config_or_preset(ROOT / "presets/demo.json", [f"output_dir={json.dumps(str(out))}", "training.max_train_epochs=100",
                                                               "sampling.prompts=[]"])
-    run = launcher.launch(cfg, env={**launcher.launch_env(cfg), "LATHE_TEST_SLOW_STEP_S": "0.3"})
+    run = launcher.launch(cfg, env={**launcher.launch_env(cfg), "LATHE_TEST_SLOW_STEP_S": "0.3"}, entry=PROBE_ENTRY)
     try:
         page = browser.new_page()
         page.goto(url)

@@ -20,7 +20,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh demo asset folder (model/, model-sdxl/, model.safetensors, images/)."""
+    """A fresh demo asset folder (model/, model.safetensors, model-sd2v/, model-sdxl/, images/)."""
     from backend.trainer.demo import build_demo_assets
 
     return build_demo_assets(tmp_path_factory.mktemp("assets") / "demo")
@@ -77,14 +77,16 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
 
 
 def start_run(tmp: Path, demo: Path, extra_env: dict | None = None, **sections: dict):
-    """Start the trainer through the real launcher without following it; returns (Popen, version_dir)."""
+    """Start the trainer (under tests/trainer_probe.py, which reads the LATHE_TEST_* disturbances of
+    extra_env) through the real launcher without following it; returns (Popen, version_dir)."""
     from backend import launcher, runs
     from backend.presets import resolve
+    from tests.trainer_probe import PROBE_ENTRY
 
     cfg = launcher.absolutize(resolve(demo_config(demo, tmp / "runs", **sections)))
     v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
     # Same thread count as the CLI: CPU float reductions depend on it, and runs are compared bit for bit.
-    argv = launcher.build_argv(cfg, v, cpu_threads=launcher.default_cpu_threads(cfg))
+    argv = launcher.build_argv(cfg, v, cpu_threads=launcher.default_cpu_threads(cfg), entry=PROBE_ENTRY)
     runs.write_run_files(v, cfg, argv)
     runs.new_status(v)
     env = {**launcher.launch_env(cfg), **(extra_env or {})}

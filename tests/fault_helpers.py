@@ -64,7 +64,9 @@ def resume_config(checkpoint: Path) -> TrainingConfig:
 
 def start(cfg: TrainingConfig, extra_env: dict[str, str] | None = None) -> launcher.Launched:
     """Launch through the real launcher (new version folder, own session, default CPU thread count)."""
-    return launcher.launch(cfg, env={**launcher.launch_env(cfg), **(extra_env or {})})
+    from tests.trainer_probe import PROBE_ENTRY
+
+    return launcher.launch(cfg, env={**launcher.launch_env(cfg), **(extra_env or {})}, entry=PROBE_ENTRY)
 
 
 def ensure_dead(launched: launcher.Launched) -> None:

@@ -12,23 +12,23 @@ import pytest
 from backend import launcher, process_tree, runs
 from tests.conftest import ROOT, events, run_cli
 from tests.lifecycle_helpers import alive, demo_cfg, wait_steps
+from tests.trainer_probe import PROBE_ENTRY
 
 pytestmark = pytest.mark.train
 
-PROBE = Path(__file__).with_name("ddp_probe.py")
 
 
 @pytest.fixture(scope="module")
 def ddp_run(demo, tmp_path_factory) -> Path:
-    """The demo on 2 CPU processes: 2 epochs, a save per epoch, one sample at the end."""
+    """The demo on 2 CPU processes: 2 epochs, a save per epoch, one sample at the end; the text encoder
+    trains too, under network dropout, with clip_skip 2 (its last layer's LoRA then gets no gradient)."""
     out = tmp_path_factory.mktemp("ddp") / "runs"
     cfg = launcher.absolutize(demo_cfg(demo, out, launch={"device": "cpu", "num_processes": 2},
-                                       training={"max_train_epochs": 2},
+                                       network={"train_text_encoder": True, "dropout": 0.2},
+                                       training={"max_train_epochs": 2, "clip_skip": 2},
                                        sampling={"prompts": ["a red circle"], "every_n_epochs": None, "steps": 2}))
     v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
-    argv = launcher.build_argv(cfg, v, cpu_threads=1)
-    i = argv.index("backend.trainer")
-    argv[i - 1 : i + 1] = [str(PROBE)]  # the real trainer, plus a dump of each rank's tensors
+    argv = launcher.build_argv(cfg, v, cpu_threads=1, entry=PROBE_ENTRY)  # the real trainer + a dump per rank
     runs.write_run_files(v, cfg, argv)
     runs.new_status(v)
     proc = launcher.start(v, argv, launcher.launch_env(cfg))
@@ -45,10 +45,14 @@ def test_ddp_runs_two_processes_with_synchronized_weights(ddp_run):
     assert len(started) == 1 and started[0]["world_size"] == 2
     r0, r1 = (load_file(ddp_run / "probe" / f"rank{r}.safetensors") for r in (0, 1))
     assert r0.keys() == r1.keys() and len(r0) > 0
-    ups = [k for k in r0 if "lora_B" in k]
+    assert {k.split(".", 1)[0] for k in r0} == {"unet", "text_encoder_0"}  # every trainable tensor is compared
+    ups = [k for k in r0 if "lora_B" in k and ".layers.2." not in k]  # clip_skip 2: the last layer is unused
     assert ups and all(r0[k].abs().max() > 0 for k in ups)  # trained: lora_B starts at zero
+    assert any(k.startswith("text_encoder_0.") for k in ups)
     different = [k for k in r0 if not r0[k].equal(r1[k])]
     assert different == [], different[:5]
+    final = load_file(ddp_run / "checkpoints" / "final" / "lora.safetensors")
+    assert all(final[k].equal(r0[k]) for k in r0)  # the checkpoint holds what every rank holds
 
 
 def test_ddp_shards_the_data_deterministically(ddp_run):

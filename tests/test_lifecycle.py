@@ -17,6 +17,7 @@ from backend import launcher, lock, process_tree, runs
 from backend.follow import Follower, follow_to_end
 from tests.conftest import ENV, ROOT, events, run_cli, wait_for, write_config
 from tests.lifecycle_helpers import alive, demo_cfg, fake_pids, start_fake, wait_steps
+from tests.trainer_probe import PROBE_ENTRY
 
 pytestmark = pytest.mark.train
 
@@ -68,7 +69,8 @@ def test_run_survives_its_launcher_and_a_new_process_follows_it_to_the_end(demo,
 
 def test_graceful_stop_saves_a_stop_checkpoint(demo, tmp_path):
     env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_RESOURCES_INTERVAL_S": "0.5"}
-    launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1)
+    launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1,
+                               entry=PROBE_ENTRY)
     v = launched.version_dir
     try:
         wait_steps(v, 3)

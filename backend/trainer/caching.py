@@ -104,18 +104,30 @@ class LatentCache:
 
 
 class TextEncoder:
-    """Caption -> (context, pooled). With frozen encoders and fixed captions, each caption is encoded once."""
+    """Caption -> (context, pooled). With frozen encoders and fixed captions, each caption is encoded once.
 
-    def __init__(self, comps: Components, clip_skip: int, cache: bool):
+    `encoders` are what a training step calls (the DDP wrappers of trained encoders); `bare()` is the
+    same encoder over the plain modules, for evaluation and sampling on one rank."""
+
+    def __init__(self, comps: Components, clip_skip: int, cache: bool, encoders: list[Any] | None = None):
         self.comps, self.clip_skip, self.cache = comps, clip_skip, cache
+        self.encoders = list(encoders) if encoders is not None else list(comps.text_encoders)
         self._memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def bare(self) -> TextEncoder:
+        out = TextEncoder(self.comps, self.clip_skip, self.cache)
+        out._memo = self._memo
+        return out
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode_tokens(self.comps, tokenize(self.comps, captions), self.clip_skip, self.encoders)
 
     def precompute(self, captions: set[str]) -> None:
         todo = sorted(captions - set(self._memo))
         for k in range(0, len(todo), 32):
             part = todo[k : k + 32]
             with torch.no_grad():
-                ctx, pooled = encode_tokens(self.comps, tokenize(self.comps, part), self.clip_skip)
+                ctx, pooled = self.encode(part)
             for j, cap in enumerate(part):
                 self._memo[cap] = (ctx[j].clone(), None if pooled is None else pooled[j].clone())
 
@@ -126,4 +138,4 @@ class TextEncoder:
             if not self.comps.is_sdxl:
                 return ctx, None
             return ctx, torch.stack([self._memo[c][1].to(device) for c in captions])
-        return encode_tokens(self.comps, tokenize(self.comps, captions), self.clip_skip)
+        return self.encode(captions)

@@ -17,6 +17,7 @@ from backend.trainer import data as D
 from backend.trainer.caching import encode_pixels
 from backend.trainer.loss import diffusion_loss
 from backend.trainer.models import Components, sdxl_time_ids
+from backend.trainer.trained import Trained
 
 TIMESTEP_FRACTIONS = (0.1, 0.35, 0.6, 0.85)
 REFERENCE_IMAGES = 4
@@ -49,29 +50,31 @@ def prepare(comps: Components, items: list[D.ImageItem], buckets: list[tuple[int
 
 
 @torch.no_grad()
-def eval_loss(comps: Components, unet: Any, text: Any, samples: list[EvalSample], seed: int, device: torch.device,
-              weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
-    """Mean loss over every sample x fixed timestep. Identical inputs give identical results."""
-    was_training = unet.training
-    unet.eval()
+def eval_loss(comps: Components, trained: Trained, text: Any, samples: list[EvalSample], seed: int,
+              device: torch.device, weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
+    """Mean loss over every sample x fixed timestep, every module in eval mode (no dropout), called
+    through the plain modules. Identical inputs give identical results."""
+    with trained.evaluating():
+        return _eval_loss(comps, trained.unet, text, samples, seed, device, weight_dtype, training, autocast)
+
+
+def _eval_loss(comps: Components, unet: Any, text: Any, samples: list[EvalSample], seed: int, device: torch.device,
+               weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
     n_t = comps.noise_scheduler.config.num_train_timesteps
     steps = torch.tensor([int(f * n_t) for f in TIMESTEP_FRACTIONS], device=device)
     total = 0.0
-    try:
-        for smp in samples:
-            k = len(steps)
-            lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
-            rng = np.random.default_rng([seed, 7919, smp.index])
-            noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32)).to(device)
-            ctx, pooled = text([smp.caption] * k, device)
-            added = None
-            if comps.is_sdxl:
-                added = {"text_embeds": pooled.to(weight_dtype),
-                         "time_ids": torch.tensor([smp.time_ids] * k, device=device, dtype=weight_dtype)}
-            with autocast():
-                loss = diffusion_loss(unet, comps.noise_scheduler, lat, ctx, added, noise, steps, comps.v_prediction,
-                                      training, weight_dtype)
-            total += float(loss)
-    finally:
-        unet.train(was_training)
+    for smp in samples:
+        k = len(steps)
+        lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
+        rng = np.random.default_rng([seed, 7919, smp.index])
+        noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32)).to(device)
+        ctx, pooled = text([smp.caption] * k, device)
+        added = None
+        if comps.is_sdxl:
+            added = {"text_embeds": pooled.to(weight_dtype),
+                     "time_ids": torch.tensor([smp.time_ids] * k, device=device, dtype=weight_dtype)}
+        with autocast():
+            loss = diffusion_loss(unet, comps.noise_scheduler, lat, ctx, added, noise, steps, comps.v_prediction,
+                                  training, weight_dtype)
+        total += float(loss)
     return total / max(1, len(samples))

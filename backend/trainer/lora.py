@@ -1,5 +1,8 @@
 """LoRA: inject adapters with peft, collect the trainable tensors, export kohya-format files.
 
+Dropout is kohya's `network_dropout`: on the output of the down projection (the rank-sized
+activation), not on the layer input as peft's `lora_dropout` would do.
+
 Export format (what A1111 and ComfyUI read, and diffusers' load_lora_weights converts):
   lora_unet_<module path with _>.lora_down.weight / .lora_up.weight / .alpha
   lora_te_text_model_<...> (SD1/SD2) or lora_te1_/lora_te2_ (SDXL's two encoders)
@@ -12,6 +15,7 @@ import json
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from backend.config import NetworkConfig
@@ -28,7 +32,7 @@ def inject(model: torch.nn.Module, net: NetworkConfig, targets: list[str], what:
     """Add LoRA adapters to `model` in place (weights: A random, B zero, so the start is the base model)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout, target_modules=targets, bias="none")
+    cfg = LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     try:
         inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     except ValueError as e:
@@ -38,6 +42,18 @@ def inject(model: torch.nn.Module, net: NetworkConfig, targets: list[str], what:
         ) from None
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
+    if net.dropout > 0:
+        for _, m in _lora_modules(model):
+            add_down_dropout(m.lora_A[ADAPTER], net.dropout)
+
+
+def add_down_dropout(down: torch.nn.Module, p: float) -> None:
+    """kohya's network_dropout: drop entries of lora_down's output while the module trains."""
+
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, p=p, training=module.training)
+
+    down.register_forward_hook(hook)
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -77,14 +93,9 @@ def kohya_key(prefix: str, module_name: str, text_encoder: bool) -> str:
     return prefix + module_name.replace(".", "_")
 
 
-def kohya_state_dict(
-    unet: torch.nn.Module | None, text_encoders: list[torch.nn.Module], is_sdxl: bool, alpha: float, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
+def kohya_state_dict(groups: list[tuple[str, torch.nn.Module, bool]], alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The export's tensors; `groups` are (key prefix, module, is a text encoder), see Trained.export_groups."""
     out: dict[str, torch.Tensor] = {}
-    groups: list[tuple[str, torch.nn.Module, bool]] = []
-    if unet is not None:
-        groups.append(("lora_unet_", unet, False))
-    groups += [(te_prefix(i, is_sdxl), te, True) for i, te in enumerate(text_encoders)]
     for prefix, model, is_te in groups:
         for name, m in _lora_modules(model):
             key = kohya_key(prefix, name, is_te)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Any
 
 import torch
@@ -9,12 +11,28 @@ import torch.nn.functional as F
 
 from backend.config import TrainingSection
 
+NOISE, DROPOUT = 0, 1  # what a derived seed is for
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of non-negative integers: a cryptographic hash, so distinct tuples
+    never share a seed in practice (a linear formula collides, e.g. micro 1 / rank 0 and micro 0 / rank 31)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}Q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     """Noise and timesteps are a pure function of (seed, step, micro-batch, rank): exact on resume."""
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    gen.manual_seed((seed * 1_000_003 + step * 1009 + micro * 31 + rank) % (2**63 - 1))
+    gen.manual_seed(mix_seed(seed, NOISE, step, micro, rank))
     return gen
+
+
+def seed_micro_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seed the global RNG (CPU and every GPU) for one micro-step: what draws from it inside the
+    forward pass (network dropout) is then a pure function of the position too, whatever ran
+    before (a data loader, an evaluation, a resume)."""
+    torch.manual_seed(mix_seed(seed, DROPOUT, step, micro, rank))
 
 
 def draw_noise(latents: torch.Tensor, gen: torch.Generator, noise_offset: float, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,12 +41,21 @@ class Components:
 
 
 def family_from_unet_config(cfg: dict[str, Any]) -> str:
-    """SDXL has size/crop ('text_time') conditioning; SD2 has a 1024-wide context; SD1 768 (or tiny)."""
+    """SDXL has size/crop ('text_time') conditioning; SD2 has linear projections in its transformers
+    (SD1's are 1x1 convolutions) and a 1024-wide context; anything else is SD1."""
     if cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
-    if cfg.get("cross_attention_dim") == 1024:
+    if cfg.get("cross_attention_dim") == 1024 or cfg.get("use_linear_projection"):
         return "sd2"
     return "sd15"
+
+
+def resolve_v_prediction(setting: bool | None, scheduler_says: bool, file_marker: bool = False) -> bool:
+    """The one decision on v-prediction: `model.v_parameterization` when set; otherwise the model's
+    own word (its scheduler config, or a single file's `v_pred` marker key)."""
+    if setting is not None:
+        return setting
+    return scheduler_says or file_marker
 
 
 def load_components(cfg: TrainingConfig) -> Components:
@@ -57,10 +66,7 @@ def load_components(cfg: TrainingConfig) -> Components:
     if path.is_dir():
         comps = _load_diffusers_folder(path)
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-        fam = cfg.model.family
-        if fam == "sd2" and cfg.model.v_parameterization:
-            fam = "sd2-v"  # the 768-v configs differ beyond the scheduler (upcast attention, sample size)
-        comps = _load_single_file(path, fam)
+        comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization)
     else:
         raise ModelLoadError(
             f"model.pretrained_model: {path} is neither a diffusers folder nor a .safetensors/.ckpt file"
@@ -70,8 +76,10 @@ def load_components(cfg: TrainingConfig) -> Components:
             f"model.family: set to {cfg.model.family} but {path.name} looks like {comps.family}; "
             "set family to 'auto' or pick the right model"
         )
-    if cfg.model.v_parameterization is not None:
-        comps.v_prediction = cfg.model.v_parameterization
+    marker = bool(comps.extra.get("v_pred_key"))
+    comps.v_prediction = resolve_v_prediction(cfg.model.v_parameterization, comps.v_prediction, marker)
+    # The scheduler carries the decision, so every scheduler built from its config (sampling) agrees.
+    comps.noise_scheduler.register_to_config(prediction_type="v_prediction" if comps.v_prediction else "epsilon")
     for m in (comps.unet, comps.vae, *comps.text_encoders):
         m.requires_grad_(False)
         m.eval()
@@ -104,13 +112,13 @@ def _load_diffusers_folder(path: Path) -> Components:
     return Components(family, v_pred, unet, vae, _training_scheduler(sched), tes, toks, str(path))
 
 
-def _load_single_file(path: Path, family: str) -> Components:
+def _load_single_file(path: Path, family: str, v_prediction: bool | None) -> Components:
     try:
         from backend.trainer.single_file import load_single_file
     except ImportError as e:  # pragma: no cover - shipped with the project
         raise ModelLoadError(f"single-file loading is unavailable: {e}") from e
     try:
-        parts = load_single_file(path, None if family == "auto" else family)
+        parts = load_single_file(path, None if family == "auto" else family, v_prediction=v_prediction)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"model.pretrained_model: cannot load {path.name}: {e}") from e
     fam = parts.get("family") or family_from_unet_config(dict(parts["unet"].config))
@@ -119,7 +127,8 @@ def _load_single_file(path: Path, family: str) -> Components:
     tes = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts else [])
     toks = [parts["tokenizer"]] + ([parts["tokenizer_2"]] if "tokenizer_2" in parts else [])
     v_pred = sched.config.get("prediction_type") == "v_prediction"
-    return Components(fam, v_pred, parts["unet"], parts["vae"], _training_scheduler(sched), tes, toks, str(path))
+    return Components(fam, v_pred, parts["unet"], parts["vae"], _training_scheduler(sched), tes, toks, str(path),
+                      extra={"v_pred_key": parts.get("v_pred_key", False)})
 
 
 def _training_scheduler(sched: Any) -> Any:
@@ -138,20 +147,25 @@ def tokenize(comps: Components, captions: list[str]) -> list[torch.Tensor]:
     return out
 
 
-def encode_tokens(comps: Components, ids: list[torch.Tensor], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the text encoder(s): (context [B, 77, C], pooled [B, P] for SDXL else None)."""
+def encode_tokens(comps: Components, ids: list[torch.Tensor], clip_skip: int = 1,
+                  encoders: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the text encoder(s): (context [B, 77, C], pooled [B, P] for SDXL else None).
+
+    `encoders` are the modules to call (the training step's DDP wrappers); default the components'.
+    SDXL always takes the penultimate layer and ignores clip_skip, as sd-scripts does."""
+    encoders = encoders if encoders is not None else comps.text_encoders
     if not comps.is_sdxl:
-        te = comps.text_encoders[0]
+        te = encoders[0]
         device = next(te.parameters()).device
         if clip_skip == 1:
             return te(ids[0].to(device)).last_hidden_state, None
         out = te(ids[0].to(device), output_hidden_states=True)
-        return _final_norm(te)(out.hidden_states[-clip_skip]), None
+        return _final_norm(comps.text_encoders[0])(out.hidden_states[-clip_skip]), None
     # SDXL: penultimate layer of both encoders (no final norm), concatenated; pooled from encoder 2.
-    layer = -(clip_skip + 1)
+    layer = -2
     hidden = []
     pooled = None
-    for te, tok_ids in zip(comps.text_encoders, ids, strict=True):
+    for te, tok_ids in zip(encoders, ids, strict=True):
         device = next(te.parameters()).device
         out = te(tok_ids.to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[layer])

@@ -1,4 +1,10 @@
-"""Sample images from the model being trained, with the LoRA active."""
+"""Sample images from the model being trained, with the network active.
+
+Prompts are encoded exactly as training encodes captions (the same function, clip_skip, SDXL's
+pooled embedding), and handed to the pipeline as embeddings. The denoising runs under the
+training's autocast; the VAE decodes outside it, in its own dtype (an fp32 SDXL VAE run in fp16
+gives black or NaN images).
+"""
 
 from __future__ import annotations
 
@@ -9,78 +15,74 @@ from typing import Any
 import torch
 
 from backend.config import SamplingConfig
+from backend.trainer.caching import TextEncoder
 from backend.trainer.models import Components
 
 
-def _pipeline(comps: Components, unet: Any, text_encoders: list[Any]) -> Any:
+def _pipeline(comps: Components, unet: Any) -> Any:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    sched = DDIMScheduler.from_config(comps.noise_scheduler.config)
+    prediction = "v_prediction" if comps.v_prediction else "epsilon"
+    sched = DDIMScheduler.from_config(comps.noise_scheduler.config, prediction_type=prediction)
+    tes = comps.text_encoders
     if comps.is_sdxl:
-        return StableDiffusionXLPipeline(
-            vae=comps.vae,
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=comps.tokenizers[0],
-            tokenizer_2=comps.tokenizers[1],
-            unet=unet,
-            scheduler=sched,
-        )
-    return StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=text_encoders[0],
-        tokenizer=comps.tokenizers[0],
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=tes[0], text_encoder_2=tes[1],
+                                         tokenizer=comps.tokenizers[0], tokenizer_2=comps.tokenizers[1], unet=unet,
+                                         scheduler=sched)
+    return StableDiffusionPipeline(vae=comps.vae, text_encoder=tes[0], tokenizer=comps.tokenizers[0], unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def prompt_embeddings(comps: Components, text: TextEncoder, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+    """The pipeline's embedding arguments for one prompt, encoded as training encodes captions."""
+    ctx, pooled = text.encode([prompt])
+    if comps.is_sdxl and not negative:
+        # diffusers' SDXL default (force_zeros_for_empty_prompt): an empty negative prompt is zeros.
+        neg_ctx, neg_pooled = torch.zeros_like(ctx), torch.zeros_like(pooled)
+    else:
+        neg_ctx, neg_pooled = text.encode([negative])
+    out = {"prompt_embeds": ctx, "negative_prompt_embeds": neg_ctx}
+    if comps.is_sdxl:
+        out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+    return out
+
+
+def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1], outside any autocast, in the VAE's own dtype."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.autocast(latents.device.type, enabled=False):
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(z).sample.float()
 
 
 @torch.no_grad()
-def generate(
-    comps: Components,
-    unet: Any,
-    text_encoders: list[Any],
-    sc: SamplingConfig,
-    out_dir: Path,
-    device: torch.device,
-    autocast: Any,
-) -> list[tuple[Path, str]]:
+def generate(comps: Components, unet: Any, text: TextEncoder, sc: SamplingConfig, out_dir: Path,
+             device: torch.device, autocast: Any) -> list[tuple[Path, str]]:
     """One image per prompt into out_dir/<i>.png (plus prompts.json); returns (path, prompt) pairs.
 
-    The training RNG is saved and restored around sampling, so sampling never changes the run.
+    The caller puts the modules in eval mode (Trained.evaluating). The training RNG is saved and
+    restored around sampling, so sampling never changes the run.
     """
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    modes = [(m, m.training) for m in (unet, *text_encoders)]
-    for m, _ in modes:
-        m.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = _pipeline(comps, unet, text_encoders)
+    pipe = _pipeline(comps, unet)
     pipe.set_progress_bar_config(disable=True)
     results = []
     try:
         for i, prompt in enumerate(sc.prompts):
             gen = torch.Generator("cpu").manual_seed(sc.seed + i)
             with autocast():
-                image = pipe(
-                    prompt=prompt,
-                    negative_prompt=sc.negative_prompt or None,
-                    num_inference_steps=sc.steps,
-                    guidance_scale=sc.guidance_scale,
-                    width=sc.width,
-                    height=sc.height,
-                    generator=gen,
-                ).images[0]
+                embeds = prompt_embeddings(comps, text, prompt, sc.negative_prompt)
+                latents = pipe(**embeds, num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale,
+                               width=sc.width, height=sc.height, generator=gen, output_type="latent").images
+            image = pipe.image_processor.postprocess(decode(comps.vae, latents), output_type="pil")[0]
             path = out_dir / f"{i}.png"
             image.save(path)
             results.append((path, prompt))
         (out_dir / "prompts.json").write_text(json.dumps([p for _, p in results], indent=1), encoding="utf-8")
     finally:
-        for m, was_training in modes:
-            m.train(was_training)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

@@ -16,17 +16,15 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from accelerate.utils import gather_object
 
 from backend import checkpoints as C
 from backend.trainer import evaluation, lora
+from backend.trainer.context import Progress, Setup
 from backend.trainer.sampling import generate
-from backend.trainer.state import fail_hook, rng_state, write_state
-
-if TYPE_CHECKING:
-    from backend.trainer.loop import Progress, Setup
+from backend.trainer.state import rng_state, write_state
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -97,8 +95,8 @@ def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | Non
 
 
 def evaluate(s: Setup) -> float:
-    text = s.text
-    return evaluation.eval_loss(s.comps, s.bare(s.unet), text, s.eval_samples, s.cfg.training.seed,
+    """The evaluation loss on rank 0 alone: plain modules (no DDP wrapper), all in eval mode."""
+    return evaluation.eval_loss(s.comps, s.trained, s.text.bare(), s.eval_samples, s.cfg.training.seed,
                                 s.acc.device, s.weight_dtype, s.cfg.training, s.acc.autocast)
 
 
@@ -184,9 +182,8 @@ EXPORT_PATTERNS = (("epoch", r"-(\d{6})\.safetensors"), ("step", r"-step(\d{8})\
 def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
     if not s.cfg.sampling.prompts or not s.acc.is_main_process:
         return
-    tes = [s.bare(te) for te in s.text_encoders]
-    with borrowed([s.comps.vae, *tes], s.acc.device):
-        out = generate(s.comps, s.bare(s.unet), tes, s.cfg.sampling, sc.version_dir / "samples" / label,
+    with borrowed([s.comps.vae, *s.comps.text_encoders], s.acc.device), s.trained.evaluating():
+        out = generate(s.comps, s.comps.unet, s.text.bare(), s.cfg.sampling, sc.version_dir / "samples" / label,
                        s.acc.device, s.acc.autocast)
     for path, prompt in out:
         s.io.emit("sample_saved", path=str(path), prompt=prompt, step=prog.global_step, epoch=prog.epoch)
@@ -207,13 +204,10 @@ def borrowed(modules: list[Any], device: Any) -> Iterator[None]:
 
 def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None) -> Path:
     """Write the kohya LoRA file atomically (tmp name, fsync, rename)."""
-    fail_hook("export", prog.global_step)
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = lora.DTYPES[cfg.saving.save_precision]
-    unet = s.bare(s.unet) if cfg.network.train_unet else None
-    tes = [s.bare(te) for te in s.text_encoders] if cfg.network.train_text_encoder else []
-    tensors = lora.kohya_state_dict(unet, tes, s.comps.is_sdxl, cfg.network.alpha, dtype)
+    tensors = lora.kohya_state_dict(s.trained.export_groups(s.comps.is_sdxl), cfg.network.alpha, dtype)
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -251,6 +245,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_network_dropout": str(cfg.network.dropout),
         "ss_base_model_version": BASE_MODEL_VERSION[s.comps.family],
         "ss_v2": str(s.comps.family == "sd2"),
+        "ss_v_parameterization": str(s.comps.v_prediction),
         "ss_sd_model_name": Path(cfg.model.pretrained_model).name,
         "ss_resolution": f"({res}, {res})",
         "ss_enable_bucket": str(cfg.dataset.enable_bucket),
@@ -285,6 +280,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCHITECTURE[s.comps.family],
         "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": "v" if s.comps.v_prediction else "epsilon",
         "modelspec.title": cfg.run_name,
         "lathe_config_hash": cfg.config_hash(),
     }

@@ -148,37 +148,47 @@ def _read_pickled(path: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ loading
 def load_single_file(
-    path: Path, family: str | None = None, config_dir: Path | None = None, torch_dtype: torch.dtype = torch.float32
+    path: Path, family: str | None = None, config_dir: Path | None = None, torch_dtype: torch.dtype = torch.float32,
+    v_prediction: bool | None = None,
 ) -> dict[str, Any]:
     """Load an LDM-layout checkpoint into diffusers/transformers components, fully offline.
 
     Returns {"family", "unet", "vae", "text_encoder", "tokenizer", "noise_scheduler" (a
-    DDPMScheduler)} plus "text_encoder_2" and "tokenizer_2" for SDXL. `family` is "sd15", "sd2",
-    "sd2-v" (v-prediction, 768) or "sdxl"; None or "auto" detects it from the weights.
-    `config_dir` (a diffusers-format folder) replaces the shipped configs.
+    DDPMScheduler), "v_pred_key"} plus "text_encoder_2" and "tokenizer_2" for SDXL. `family` is
+    "sd15", "sd2", "sd2-v" (v-prediction, 768) or "sdxl"; None or "auto" detects it from the weights.
+    `v_prediction` (the user's setting, None = unknown) picks the SD2 config variant: the 768-v
+    configs differ beyond the scheduler (upcast attention, sample size). Whether to train with
+    v-prediction is decided by the caller (backend.trainer.models.resolve_v_prediction); this
+    only reports the file's `v_pred` marker key. `config_dir` (a diffusers folder) replaces the
+    shipped configs.
     """
     path = Path(path)
     state, metadata = read_checkpoint(path)
     detected = detect_family(state.keys(), lambda k: tuple(state[k].shape))
-    fam = _resolve_family(family, detected, path.name, metadata, "v_pred" in state)
+    hint = v_prediction if v_prediction is not None else (True if "v_pred" in state else None)
+    fam = _resolve_family(family, detected, path.name, metadata, hint)
     with _config_source(fam, config_dir, metadata) as cfg_dir:
         comps = components_from_ldm(state, fam, cfg_dir, torch_dtype)
-    if family in (None, "auto") and "v_pred" in state and fam != "sd2-v":
-        comps["noise_scheduler"].register_to_config(prediction_type="v_prediction")
+    comps["v_pred_key"] = "v_pred" in state
     return comps
 
 
-def _resolve_family(requested: str | None, detected: str, name: str, metadata: Mapping[str, str], v_pred: bool) -> str:
-    if requested in (None, "auto"):
+def _resolve_family(requested: str | None, detected: str, name: str, metadata: Mapping[str, str],
+                    v_pred: bool | None) -> str:
+    """The config variant to build: the requested or detected family; for SD2, "sd2-v" when the
+    model is known to predict v (the user's setting, else the file's marker), "sd2" when known not to."""
+    if requested not in (None, "auto"):
+        if requested not in FAMILIES:
+            raise ValueError(f"Unknown model family {requested!r}; expected one of {', '.join(FAMILIES)} or auto.")
+        if _base_family(requested) != detected:
+            raise ValueError(f"The family is set to {requested}, but {name} looks like {detected}.")
+        chosen = requested
+    else:
         embedded = metadata.get(META_FAMILY)
-        if embedded in FAMILIES and _base_family(embedded) == detected:
-            return embedded
-        return "sd2-v" if detected == "sd2" and v_pred else detected
-    if requested not in FAMILIES:
-        raise ValueError(f"Unknown model family {requested!r}; expected one of {', '.join(FAMILIES)} or auto.")
-    if _base_family(requested) != detected:
-        raise ValueError(f"The family is set to {requested}, but {name} looks like {detected}.")
-    return requested
+        chosen = embedded if embedded in FAMILIES and _base_family(embedded) == detected else detected
+    if detected == "sd2" and v_pred is not None:
+        return "sd2-v" if v_pred else "sd2"
+    return chosen
 
 
 def _base_family(family: str) -> str:

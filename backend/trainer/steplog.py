@@ -10,18 +10,40 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from backend.trainer.context import Progress, Setup
 from backend.trainer.optim import prodigy_d
 
-if TYPE_CHECKING:
-    from backend.trainer.loop import Progress, Setup
+# Under fp16 an overflow is the loss scaler's business: it skips the step and lowers its scale. Only
+# this many overflowing steps in a row (the scale is then 2^-20 of where it was) mean a diverged run.
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class Overflows:
+    """Counts the optimizer steps the fp16 scaler skipped, and says when that means the run diverged."""
+
+    def __init__(self, scaler_active: bool):
+        self.scaler_active = scaler_active
+        self.in_a_row = 0
+
+    def check(self, step: int, loss: float, stepped: bool) -> str | None:
+        """None when training goes on; else why it must stop. `stepped` is False for a skipped step."""
+        finite = math.isfinite(loss)
+        if not self.scaler_active:
+            if finite:
+                return None
+            return f"loss became {loss} at step {step}; lower the learning rate, or use bf16/fp32 instead of fp16"
+        self.in_a_row = 0 if stepped and finite else self.in_a_row + 1
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            return (f"fp16 overflow in {self.in_a_row} steps in a row (last at step {step}, loss {loss}); "
+                    "lower the learning rate, or use bf16 instead of fp16")
+        return None
 
 
 @dataclass
@@ -29,6 +51,7 @@ class _Pending:
     step: int
     epoch: int
     loss: torch.Tensor
+    stepped: bool
     lr: float
     d: float | None
     dt: float
@@ -40,16 +63,17 @@ class StepLog:
         self.s, self.prog, self.images_per_step = s, prog, images_per_step
         self.every = s.cfg.logging.log_every_n_steps
         self.pending: list[_Pending] = []
+        self.overflows = Overflows(s.scaler is not None)
         self.rate: float | None = None  # smoothed seconds per step, for the ETA
         self._last = time.perf_counter()
 
-    def record(self, loss: torch.Tensor) -> None:
+    def record(self, loss: torch.Tensor, stepped: bool = True) -> None:
         """Note the step just taken; flush when a batch of `log_every_n_steps` is complete."""
         now = time.perf_counter()
         dt, self._last = now - self._last, now
         self.rate = dt if self.rate is None else 0.8 * self.rate + 0.2 * dt
         p = self.prog
-        self.pending.append(_Pending(p.global_step, p.epoch + 1, loss.detach(), self.s.lr_scheduler.get_last_lr()[0],
+        self.pending.append(_Pending(p.global_step, p.epoch + 1, loss.detach(), stepped, self.s.lr_scheduler.get_last_lr()[0],
                                      prodigy_d(self.s.optimizer), dt, time.time()))
         if p.global_step % self.every == 0 or p.global_step >= self.s.total_steps:
             self.flush()
@@ -60,10 +84,17 @@ class StepLog:
         values = torch.stack([x.loss.float() for x in self.pending]).tolist()  # the one host sync
         io, prog = self.s.io, self.prog
         for x, value in zip(self.pending, values, strict=True):
-            if not math.isfinite(value):
+            reason = self.overflows.check(x.step, value, x.stepped)
+            if reason:
                 self.pending.clear()
-                raise NonFiniteLoss(
-                    f"loss became {value} at step {x.step}; lower the learning rate, or use bf16/fp32 instead of fp16")
+                raise NonFiniteLoss(reason)
+            if not x.stepped:
+                prog.skipped_steps += 1
+                io.warn(f"step {x.step}: fp16 overflow (loss {value}); the loss scaler skipped this step and lowered its scale")
+            if not math.isfinite(value):
+                io.emit("step", when=x.when, step=x.step, epoch=x.epoch, loss=None, lr=x.lr, d=x.d, skipped=True,
+                        samples_per_s=round(self.images_per_step / max(x.dt, 1e-9), 3), eta_s=None)
+                continue
             prog.epoch_loss_sum += value
             prog.epoch_loss_count += 1
             prog.last_loss = value

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from backend import checkpoints as C
 from backend.config import validate_config
 from backend.trainer import data as D
-from backend.trainer import evaluation, lora
+from backend.trainer import evaluation
 from backend.trainer.caching import TextEncoder
 from backend.trainer.models import load_components
+from backend.trainer.state import load_pickle
+from backend.trainer.trained import Trained
 
 EXACT_TOL = 1e-5
 MIXED_TOL = 2e-2  # saved under fp16/bf16 on a GPU, recomputed in fp32 on the CPU
@@ -31,9 +33,8 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
     lines.append(f"files: {len(manifest['files'])} files, sha256 and sizes match the manifest")
     try:
         tensors = load_file(str(folder / "lora.safetensors"), device="cpu")
-        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=False)
-        torch.load(folder / "rng.pt", map_location="cpu", weights_only=False)
+        for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+            load_pickle(folder / name)
         cfg = validate_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     except Exception as e:  # noqa: BLE001 - any load failure is a finding
         return False, [*lines, f"load: {type(e).__name__}: {e}"]
@@ -44,37 +45,23 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
         comps = load_components(cfg)
     except Exception as e:  # noqa: BLE001
         return False, [*lines, f"model: cannot load the base model to check shapes: {e}"]
-    ok, shape_lines = _check_shapes(comps, cfg, tensors)
-    lines += shape_lines
-    if not ok:
-        return False, lines
-    return _recompute(comps, cfg, manifest, lines)
-
-
-def _check_shapes(comps, cfg, tensors: dict[str, torch.Tensor]) -> tuple[bool, list[str]]:
-    models = {}
-    if cfg.network.train_unet:
-        lora.inject(comps.unet, cfg.network, cfg.network.target_modules, "unet")
-        models["unet."] = comps.unet
-    if cfg.network.train_text_encoder:
-        for i, te in enumerate(comps.text_encoders):
-            lora.inject(te, cfg.network, cfg.network.text_encoder_target_modules, "text encoder")
-            models[f"text_encoder_{i}."] = te
+    trained = Trained.attach(cfg, comps.unet, comps.text_encoders)  # the network the trainer built
     try:
-        for prefix, m in models.items():
-            lora.load_trainable_state(m, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        trained.load_state_dict(tensors)
     except ValueError as e:
-        return False, [f"shapes: {e}"]
-    return True, [f"shapes: every tensor matches the network built from the config (rank {cfg.network.rank})"]
+        return False, [*lines, f"shapes: {e}"]
+    lines.append(f"shapes: every tensor matches the network built from the config (rank {cfg.network.rank}; "
+                 f"trained: {', '.join(e.key for e in trained.entries)})")
+    return _recompute(comps, trained, cfg, manifest, lines)
 
 
-def _recompute(comps, cfg, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
+def _recompute(comps, trained: Trained, cfg, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
     items, val_items, _ = D.load_dataset(cfg.dataset, cfg.training.seed)
     kind, eval_list = evaluation.eval_items(items, val_items)
     samples = evaluation.prepare(comps, eval_list, D.buckets_for(cfg.dataset), cfg.dataset.resolution)
     text = TextEncoder(comps, cfg.training.clip_skip, cache=False)
     with torch.no_grad():
-        loss = evaluation.eval_loss(comps, comps.unet, text, samples, cfg.training.seed, torch.device("cpu"),
+        loss = evaluation.eval_loss(comps, trained, text, samples, cfg.training.seed, torch.device("cpu"),
                                     torch.float32, cfg.training, contextlib.nullcontext)
     stored = manifest.get("val_loss") if kind == "val" else manifest.get("ref_loss")
     if stored is None:

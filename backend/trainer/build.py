@@ -1,0 +1,111 @@
+"""Everything built before the first step: model, data, caches, the trained modules, optimizer and
+schedule. `build_setup` returns the `Setup` the loop, the save points and the state use."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.config import TrainingConfig
+from backend.resume import dataset_fingerprint
+from backend.trainer import data as D
+from backend.trainer import evaluation, models
+from backend.trainer.caching import LatentCache, TextEncoder
+from backend.trainer.context import Setup
+from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
+from backend.trainer.run_io import RunIO
+from backend.trainer.trained import TEXT_ENCODER, UNET, Trained
+
+
+def weight_dtype_for(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
+
+
+def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a module; cast only when needed (models load in fp32)."""
+    return module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
+
+
+def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
+    device = acc.device
+    torch.manual_seed(cfg.training.seed + acc.process_index)
+    comps = models.load_components(cfg)  # looked up on the module: benchmarks substitute random weights
+    wdtype = weight_dtype_for(cfg, device)
+    if comps.is_sdxl and cfg.training.clip_skip > 1:
+        io.warn(f"training.clip_skip: {cfg.training.clip_skip} is ignored for SDXL, which always uses the "
+                "penultimate text-encoder layer (as sd-scripts does)")
+
+    # Data: discover, hold out validation images, bucket, plan.
+    ds = cfg.dataset
+    items, val_items, warnings = D.load_dataset(ds, cfg.training.seed)
+    for w in warnings:
+        io.warn(w)
+    buckets = D.buckets_for(ds)
+    item_buckets = D.bucket_of_items(items, buckets, ds.resolution)
+    plan = D.PlanSettings(
+        cfg.training.seed, cfg.training.train_batch_size, ds.random_flip, ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate
+    )
+
+    # VAE: fp32 unless bf16 (fp16 VAEs overflow); evaluation images and (when caching) latents encoded once.
+    _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
+    eval_kind, eval_list = evaluation.eval_items(items, val_items)
+    eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
+    latents = _cache_latents(cfg, acc, comps, items, item_buckets) if ds.cache_latents else None
+
+    # The trained modules: the network injected, the rest frozen; base weights in weight_dtype.
+    train_te = cfg.network.train_text_encoder
+    for te in comps.text_encoders:
+        _place(te, device, torch.float32 if train_te else wdtype)
+    _place(comps.unet, device, wdtype)
+    if device.type == "cuda":
+        comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
+    trained = Trained.attach(cfg, comps.unet, comps.text_encoders)
+    groups = param_groups(cfg, trained.parameters(UNET), trained.parameters(TEXT_ENCODER))
+    optimizer = trained.prepare(acc, build_optimizer(cfg, groups, device.type), compile_unet=cfg.training.torch_compile)
+
+    # Text: frozen encoders + fixed captions -> every embedding computed once.
+    text = TextEncoder(comps, cfg.training.clip_skip, cache=not train_te and not ds.shuffle_caption,
+                       encoders=trained.text_encoder_runners())
+    if text.cache:
+        caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
+        text.precompute(caps | {smp.caption for smp in eval_samples})
+        if device.type == "cuda":
+            for te in comps.text_encoders:
+                te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
+
+    spe, total_steps, total_epochs = _schedule_length(cfg, acc, items, item_buckets, plan)
+    return Setup(cfg=cfg, acc=acc, io=io, comps=comps, items=items, item_buckets=item_buckets, plan=plan,
+                 latents=latents, text=text, trained=trained, optimizer=optimizer,
+                 lr_scheduler=build_scheduler(cfg, optimizer, total_steps), weight_dtype=wdtype,
+                 steps_per_epoch=spe, total_steps=total_steps, total_epochs=total_epochs, eval_kind=eval_kind,
+                 eval_samples=eval_samples, dataset_fingerprint=dataset_fingerprint(ds.train_data_dir, ds.caption_extension))
+
+
+def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, items: list[D.ImageItem],
+                   item_buckets: list[tuple[int, int]]) -> LatentCache:
+    ds = cfg.dataset
+    disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
+    latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
+    flips = (False, True) if ds.random_flip else (False,)
+    if acc.is_main_process:
+        print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
+    latents.fill(flips)
+    if acc.device.type == "cuda":
+        latents.to(acc.device)  # a few hundred MB at most; saves a host->device copy every step
+        comps.vae.to("cpu")  # not needed until sampling, which borrows it back
+    return latents
+
+
+def _schedule_length(cfg: TrainingConfig, acc: Any, items: list[D.ImageItem], item_buckets: list[tuple[int, int]],
+                     plan: D.PlanSettings) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, total epochs): this rank's batches per epoch, grouped into optimizer steps."""
+    n_batches = len(D.shard(D.epoch_plan(items, item_buckets, plan, 0), acc.process_index, acc.num_processes))
+    spe = D.steps_per_epoch(n_batches, cfg.training.gradient_accumulation_steps)
+    if cfg.training.max_train_steps is not None:
+        return spe, cfg.training.max_train_steps, math.ceil(cfg.training.max_train_steps / spe)
+    return spe, cfg.training.max_train_epochs * spe, cfg.training.max_train_epochs

@@ -1,0 +1,150 @@
+"""What is trained: the one list of trained modules.
+
+Every part of the trainer that needs to know which modules train asks this list and nothing else:
+the DDP wrapping and the forward pass (`runner`), `no_sync` during gradient accumulation, train and
+eval mode, the optimizer's parameter groups, the state file (save and load), the export and
+`verify`. A new network type or text encoder is added here once, so it cannot be half wired.
+
+Frozen modules (the UNet when only text encoders train, text encoders when they do not) are never
+wrapped and stay in eval mode throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backend.config import TrainingConfig
+from backend.trainer import lora
+
+UNET = "unet"
+TEXT_ENCODER = "text_encoder"
+
+
+@dataclass
+class TrainedModule:
+    key: str  # prefix of its tensors in the state file: "unet", "text_encoder_0", "text_encoder_1"
+    role: str  # UNET or TEXT_ENCODER
+    index: int  # position among the text encoders (0 for the UNet)
+    module: torch.nn.Module  # the bare module, adapters injected: save, export, evaluate, sample
+    runner: Any  # what the training forward pass calls: the DDP (or compiled) wrapper after prepare
+
+
+class Trained:
+    """The trained modules of one run, and every operation that must treat them all alike."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], entries: list[TrainedModule]):
+        self.unet, self.text_encoders, self.entries = unet, list(text_encoders), entries
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def attach(cls, cfg: TrainingConfig, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> Trained:
+        """Inject the network into what the config trains, freeze the rest, set every mode.
+
+        The modules are changed in place (they are the loaded components); LoRA weights are fp32."""
+        net = cfg.network
+        entries: list[TrainedModule] = []
+        for m in (unet, *text_encoders):
+            m.requires_grad_(False)
+        if net.train_unet:
+            lora.inject(unet, net, net.target_modules, "unet")
+            entries.append(TrainedModule(UNET, UNET, 0, unet, unet))
+        if net.train_text_encoder:
+            for i, te in enumerate(text_encoders):
+                lora.inject(te, net, net.text_encoder_target_modules, "text encoder")
+                entries.append(TrainedModule(f"{TEXT_ENCODER}_{i}", TEXT_ENCODER, i, te, te))
+        for e in entries:
+            for p in lora.lora_parameters(e.module):
+                p.data = p.data.float()
+        if cfg.training.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            for e in entries:
+                if e.role == TEXT_ENCODER:
+                    e.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = cls(unet, text_encoders, entries)
+        out.train_mode()
+        return out
+
+    def prepare(self, acc: Any, optimizer: Any, compile_unet: bool = False) -> Any:
+        """Wrap every trained module for distributed training (one call, so accelerate sees them all);
+        returns the prepared optimizer. The forward pass then goes through `runner`."""
+        prepared = acc.prepare(*[e.module for e in self.entries], optimizer)
+        for e, wrapped in zip(self.entries, prepared[:-1], strict=True):
+            e.runner = wrapped
+            if compile_unet and e.role == UNET:
+                e.runner = torch.compile(wrapped)
+        return prepared[-1]
+
+    # ------------------------------------------------------------------------------ the forward pass
+    def unet_runner(self) -> Any:
+        """The UNet to call in a training step (the wrapper when it trains, else the frozen module)."""
+        return next((e.runner for e in self.entries if e.role == UNET), self.unet)
+
+    def text_encoder_runners(self) -> list[Any]:
+        """The text encoders to call in a training step, in order."""
+        by_index = {e.index: e.runner for e in self.entries if e.role == TEXT_ENCODER}
+        return [by_index.get(i, te) for i, te in enumerate(self.text_encoders)]
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return any(e.role == TEXT_ENCODER for e in self.entries)
+
+    @contextlib.contextmanager
+    def no_sync(self, acc: Any, active: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce of every trained module (accumulation micro-steps)."""
+        with contextlib.ExitStack() as stack:
+            if active and acc.num_processes > 1:
+                for e in self.entries:
+                    stack.enter_context(acc.no_sync(e.runner))
+            yield
+
+    # ------------------------------------------------------------------------------ modes
+    def train_mode(self) -> None:
+        """Trained modules in train mode (LoRA dropout live), frozen ones in eval mode."""
+        trained = {id(e.module) for e in self.entries}
+        for m in (self.unet, *self.text_encoders):
+            m.train(id(m) in trained)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Every module in eval mode (no dropout) for evaluation and sampling; train mode after."""
+        for m in (self.unet, *self.text_encoders):
+            m.eval()
+        try:
+            yield
+        finally:
+            self.train_mode()
+
+    # ------------------------------------------------------------------------------ parameters and state
+    def parameters(self, role: str | None = None) -> list[torch.nn.Parameter]:
+        return [p for e in self.entries if role in (None, e.role) for p in lora.lora_parameters(e.module)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, as `<key>.<peft name>` (detached fp32 CPU copies)."""
+        return {f"{e.key}.{k}": v for e in self.entries for k, v in lora.trainable_state(e.module).items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore every trainable tensor; anything missing, extra or of another shape is a ValueError."""
+        keys = {e.key for e in self.entries}
+        stray = sorted({k.split(".", 1)[0] for k in tensors} - keys)
+        if stray:
+            raise ValueError(f"the checkpoint holds tensors of {stray}, which this configuration does not train")
+        for e in self.entries:
+            prefix = e.key + "."
+            lora.load_trainable_state(e.module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def export_groups(self, is_sdxl: bool) -> list[tuple[str, torch.nn.Module, bool]]:
+        """(kohya key prefix, module, is a text encoder) for each trained module, for the export."""
+        return [("lora_unet_" if e.role == UNET else lora.te_prefix(e.index, is_sdxl), e.module, e.role == TEXT_ENCODER)
+                for e in self.entries]
+
+
+def ddp_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
+    """DistributedDataParallel options for the trained modules. A trained text encoder has LoRA
+    layers whose output the loss never reads (the layers after the one clip_skip picks; SDXL's first
+    encoder's last layer), so DDP must not wait for their gradients."""
+    return {"find_unused_parameters": bool(cfg.network.train_text_encoder)}

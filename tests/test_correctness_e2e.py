@@ -1,0 +1,77 @@
+"""End-to-end halves of the correctness review (issue 11): with the text encoder trained under
+network dropout, uncached latents and a validation split, every checkpoint verifies and a resume
+from the middle of an epoch is bit-identical; SDXL says that it ignores clip_skip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from backend import checkpoints as C
+from tests.conftest import events, run_cli, step_losses, train
+
+pytestmark = pytest.mark.train
+
+OFF_DEFAULT = dict(
+    network={"train_text_encoder": True, "dropout": 0.3, "rank": 4, "alpha": 2},
+    dataset={"cache_latents": False, "validation_split": 0.25},
+    training={"max_train_steps": 9, "max_train_epochs": None, "clip_skip": 2},
+    sampling={"prompts": ["a red circle"], "every_n_steps": None, "every_n_epochs": None, "steps": 2},
+    saving={"save_every_n_steps": 4, "save_every_n_epochs": None, "save_last_n_epochs": None},
+)
+
+
+@pytest.fixture(scope="module")
+def off_default_run(demo, tmp_path_factory):
+    proc, v = train(tmp_path_factory.mktemp("offdefault"), demo, **OFF_DEFAULT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return v
+
+
+def test_text_encoder_dropout_checkpoints_all_verify(off_default_run):
+    started = events(off_default_run, "run_started")[0]
+    assert started["trained"] == ["unet", "text_encoder_0"]
+    names = sorted(p.name for p in (off_default_run / "checkpoints").iterdir())
+    assert names == ["best", "final", "step-00000004", "step-00000008"]
+    for name in names:
+        out = run_cli("verify", str(off_default_run / "checkpoints" / name))
+        assert out.returncode == 0 and "VALID" in out.stdout, (name, out.stdout)
+        assert "difference 0.00e+00" in out.stdout, (name, out.stdout)
+    tensors = load_file(off_default_run / "checkpoints" / "final" / "lora.safetensors")
+    te = [k for k in tensors if k.startswith("text_encoder_0.")]
+    assert te and any(tensors[k].abs().max() > 0 for k in te if "lora_B" in k)  # the text encoder trained
+
+
+def test_mid_epoch_resume_with_dropout_and_uncached_latents_is_bit_exact(off_default_run):
+    ck = off_default_run / "checkpoints" / "step-00000004"
+    manifest = C.read_manifest(ck)
+    assert 0 < manifest["batch_in_epoch"] < manifest["steps_per_epoch"]  # the middle of an epoch
+    proc = run_cli("resume", str(ck))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    v = sorted(off_default_run.parent.glob("version_*"))[-1]
+    a, b = step_losses(off_default_run), step_losses(v)
+    assert sorted(b) == list(range(5, 10))
+    assert [a[k] for k in b] == [b[k] for k in b]
+    fa, fb = (load_file(x / "exports" / "demo.safetensors") for x in (off_default_run, v))
+    assert fa.keys() == fb.keys() and all(fa[k].equal(fb[k]) for k in fa)
+    assert any(k.startswith("lora_te_text_model_") for k in fa)
+
+
+def test_export_metadata_records_kohya_meanings(off_default_run):
+    from safetensors import safe_open
+
+    meta = safe_open(str(off_default_run / "exports" / "demo.safetensors"), "pt").metadata()
+    assert meta["ss_network_dropout"] == "0.3" and meta["ss_clip_skip"] == "2"
+    assert meta["ss_v_parameterization"] == "False" and meta["modelspec.prediction_type"] == "epsilon"
+
+
+def test_sdxl_warns_that_clip_skip_does_nothing(demo, tmp_path):
+    proc, v = train(tmp_path, demo, model={"pretrained_model": str(demo / "model-sdxl")},
+                    training={"max_train_steps": 2, "max_train_epochs": None, "clip_skip": 2},
+                    sampling={"prompts": []}, saving={"save_every_n_epochs": None, "save_last_n_epochs": None})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [e["message"] for e in events(v, "warning")]
+    assert any(w.startswith("training.clip_skip: 2 is ignored for SDXL") for w in warnings), warnings
+    assert json.loads((v / "config.json").read_text())["training"]["clip_skip"] == 2
