@@ -20,7 +20,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if [ ! -f demo/.complete ]; then
+# The demo is rebuilt when missing or older than this checkout's (backend/trainer/demo.py DEMO_VERSION).
+demo_want=$(sed -n 's/^DEMO_VERSION = \([0-9]*\).*/\1/p' backend/trainer/demo.py)
+demo_have=$(sed -n 's/.*"version": *\([0-9]*\).*/\1/p' demo/.complete 2>/dev/null || true)
+if [ ! -f demo/.complete ] || [ "$demo_have" != "$demo_want" ]; then
   echo "setup: building the demo model and image set in demo/"
   .venv/bin/python -m backend demo-assets demo
 fi

@@ -1,4 +1,4 @@
-"""The embedded demo: a tiny SD1.5-shaped model, a tiny SDXL-shaped model and a drawn image set.
+"""The embedded demo: tiny SD1.5-, SD2.x-768-v- and SDXL-shaped models and a drawn image set.
 
 Nothing can be downloaded at run time, so Lathe builds its own base model: random weights with the
 real architectures' shapes (scaled down), a CLIP tokenizer built from a small local vocabulary, and a
@@ -60,7 +60,7 @@ def build_tokenizer(pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer(vocab=vocab, merges=pairs, pad_token=pad_token, model_max_length=77)
 
 
-def _text_encoder(vocab_size: int, with_projection: bool = False, hidden: int = 32):
+def _text_encoder(vocab_size: int, with_projection: bool = False, hidden: int = 32, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -74,7 +74,7 @@ def _text_encoder(vocab_size: int, with_projection: bool = False, hidden: int = 
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
@@ -141,6 +141,46 @@ def build_sd15(out: Path, block_out_channels: tuple[int, ...] = (32, 64)) -> Pat
         tokenizer=tokenizer,
         unet=unet,
         scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_sd2v(out: Path) -> Path:
+    """A tiny SD2.x-768-v-shaped diffusers folder: what sets SD2 apart from SD1.5, scaled down.
+
+    Linear projections in the transformer blocks, upcast attention, an OpenCLIP-style text encoder
+    (`gelu`, '!' as the pad token), a wider context than SD1.5's demo (64, as 1024 vs 768), and a
+    v-prediction scheduler, so a run learns with v-prediction without being told.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(2468)
+    tokenizer = build_tokenizer(pad_token="!")
+    text_encoder = _text_encoder(len(tokenizer), hidden=64, hidden_act="gelu")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=32,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler("v_prediction"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -231,13 +271,19 @@ def build_images(out: Path, count: int = 12) -> Path:
     return out
 
 
-def build_demo_assets(target: str | Path, with_sdxl: bool = True) -> Path:
-    """Write model/, model-sdxl/ and images/ under target (built aside, then moved into place)."""
+DEMO_VERSION = 2  # written into .complete; 2 added model-sd2v/
+
+
+def build_demo_assets(target: str | Path, with_sdxl: bool = True, with_sd2v: bool = True) -> Path:
+    """Write model/, model.safetensors, model-sd2v/, model-sdxl/ and images/ under target (built
+    aside, then moved into place)."""
     target = Path(target)
     tmp = target.with_name(target.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build_sd15(tmp / "model")
+    if with_sd2v:
+        build_sd2v(tmp / "model-sd2v")
     if with_sdxl:
         build_sdxl(tmp / "model-sdxl")
     build_images(tmp / "images")
@@ -245,7 +291,7 @@ def build_demo_assets(target: str | Path, with_sdxl: bool = True) -> Path:
     (tmp / "README.txt").write_text(
         "Lathe demo assets (random weights; regenerate with: python -m backend demo-assets).\n", encoding="utf-8"
     )
-    (tmp / ".complete").write_text(json.dumps({"version": 1}) + "\n", encoding="utf-8")
+    (tmp / ".complete").write_text(json.dumps({"version": DEMO_VERSION}) + "\n", encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
