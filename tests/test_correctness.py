@@ -257,3 +257,21 @@ def test_every_shipped_preset_still_validates():
         out = run_cli("validate", str(p))
         assert out.returncode == 0, (p.name, out.stderr)
         json.loads(p.read_text())
+
+
+def test_rng_files_of_earlier_versions_still_load_with_weights_only(tmp_path):
+    """Checkpoints written before this change stored numpy's RNG state as an ndarray."""
+    import random
+
+    import numpy as np
+
+    from backend.trainer.state import _set_rng, load_pickle, rng_state
+
+    np.random.seed(7)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": []}
+    torch.save([old], tmp_path / "rng.pt")
+    expected = np.random.random()
+    _set_rng(load_pickle(tmp_path / "rng.pt")[0])
+    assert np.random.random() == expected
+    torch.save([rng_state()], tmp_path / "new.pt")  # today's format holds no numpy objects at all
+    assert torch.load(tmp_path / "new.pt", weights_only=True)[0]["numpy"][0] == "MT19937"

@@ -45,6 +45,7 @@ NEEDS: dict[str, dict[str, Any]] = {
     "saving.save_last_n_steps": {"saving.save_every_n_steps": "100"},
     "training.max_train_steps": {"training.max_train_epochs": ""},
     "network.train_unet": {"network.train_text_encoder": True},
+    "scheduler.warmup_steps": {"scheduler.type": "constant_with_warmup"},  # constant has no warmup
 }
 
 

@@ -111,42 +111,40 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
+def _unet(down: tuple[str, ...], up: tuple[str, ...], block_out_channels: tuple[int, ...] = (32, 64), **kw):
+    """A tiny UNet2DConditionModel: 8x8 latents, one layer per block, the given blocks and extras."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=block_out_channels,
+                                layers_per_block=1, down_block_types=down, up_block_types=up, norm_num_groups=32, **kw)
+
+
+def _save_sd(out: Path, text_encoder, tokenizer, unet, scheduler) -> Path:
+    """Write an SD1/SD2-layout diffusers folder (one text encoder, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def build_sd15(out: Path, block_out_channels: tuple[int, ...] = (32, 64)) -> Path:
     """A tiny SD1.5-shaped diffusers folder (UNet with cross-attention, 8x VAE, CLIP text encoder).
 
     Wider/deeper `block_out_channels` (e.g. (64, 128, 256) for benchmarks) keep the SD1.5 layout:
     cross-attention in every level but the lowest.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(1234)
     tokenizer = build_tokenizer()
     text_encoder = _text_encoder(len(tokenizer))
     levels = len(block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    unet = _unet(("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+                 ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1), block_out_channels,
+                 cross_attention_dim=32, attention_head_dim=8)
+    return _save_sd(out, text_encoder, tokenizer, unet, _scheduler())
 
 
 def build_sd2v(out: Path) -> Path:
@@ -156,55 +154,26 @@ def build_sd2v(out: Path) -> Path:
     (`gelu`, '!' as the pad token), a wider context than SD1.5's demo (64, as 1024 vs 768), and a
     v-prediction scheduler, so a run learns with v-prediction without being told.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(2468)
     tokenizer = build_tokenizer(pad_token="!")
     text_encoder = _text_encoder(len(tokenizer), hidden=64, hidden_act="gelu")
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=32,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler("v_prediction"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    unet = _unet(("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                 attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+    return _save_sd(out, text_encoder, tokenizer, unet, _scheduler("v_prediction"))
 
 
 def build_sdxl(out: Path) -> Path:
     """A tiny SDXL-shaped diffusers folder (two text encoders, size/crop conditioning)."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(4321)
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
     te1 = _text_encoder(len(tokenizer), hidden=32)
     te2 = _text_encoder(len(tokenizer_2), with_projection=True, hidden=32)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
+        ("DownBlock2D", "CrossAttnDownBlock2D"),
+        ("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,  # te1 hidden + te2 hidden, as 768 + 1280 = 2048 in SDXL
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 1),
@@ -212,7 +181,6 @@ def build_sdxl(out: Path) -> Path:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,
-        norm_num_groups=32,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
