@@ -132,3 +132,22 @@ def test_ddp_kill_leaves_no_worker_behind(demo, tmp_path):
         launched.proc.wait(timeout=30)
     assert [p.pid for p in procs if alive(p.pid)] == []
     assert status["state"] == "stopped" and status["exit_code"] == -9 and "killed by request" in status["error"]
+
+
+def test_ranks_that_diverge_fail_the_run_at_the_next_save_point(demo, tmp_path):
+    """Rank 1 silently changes one tensor after step 5 (a probe disturbance): the save point at step 8
+    compares every rank's tensors, names the one that differs, and writes nothing; step 4's stays."""
+    cfg = demo_cfg(demo, tmp_path / "runs", launch={"device": "cpu", "num_processes": 2},
+                   training={"max_train_epochs": 2}, sampling={"prompts": []},
+                   saving={"save_every_n_steps": 4, "save_every_n_epochs": None, "save_last_n_epochs": None})
+    env = {**launcher.launch_env(cfg), "LATHE_TEST_CORRUPT_RANK": "1@5"}
+    launched = launcher.launch(cfg, env=env, cpu_threads=1, entry=PROBE_ENTRY)
+    launched.proc.wait(timeout=300)
+    v = launched.version_dir
+    status = runs.finalize(v, launched.proc.returncode)
+    assert status["state"] == "failed", status
+    assert status["error"].startswith("ranks diverged: unet.") and "between rank 0 and rank 1" in status["error"]
+    assert events(v)[-1]["error"] == status["error"] and events(v)[-1]["step"] == 8
+    assert sorted(p.name for p in (v / "checkpoints").iterdir()) == ["step-00000004"]
+    assert run_cli("verify", str(v / "checkpoints" / "step-00000004")).returncode == 0
+    assert sorted(p.name for p in (v / "exports").iterdir()) == ["demo-step00000004.safetensors"]

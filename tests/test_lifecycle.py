@@ -69,8 +69,7 @@ def test_run_survives_its_launcher_and_a_new_process_follows_it_to_the_end(demo,
 
 def test_graceful_stop_saves_a_stop_checkpoint(demo, tmp_path):
     env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_RESOURCES_INTERVAL_S": "0.5"}
-    launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1,
-                               entry=PROBE_ENTRY)
+    launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1)
     v = launched.version_dir
     try:
         wait_steps(v, 3)
@@ -105,10 +104,11 @@ def test_a_trainer_error_ends_with_a_one_line_reason_and_the_traceback_in_the_lo
 
 
 def test_a_stop_that_outlasts_its_grace_is_aborted_by_sigterm_and_still_recorded(demo, tmp_path):
-    """The stop checkpoint hangs (a test hook slows the save): SIGTERM after the grace period aborts
+    """The stop checkpoint hangs (tests/trainer_probe.py slows the save): SIGTERM after the grace period aborts
     it, and the trainer still writes its own final state, so no SIGKILL is needed."""
     env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_TEST_SLOW_SAVE_S": "60"}
-    launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1)
+    launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1,
+                               entry=PROBE_ENTRY)
     v = launched.version_dir
     try:
         wait_steps(v, 2)

@@ -9,6 +9,8 @@ plan and this rank's share of it). Disturbances, each from the environment and o
   LATHE_TEST_SLOW_SAVE_S=S            sleep S seconds after each state file is written (crash windows)
   LATHE_TEST_ENOSPC_ON=FILE[@STEP]    writing FILE (a state file's name, or "export") fails like a
                                       full disk, at save points from STEP on
+  LATHE_TEST_CORRUPT_RANK=R@STEP      after optimizer step STEP, rank R nudges its first trainable
+                                      tensor (a rank that silently diverged)
 
 None of this is in the production trainer: it is wrapped around it here.
 """
@@ -45,6 +47,7 @@ def install() -> None:
     slow_step = float(os.environ.get("LATHE_TEST_SLOW_STEP_S") or 0)
     slow_save = float(os.environ.get("LATHE_TEST_SLOW_SAVE_S") or 0)
     target, _, from_step = os.environ.get("LATHE_TEST_ENOSPC_ON", "").partition("@")
+    bad_rank, _, bad_step = os.environ.get("LATHE_TEST_CORRUPT_RANK", "").partition("@")
     real = {"shard": D.shard, "run": L.run_training, "step": L.train_step, "write_state": SP.write_state,
             "export": SP.write_export, "tensors": ST.save_tensors, "pickle": ST.save_pickle}
 
@@ -68,8 +71,13 @@ def install() -> None:
         (out / f"rank{s.acc.process_index}-shard.json").write_text(json.dumps(seen))
         return state
 
-    def train_step(*args: Any, **kwargs: Any) -> Any:
-        out = real["step"](*args, **kwargs)
+    def train_step(s: Any, chunk: Any, step: int) -> Any:
+        out = real["step"](s, chunk, step)
+        if bad_rank and s.acc.process_index == int(bad_rank) and step + 1 == int(bad_step):
+            import torch
+
+            with torch.no_grad():
+                s.trained.parameters()[0].add_(1e-3)
         if slow_step:
             time.sleep(slow_step)
         return out

@@ -94,9 +94,11 @@ def failure_reason(exc: BaseException) -> str:
     from backend.trainer.optim import OptimizerUnavailable
     from backend.trainer.state import StateError
     from backend.trainer.steplog import NonFiniteLoss
+    from backend.trainer.trained import RanksDiverged
 
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, (DatasetError, ModelLoadError, NoTargetsError, OptimizerUnavailable, NonFiniteLoss, StateError)):
+    if isinstance(exc, (DatasetError, ModelLoadError, NoTargetsError, OptimizerUnavailable, NonFiniteLoss, StateError,
+                        RanksDiverged)):
         return msg
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"disk full while writing {getattr(exc, 'filename', None) or 'a file'}: free space in the output folder and resume from the last checkpoint"

@@ -25,6 +25,7 @@ from backend.trainer import evaluation, lora
 from backend.trainer.context import Progress, Setup
 from backend.trainer.sampling import generate
 from backend.trainer.state import rng_state, write_state
+from backend.trainer.trained import RanksDiverged, first_divergence
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -75,9 +76,12 @@ def after_epoch(sc: SaveContext, s: Setup, prog: Progress) -> None:
 def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None = None) -> None:
     """One save point, on every rank: RNG states are gathered, rank 0 evaluates, writes and prunes.
 
+    Under several processes the ranks are first checked to hold one model (check_ranks_agree).
     Order matters: the new state folder and export are complete on disk before anything old is
     removed (save first, then prune), so a crash at any instant leaves a valid set behind.
     """
+    if s.acc.num_processes > 1:
+        check_ranks_agree(s)
     rngs = gather_object([rng_state()]) if s.acc.num_processes > 1 else [rng_state()]
     if not s.acc.is_main_process:
         return
@@ -92,6 +96,15 @@ def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | Non
     if improved:
         write_save_point(sc, s, prog, "best", None, rngs, loss)
     rotate(sc, s)
+
+
+def check_ranks_agree(s: Setup) -> None:
+    """Every rank holds the same trainable tensors, bit for bit (one small all-gather of digests);
+    otherwise every rank stops here, before anything is written, so earlier save points stay the
+    last good ones."""
+    problem = first_divergence(gather_object([s.trained.fingerprints()]))
+    if problem:
+        raise RanksDiverged(problem)
 
 
 def evaluate(s: Setup) -> float:

@@ -12,6 +12,7 @@ wrapped and stay in eval mode throughout.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,10 @@ from backend.trainer import lora
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
+
+
+class RanksDiverged(Exception):
+    """Processes that should hold one model hold different ones; the message names a tensor."""
 
 
 @dataclass
@@ -137,10 +142,28 @@ class Trained:
             prefix = e.key + "."
             lora.load_trainable_state(e.module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
+    def fingerprints(self) -> list[tuple[str, str]]:
+        """(state name, digest of its bytes) for every trainable tensor: equal on every rank of a
+        healthy distributed run, bit for bit."""
+        out = []
+        for name, t in self.state_dict().items():
+            out.append((name, hashlib.blake2b(t.numpy().tobytes(), digest_size=8).hexdigest()))
+        return out
+
     def export_groups(self, is_sdxl: bool) -> list[tuple[str, torch.nn.Module, bool]]:
         """(kohya key prefix, module, is a text encoder) for each trained module, for the export."""
         return [("lora_unet_" if e.role == UNET else lora.te_prefix(e.index, is_sdxl), e.module, e.role == TEXT_ENCODER)
                 for e in self.entries]
+
+
+def first_divergence(per_rank: list[list[tuple[str, str]]]) -> str | None:
+    """The first tensor whose fingerprint differs between rank 0 and another rank, as a message."""
+    reference = per_rank[0]
+    for rank, prints in enumerate(per_rank[1:], start=1):
+        for (name, want), (_, got) in zip(reference, prints, strict=True):
+            if want != got:
+                return f"ranks diverged: {name} differs between rank 0 and rank {rank}"
+    return None
 
 
 def ddp_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
