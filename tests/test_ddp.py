@@ -64,6 +64,17 @@ def test_ddp_shards_the_data_deterministically(ddp_run):
     assert interleaved == s0["full"][: 2 * n]  # round-robin: every batch to exactly one rank
 
 
+def test_ddp_step_loss_is_the_mean_over_the_ranks(ddp_run):
+    """design.md: a step event's loss is over the whole global batch, not rank 0's half of it."""
+    own = [json.loads((ddp_run / "probe" / f"rank{r}-shard.json").read_text())["losses"] for r in (0, 1)]
+    logged = {e["step"]: e["loss"] for e in events(ddp_run, "step")}
+    assert sorted(int(k) for k in own[0]) == sorted(logged)
+    for step, loss in logged.items():
+        a, b = own[0][str(step)], own[1][str(step)]
+        assert abs(loss - (a + b) / 2) <= 1e-6 * max(1.0, abs(loss)), (step, loss, a, b)
+    assert any(own[0][k] != own[1][k] for k in own[0])  # the ranks saw different data
+
+
 def test_ddp_writes_each_event_and_file_once(ddp_run):
     total = runs.read_status(ddp_run)["total_steps"]
     assert [e["step"] for e in events(ddp_run, "step")] == list(range(1, total + 1))

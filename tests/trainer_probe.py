@@ -3,7 +3,7 @@
 Started through the real launcher as a script in place of `-m backend.trainer` (see PROBE_ENTRY).
 At the end every rank writes <version>/probe/rank<N>.safetensors (every trainable tensor, as
 `Trained.state_dict` names them: UNet and text encoders) and rank<N>-shard.json (the full epoch-0
-plan and this rank's share of it). Disturbances, each from the environment and optional:
+plan, this rank's share of it, and this rank's own loss of every step). Disturbances, each from the environment and optional:
 
   LATHE_TEST_SLOW_STEP_S=S            sleep S seconds after each optimizer step (stop windows)
   LATHE_TEST_SLOW_SAVE_S=S            sleep S seconds after each state file is written (crash windows)
@@ -73,6 +73,7 @@ def install() -> None:
 
     def train_step(s: Any, chunk: Any, step: int) -> Any:
         out = real["step"](s, chunk, step)
+        seen.setdefault("losses", {})[step + 1] = float(out[0])  # this rank's own loss of the step
         if bad_rank and s.acc.process_index == int(bad_rank) and step + 1 == int(bad_step):
             import torch
 

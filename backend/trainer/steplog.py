@@ -1,7 +1,7 @@
 """Step events without a host sync per step.
 
 Every optimizer step gets its `step` event, but the losses stay on the device and are read back in
-one transfer every `logging.log_every_n_steps` steps (and before anything that needs them: a save
+one transfer (averaged over the ranks in one all-reduce) every `logging.log_every_n_steps` steps (and before anything that needs them: a save
 point, the end of an epoch, a stop). On a GPU this keeps the queue full; on a CPU it costs nothing.
 """
 
@@ -81,7 +81,12 @@ class StepLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        values = torch.stack([x.loss.float() for x in self.pending]).tolist()  # the one host sync
+        losses = torch.stack([x.loss.float() for x in self.pending])
+        if self.s.acc.num_processes > 1:
+            # A step's loss is over the whole global batch (design contract), and every rank then
+            # sees the same values, so a non-finite loss stops all of them at once.
+            losses = self.s.acc.reduce(losses, reduction="mean")
+        values = losses.tolist()  # the one host sync
         io, prog = self.s.io, self.prog
         for x, value in zip(self.pending, values, strict=True):
             reason = self.overflows.check(x.step, value, x.stepped)
