@@ -50,7 +50,11 @@ def save_json(path: Path, obj: Any) -> None:
 def load_pickle(path: Path) -> Any:
     """A .pt state file, tensors and plain containers only. Older checkpoints stored numpy's RNG
     state as an ndarray: those two numpy types are allowed, nothing else."""
-    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.core.multiarray._reconstruct]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 
