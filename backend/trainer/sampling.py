@@ -22,8 +22,7 @@ from backend.trainer.models import Components
 def _pipeline(comps: Components, unet: Any) -> Any:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    prediction = "v_prediction" if comps.v_prediction else "epsilon"
-    sched = DDIMScheduler.from_config(comps.noise_scheduler.config, prediction_type=prediction)
+    sched = DDIMScheduler.from_config(comps.noise_scheduler.config)  # carries models.resolve_v_prediction's decision
     tes = comps.text_encoders
     if comps.is_sdxl:
         return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=tes[0], text_encoder_2=tes[1],

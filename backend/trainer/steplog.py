@@ -96,15 +96,14 @@ class StepLog:
             if not x.stepped:
                 prog.skipped_steps += 1
                 io.warn(f"step {x.step}: fp16 overflow (loss {value}); the loss scaler skipped this step and lowered its scale")
-            if not math.isfinite(value):
-                io.emit("step", when=x.when, step=x.step, epoch=x.epoch, loss=None, lr=x.lr, d=x.d, skipped=True,
-                        samples_per_s=round(self.images_per_step / max(x.dt, 1e-9), 3), eta_s=None)
-                continue
-            prog.epoch_loss_sum += value
-            prog.epoch_loss_count += 1
-            prog.last_loss = value
+            finite = math.isfinite(value)  # a non-finite loss here is an fp16 step the scaler skipped
+            if finite:
+                prog.epoch_loss_sum += value
+                prog.epoch_loss_count += 1
+                prog.last_loss = value
+                io.scalars(x.step, {"loss": value, "lr": x.lr, "prodigy_d": x.d})
             eta = (self.rate or 0.0) * (self.s.total_steps - x.step)
-            io.emit("step", when=x.when, step=x.step, epoch=x.epoch, loss=value, lr=x.lr, d=x.d,
-                    samples_per_s=round(self.images_per_step / max(x.dt, 1e-9), 3), eta_s=round(eta, 1))
-            io.scalars(x.step, {"loss": value, "lr": x.lr, "prodigy_d": x.d})
+            io.emit("step", when=x.when, step=x.step, epoch=x.epoch, loss=value if finite else None, lr=x.lr, d=x.d,
+                    samples_per_s=round(self.images_per_step / max(x.dt, 1e-9), 3), eta_s=round(eta, 1),
+                    **({} if x.stepped else {"skipped": True}))
         self.pending.clear()

@@ -94,10 +94,6 @@ class Trained:
         by_index = {e.index: e.runner for e in self.entries if e.role == TEXT_ENCODER}
         return [by_index.get(i, te) for i, te in enumerate(self.text_encoders)]
 
-    @property
-    def trains_text_encoder(self) -> bool:
-        return any(e.role == TEXT_ENCODER for e in self.entries)
-
     @contextlib.contextmanager
     def no_sync(self, acc: Any, active: bool) -> Iterator[None]:
         """Skip the gradient all-reduce of every trained module (accumulation micro-steps)."""
