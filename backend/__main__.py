@@ -170,6 +170,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for i in infos:
         steps = f"{i.step}/{i.total_steps if i.total_steps is not None else '?'}"
         print(f"{i.run_name}/version_{i.version}  {i.state:<9} step {steps:<12} {i.path}")
+        if i.worker_of:
+            print(f"    {i.worker_of} (no checkpoints here: they are on the main machine)")
         if i.reason and i.state != "finished":
             print(f"    {i.reason}")
     return 0

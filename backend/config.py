@@ -74,6 +74,12 @@ class DatasetConfig(Section):
     cache_latents_to_disk: bool = Field(
         False, description="Also keep the latent cache on disk (in <output_dir>/.cache) so later runs skip encoding."
     )
+    latent_cache_gpu_mb: int | None = Field(
+        None, ge=0, le=10_000_000,
+        description="Keep the latent cache in GPU memory up to this many MB (empty: a quarter of the free GPU "
+        "memory after the model is loaded; 0: never); a larger cache stays in pinned CPU memory and each batch is "
+        "copied without blocking.",
+    )
     validation_split: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of images held out for validation loss (0 = none)."
     )

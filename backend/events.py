@@ -18,6 +18,7 @@ from typing import Any
 
 EVENT_NAMES = (
     "run_started",
+    "cache_filled",
     "step",
     "epoch_end",
     "validation",

@@ -99,7 +99,9 @@ def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None
 
 
 def default_cpu_threads(cfg: TrainingConfig) -> int:
-    return max(1, (os.cpu_count() or 1) // cfg.launch.num_processes)
+    """This machine's cores shared among its own processes (num_processes counts every machine's)."""
+    local = max(1, cfg.launch.num_processes // cfg.launch.num_machines)
+    return max(1, (os.cpu_count() or 1) // local)
 
 
 def env_overrides(cfg: TrainingConfig) -> dict[str, str]:
@@ -133,6 +135,25 @@ def preview(cfg: TrainingConfig) -> str:
     cfg = absolutize(cfg)
     argv = build_argv(cfg, Path("<version_dir>"), cpu_threads=default_cpu_threads(cfg))
     return runs.command_text(command_argv(cfg, argv))
+
+
+def other_machine_ranks(cfg: TrainingConfig) -> list[int]:
+    """The machine ranks other than this config's own, for a run across several machines set by the
+    launch settings (an accelerate config file sets the machines itself: then none)."""
+    lc = cfg.launch
+    if lc.num_machines <= 1 or lc.accelerate_config_file:
+        return []
+    return [r for r in range(lc.num_machines) if r != lc.machine_rank]
+
+
+def worker_commands(cfg: TrainingConfig, config_file: str | None = None) -> list[str]:
+    """What to run on each other machine of a several-machine run (pure): the same config file,
+    with that machine's rank, one command per rank of `other_machine_ranks` (for machine 0: ranks
+    1 .. num_machines-1). `config_file` is the config's path there (default `<run_name>.json`).
+    Every machine makes a version folder of its own; see docs/cli.md, "Several machines"."""
+    name = config_file or f"{cfg.run_name}.json"
+    return [runs.command_text(["python", "-m", "backend", "train", name, "--set", f"launch.machine_rank={r}"])
+            for r in other_machine_ranks(cfg)]
 
 
 # ----------------------------------------------------------------------------------------- start

@@ -35,12 +35,38 @@ FROZEN = {
     "dataset.caption_dropout_rate": "the captions seen at each step depend on it",
     "dataset.validation_split": "the split between training and validation images",
     "dataset.validation_data_dir": "best/validation losses would not be comparable",
-    "training.train_batch_size": "the data position is counted in batches",
-    "training.gradient_accumulation_steps": "the step counter is counted in accumulated batches",
     "training.seed": "the data order and noise are derived from the seed",
-    "launch.num_processes": "each process's share of the data depends on the process count",
-    "launch.num_machines": "each process's share of the data depends on the process count",
 }
+
+
+# The layout of a global batch: (processes, batch per device, gradient accumulation). Any layout of
+# the same global batch trains the same steps on the same samples (the plan is in global batches and
+# every random draw is keyed by the sample's position), so it may change on resume; the global batch
+# may not: the data position, the step counter and the LR schedule are counted in it.
+Layout = tuple[int, int, int]
+
+
+def describe_layout(layout: Layout) -> str:
+    procs, batch, accum = layout
+    text = f"{procs} process{'es' if procs != 1 else ''} x batch {batch}"
+    return text + (f" x accumulation {accum}" if accum > 1 else "")
+
+
+def layout_refusal(old: Layout | None, new: Layout) -> str | None:
+    """Why a checkpoint of layout `old` cannot resume with layout `new`; None when it can."""
+    if old is None or old == new:
+        return None
+    g_old, g_new = math.prod(old), math.prod(new)
+    if g_old == g_new:
+        return None
+    return (f"training.train_batch_size: the global batch would change from {g_old} ({describe_layout(old)}) to "
+            f"{g_new} ({describe_layout(new)}); the data position, the step counter and the LR schedule are counted "
+            f"in global batches. Resume with processes x batch x accumulation = {g_old}")
+
+
+def layout_of(cfg: TrainingConfig, processes: int | None = None) -> Layout:
+    t = cfg.training
+    return (processes or cfg.launch.num_processes, t.train_batch_size, t.gradient_accumulation_steps)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,6 +92,7 @@ class ResumePlan:
     checkpoint: Path
     manifest: dict[str, Any]
     changed: list[tuple[str, Any, Any]] = field(default_factory=list)  # allowed changes (path, old, new)
+    layout: tuple[Layout, Layout] | None = None  # (checkpoint's, new) when the layout changes
     refused: list[str] = field(default_factory=list)  # plain reasons; empty means the resume may start
 
     @property
@@ -75,6 +102,10 @@ class ResumePlan:
     def describe(self) -> list[str]:
         lines = [f"resume from {self.checkpoint} (step {self.manifest.get('step')}, epoch {self.manifest.get('epoch')})"]
         lines += [f"  refused: {r}" for r in self.refused]
+        if self.layout and not self.refused:
+            old, new = self.layout
+            lines.append(f"  layout: {describe_layout(old)} -> {describe_layout(new)} (global batch {math.prod(new)} "
+                         "kept: the same data order, noise and LR schedule; training continues where it stopped)")
         lines += [f"  changes: {p}: {json.dumps(a)} -> {json.dumps(b)}" for p, a, b in self.changed]
         if not self.changed and not self.refused:
             lines.append("  no settings changed")
@@ -125,6 +156,13 @@ def plan_resume(checkpoint: str | Path, new: TrainingConfig, check_dataset: bool
             plan.refused.append(f"{path} cannot change on resume ({json.dumps(a.get(path))} -> {json.dumps(b.get(path))}): {reason}")
         else:
             plan.changed.append((path, a.get(path), b.get(path)))
+    old_layout = layout_of(old, int(manifest.get("world_size") or old.launch.num_processes))
+    new_layout = layout_of(new)
+    refusal = layout_refusal(old_layout, new_layout)
+    if refusal:
+        plan.refused.append(refusal)
+    elif old_layout != new_layout:
+        plan.layout = (old_layout, new_layout)
     if check_dataset and manifest.get("dataset_fingerprint"):
         now = dataset_fingerprint(new.dataset.train_data_dir, new.dataset.caption_extension)
         if now != manifest["dataset_fingerprint"]:

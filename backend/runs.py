@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -112,11 +113,16 @@ def update_status(version_dir: str | Path, when: Callable[[dict[str, Any]], bool
     return status
 
 
+def this_host() -> str:
+    return socket.gethostname()
+
+
 def new_status(version_dir: Path, total_steps: int | None = None) -> dict[str, Any]:
     now = time.time()
     return update_status(
         version_dir,
         state="starting",
+        host=this_host(),  # where the processes run: only that machine can look for them
         pid=None,
         pgid=None,
         started_at=now,
@@ -236,7 +242,9 @@ def reconcile(version_dir: str | Path, now: float | None = None) -> dict[str, An
     """Bring status.json in line with reality and return it.
 
     A run that is not in a final state fails when none of its processes is alive, or when its
-    heartbeat is older than STALE_HEARTBEAT_S (the trainer hung, or its machine went away).
+    heartbeat is older than STALE_HEARTBEAT_S (the trainer hung, or its machine went away). A run
+    started on another host (shared storage: another machine's version folder) is judged by its
+    heartbeat alone: its processes cannot be seen from here.
     """
     now = time.time() if now is None else now
     status = read_status(version_dir)
@@ -245,11 +253,14 @@ def reconcile(version_dir: str | Path, now: float | None = None) -> dict[str, An
         return status
     if status.get("pid") is None and now - float(status.get("started_at") or 0) < STARTING_GRACE_S:
         return status  # being launched right now
-    if not process_tree.find_for_status(status):
+    elsewhere = status.get("host") not in (None, this_host())
+    if not elsewhere and not process_tree.find_for_status(status):
         return finalize(version_dir, status.get("exit_code"), "the trainer's processes are gone without a final status")
     age = now - float(status.get("heartbeat_at") or status.get("started_at") or now)
     if state in ("running", "stopping") and age > STALE_HEARTBEAT_S:
-        what = (f"no heartbeat for {age:.0f} s although its processes are alive (hung?); "
+        what = (f"no heartbeat for {age:.0f} s from host {status['host']} (its trainer died or hung, or the "
+                "machine went away)" if elsewhere else
+                f"no heartbeat for {age:.0f} s although its processes are alive (hung?); "
                 f"end it with: python -m backend stop --kill {version_dir}")
         return update_status(version_dir, when=_not_final, state="failed", error=death_reason(version_dir, None, what),
                              finished_at=now)
@@ -273,9 +284,21 @@ class RunInfo:
     started_at: float | None = None
     heartbeat_at: float | None = None
     step_at: float | None = None  # when the step counter last moved
+    # A run across several machines (docs/cli.md "Several machines"); None on one machine.
+    role: str | None = None  # "main" (machine 0: checkpoints, exports, events) or "worker"
+    machine_rank: int | None = None
+    main_host: str | None = None  # a worker's: the main machine's host name ...
+    main_version_dir: str | None = None  # ... and its version folder (there)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def worker_of(self) -> str | None:
+        """'machine 1, worker of host:/runs/demo/version_0' for a worker's version; None otherwise."""
+        if self.role != "worker":
+            return None
+        return f"machine {self.machine_rank}, worker of {self.main_host}:{self.main_version_dir}"
 
 
 def describe(version_dir: Path, status: dict[str, Any]) -> RunInfo:
@@ -296,6 +319,10 @@ def describe(version_dir: Path, status: dict[str, Any]) -> RunInfo:
         started_at=status.get("started_at"),
         heartbeat_at=status.get("heartbeat_at"),
         step_at=status.get("step_at"),
+        role=status.get("role"),
+        machine_rank=status.get("machine_rank"),
+        main_host=status.get("main_host"),
+        main_version_dir=status.get("main_version_dir"),
     )
 
 

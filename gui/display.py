@@ -43,6 +43,14 @@ def reason_of(view: RunView) -> str:
     return ""
 
 
+def role_note(status: dict[str, Any]) -> str:
+    """For a worker machine's version of a run across several machines: whose worker it is."""
+    if status.get("role") != "worker":
+        return ""
+    return (f"Machine {status.get('machine_rank')}: a worker of {status.get('main_host')}:"
+            f"{status.get('main_version_dir')} (steps, checkpoints, exports and samples are there)")
+
+
 def state_banner(view: RunView | None) -> str:
     """A prominent line: the run, its state, and the one-line reason."""
     if view is None:
@@ -50,10 +58,12 @@ def state_banner(view: RunView | None) -> str:
                 "Press Start to train with the settings from the Setup tab.</div>")
     state = view.status.get("state") or "unknown"
     reason = reason_of(view)
+    note = role_note(view.status)
     return (f'<div class="lathe-banner lathe-state-{html.escape(state)}" data-state="{html.escape(state)}">'
             f'<span class="lathe-run">{html.escape(run_name_of(view))}</span> '
             f'<span class="lathe-state">{html.escape(STATE_WORDS.get(state, state))}</span>'
-            + (f'<div class="lathe-reason">{html.escape(reason)}</div>' if reason else "") + "</div>")
+            + (f'<div class="lathe-reason">{html.escape(reason)}</div>' if reason else "")
+            + (f'<div class="lathe-role">{html.escape(note)}</div>' if note else "") + "</div>")
 
 
 def progress_numbers(view: RunView) -> dict[str, Any]:

@@ -86,7 +86,8 @@ class Page:
 def version_choices(infos: list[runs.RunInfo]) -> list[tuple[str, str]]:
     """(label, version folder) pairs, newest first."""
     ordered = sorted(infos, key=lambda i: i.started_at or 0.0, reverse=True)
-    return [(f"{i.run_name} / version_{i.version} · {i.state}", i.path) for i in ordered]
+    return [(f"{i.run_name} / version_{i.version} · {i.state}" + (f" · worker (machine {i.machine_rank})"
+             if i.role == "worker" else ""), i.path) for i in ordered]
 
 
 def dropdown_update(choices: list[tuple[str, str]], value: str | None) -> Any:

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from backend import launcher
 from backend.config import TrainingConfig
 from backend.config_keys import sparse_overrides
 from backend.resume import FROZEN, ResumePlan
@@ -86,6 +87,25 @@ def train_command(cfg: TrainingConfig) -> str:
     name = config_file_name(cfg)
     body = json.dumps(sparse_overrides(cfg), indent=1, ensure_ascii=False)
     return f"cat > {shlex.quote(name)} <<'JSON'\n{body}\nJSON\npython -m backend train {shlex.quote(name)}"
+
+
+def worker_commands_text(cfg: TrainingConfig) -> str:
+    """For a run across several machines: the command for each other machine, as shell comments
+    and lines; '' for a run on one machine."""
+    lc = cfg.launch
+    name = config_file_name(cfg)
+    commands = launcher.worker_commands(cfg, name)
+    if not commands:
+        return ""
+    port = lc.main_process_port or 29500  # accelerate's default
+    head = [f"# Several machines ({lc.num_machines}); this is machine {lc.machine_rank}.",
+            f"# On each other machine, from its Lathe folder: write the same {name} (the `cat` above)",
+            "# and run that machine's command. Every machine needs the model and the dataset at the same",
+            f"# paths and must reach {lc.main_process_ip}:{port} on machine 0 (open that TCP port there).",
+            "# Checkpoints, exports and samples are written on machine 0 only; each other machine keeps",
+            "# a worker version folder (status, events, log) in its own output folder."]
+    body = [f"# machine {r}:\n{c}" for r, c in zip(launcher.other_machine_ranks(cfg), commands, strict=True)]
+    return "\n".join(head + body)
 
 
 def set_items(changes: list[tuple[str, Any, Any]]) -> list[str]:

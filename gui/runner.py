@@ -165,7 +165,8 @@ class Runner:
 
 
 def run_label(info: runs.RunInfo) -> str:
-    return f"{info.run_name} / version_{info.version} ({info.state})"
+    worker = f", worker (machine {info.machine_rank})" if info.role == "worker" else ""
+    return f"{info.run_name} / version_{info.version} ({info.state}{worker})"
 
 
 def version_config(version_dir: Path) -> dict:

@@ -67,7 +67,8 @@ PATH_LABELS = {
     "scheduler.type": "LR schedule", "sampling.seed": "Sample seed", "sampling.steps": "Denoising steps",
     "scheduler.num_cycles": "Cycles", "launch.main_process_ip": "Main machine address",
     "launch.main_process_port": "Main machine port", "launch.num_machines": "Machines",
-    "dataset.cache_latents_to_disk": "Keep the latent cache on disk", "dataset.shuffle_caption": "Shuffle caption tags",
+    "dataset.cache_latents_to_disk": "Keep the latent cache on disk",
+    "dataset.latent_cache_gpu_mb": "GPU memory for the latent cache (MB)", "dataset.shuffle_caption": "Shuffle caption tags",
 }
 # Prodigy's arguments keep their own names: that is the vocabulary its users know.
 RAW_NAMES = {"d_coef", "d0", "growth_rate", "use_bias_correction", "safeguard_warmup", "decouple", "beta3"}

@@ -126,16 +126,14 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def steps_per_epoch(cfg: TrainingConfig) -> int:
-    """Optimizer steps per epoch on each rank, computed as the trainer does (loop._schedule_length)."""
+    """Optimizer steps per epoch, computed as the trainer does (build._schedule_length)."""
     from backend.trainer import data as D
+    from backend.trainer.build import plan_settings
 
     ds = cfg.dataset
     items, _, _ = D.load_dataset(ds, cfg.training.seed)
     item_buckets = D.bucket_of_items(items, D.buckets_for(ds), ds.resolution)
-    plan = D.PlanSettings(cfg.training.seed, cfg.training.train_batch_size, ds.random_flip, ds.shuffle_caption,
-                          ds.keep_tokens, ds.caption_dropout_rate)
-    batches = D.shard(D.epoch_plan(items, item_buckets, plan, 0), 0, cfg.launch.num_processes)
-    return D.steps_per_epoch(len(batches), cfg.training.gradient_accumulation_steps)
+    return D.steps_per_epoch(items, item_buckets, plan_settings(cfg, cfg.launch.num_processes))
 
 
 def resume_step(spe: int) -> int:

@@ -74,7 +74,7 @@ def test_buckets_respect_area_and_steps():
 def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
     items = [D.ImageItem(f"{i}.png", f"tag{i}, b, c, d", 2, (64, 64) if i % 2 else (96, 64)) for i in range(7)]
     buckets = D.bucket_of_items(items, D.make_buckets(64, 32, 128, 32), 64)
-    s = D.PlanSettings(seed=3, batch_size=2, random_flip=True, shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.2)
+    s = D.PlanSettings(seed=3, global_batch=2, random_flip=True, shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.2)
     a, b = D.epoch_plan(items, buckets, s, 0), D.epoch_plan(items, buckets, s, 0)
     assert a == b
     assert D.epoch_plan(items, buckets, s, 1) != a
@@ -86,11 +86,35 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
     assert all(smp.caption == "" or smp.caption.startswith(f"tag{smp.item}") for bt in a for smp in bt.samples)
 
 
-def test_shard_gives_every_rank_the_same_count_and_disjoint_batches():
-    batches = [D.Batch((64, 64), (D.Sample(i, False, ""),)) for i in range(11)]
-    r0, r1 = D.shard(batches, 0, 2), D.shard(batches, 1, 2)
-    assert len(r0) == len(r1) == 5
-    assert not {b.samples[0].item for b in r0} & {b.samples[0].item for b in r1}
+def _layouts(global_batch: int) -> list[tuple[int, int]]:
+    return [(w, a) for w in (1, 2, 4) for a in (1, 2, 4) if global_batch % (w * a) == 0]
+
+
+def test_any_layout_of_a_global_batch_splits_it_into_disjoint_weighted_micro_batches():
+    """Every sample of a global batch lands in exactly one micro-batch of one rank, every micro-batch
+    holds at most train_batch_size, and the weights make the DDP mean a mean over the global batch."""
+    for n in (1, 3, 7, 8):  # a full global batch of 8 and short tails
+        step = D.Batch((64, 64), tuple(D.Sample(i, False, "", i) for i in range(n)))
+        for world, accum in _layouts(8):
+            per_device = 8 // (world * accum)
+            ranks = [D.micro_batches_of(step, r, world, accum) for r in range(world)]
+            real = [smp.index for mbs in ranks for mb in mbs if mb.share for smp in mb.samples]
+            assert sorted(real) == list(range(n)), (n, world, accum)
+            assert all(1 <= len(mb.samples) <= per_device for mbs in ranks for mb in mbs)
+            assert all(mbs for mbs in ranks)  # every rank takes part in the step's all-reduce
+            # sum over ranks of (share x samples) / world == 1: DDP's mean is the mean over the n samples
+            weight = sum(mb.share * len(mb.samples) for mbs in ranks for mb in mbs) / world
+            assert abs(weight - 1.0) < 1e-12, (n, world, accum)
+
+
+def test_the_plan_and_each_samples_draws_depend_on_the_global_batch_only():
+    items = [D.ImageItem(f"{i}.png", f"t{i}, b, c", 3, (64, 64) if i % 3 else (96, 64)) for i in range(9)]
+    buckets = D.bucket_of_items(items, D.make_buckets(64, 32, 128, 32), 64)
+    s = D.PlanSettings(seed=5, global_batch=4, random_flip=True, shuffle_caption=True, keep_tokens=0,
+                       caption_dropout_rate=0.1)
+    plan = D.epoch_plan(items, buckets, s, 2)
+    assert all(len(b.samples) <= 4 for b in plan) and D.steps_per_epoch(items, buckets, s) == len(plan)
+    assert len({smp.index for b in plan for smp in b.samples}) == 27  # every sample has its own key
 
 
 def test_validation_split_is_deterministic_and_never_empties_training():

@@ -221,3 +221,112 @@ def test_a_launch_that_cannot_start_is_recorded_as_failed(tmp_path, monkeypatch)
     assert info.state == "failed" and info.reason.startswith("could not start the trainer")
     with lock.claim(tmp_path, "cpu"):  # and it holds no lock
         pass
+
+
+# ------------------------------------------------------------------------------- several machines
+def test_several_machines_on_cpu_use_gloo_ddp_not_cpu_flag():
+    c = cfg(device="cpu", num_processes=2, num_machines=2, machine_rank=1, main_process_ip="127.0.0.1",
+            main_process_port=29123)
+    assert argv(c, cpu_threads=1) == ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", "1",
+                                      "--main_process_ip", "127.0.0.1", "--main_process_port", "29123",
+                                      "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    assert launcher.env_overrides(c)["ACCELERATE_USE_CPU"] == "true"
+
+
+def test_worker_commands_name_each_other_machine():
+    c = cfg(device="cuda", num_processes=6, num_machines=3, main_process_ip="10.0.0.5", main_process_port=29600)
+    assert launcher.other_machine_ranks(c) == [1, 2]
+    assert launcher.worker_commands(c, "my run.json") == [
+        "python -m backend train 'my run.json' --set launch.machine_rank=1",
+        "python -m backend train 'my run.json' --set launch.machine_rank=2"]
+    assert launcher.worker_commands(c)[0] == "python -m backend train lora.json --set launch.machine_rank=1"
+    # shown from machine 1, the "other" machines are 0 and 2
+    one = cfg(device="cuda", num_processes=6, num_machines=3, machine_rank=1, main_process_ip="10.0.0.5")
+    assert [w.split("=")[-1] for w in launcher.worker_commands(one)] == ["0", "2"]
+    assert launcher.worker_commands(cfg(device="cuda", num_processes=2)) == []  # one machine
+    # an accelerate config file sets the machines itself
+    f = cfg(num_machines=2, main_process_ip="10.0.0.5", accelerate_config_file="/etc/acc.yaml")
+    assert launcher.worker_commands(f) == []
+
+
+def test_worker_command_parses_and_sets_only_the_rank(tmp_path):
+    from backend.__main__ import build_parser
+    from backend.presets import load_config_or_preset
+
+    c = cfg(device="cpu", num_processes=2, num_machines=2, main_process_ip="127.0.0.1", main_process_port=29123)
+    path = tmp_path / "lora.json"
+    path.write_text(json.dumps(c.model_dump(mode="json")))
+    (cmd,) = launcher.worker_commands(c, str(path))
+    words = shlex.split(cmd)
+    assert words[:3] == ["python", "-m", "backend"]
+    args = build_parser().parse_args(words[3:])
+    got = load_config_or_preset(args.config, args.set)
+    assert got.launch.machine_rank == 1
+    assert got.model_dump() == {**c.model_dump(), "launch": {**c.launch.model_dump(), "machine_rank": 1}}
+
+
+def test_gui_shows_the_commands_for_the_other_machines():
+    from gui.preview import worker_commands_text
+
+    c = resolve({"run_name": "demo", "launch": {"device": "cuda", "num_processes": 4, "num_machines": 2,
+                                                "main_process_ip": "10.0.0.5", "main_process_port": 29600}})
+    text = worker_commands_text(c)
+    assert "# machine 1:\npython -m backend train demo.json --set launch.machine_rank=1" in text
+    assert "10.0.0.5:29600" in text and "machine 0 only" in text
+    assert worker_commands_text(resolve({"run_name": "demo"})) == ""
+
+
+def test_default_cpu_threads_count_this_machines_processes(monkeypatch):
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)
+    assert launcher.default_cpu_threads(cfg(device="cpu", num_processes=2)) == 4
+    two = cfg(device="cpu", num_processes=2, num_machines=2, main_process_ip="127.0.0.1")
+    assert launcher.default_cpu_threads(two) == 8  # one process on this machine
+
+
+def test_worker_run_io_writes_status_and_only_its_events(tmp_path):
+    from backend.trainer.run_io import RunIO
+
+    runs.new_status(tmp_path)
+    ident = {"role": "worker", "machine_rank": 1, "num_machines": 2, "host": "b", "main_host": "a",
+             "main_version_dir": "/runs/demo/version_0"}
+    io = RunIO(tmp_path, is_main=False, tensorboard=True, worker=True, identity=ident)
+    io.status(state="running", **io.identity)
+    io.emit("run_started", version=0, world_size=2)
+    io.emit("step", step=1, loss=0.5)
+    io.emit("checkpoint_saved", kind="final", name="final", path="x", step=1, epoch=1, bytes=1)
+    io.emit("run_finished", state="finished", step=1, error=None)
+    io.status(state="finished", step=1, exit_code=0)
+    io.close()
+    evs = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in evs] == ["run_started", "run_finished"]
+    assert evs[0]["main_version_dir"] == "/runs/demo/version_0" and evs[0]["role"] == "worker"
+    assert evs[1]["role"] == "worker" and evs[1]["machine_rank"] == 1 and "main_host" not in evs[1]
+    assert not (tmp_path / "tensorboard").exists()
+    (info,) = [runs.describe(tmp_path.parent / "version_0", runs.read_status(tmp_path))]
+    assert info.role == "worker" and info.worker_of == "machine 1, worker of a:/runs/demo/version_0"
+    # a process that is neither the main one nor a machine's local main one writes nothing
+    other = tmp_path / "other"
+    other.mkdir()
+    silent = RunIO(other, is_main=False, tensorboard=False, worker=False, identity=ident)
+    silent.status(state="running")
+    silent.emit("run_started", version=0)
+    silent.close()
+    assert list(other.iterdir()) == []
+
+
+def test_a_run_on_another_host_is_judged_by_its_heartbeat_alone(tmp_path, monkeypatch):
+    """Shared storage: this machine cannot see another machine's processes, so no process is no verdict."""
+    v = tmp_path / "demo" / "version_0"
+    v.mkdir(parents=True)
+    runs.new_status(v)
+    now = runs.read_status(v)["started_at"]
+    runs.update_status(v, state="running", pid=999999, pgid=999999, run_token="t", host="elsewhere", heartbeat_at=now)
+    assert runs.reconcile(v, now=now + 5)["state"] == "running"
+    st = runs.reconcile(v, now=now + runs.STALE_HEARTBEAT_S + 5)
+    assert st["state"] == "failed" and "from host elsewhere" in st["error"]
+    # the same status from this host: its processes are gone, so it failed
+    w = tmp_path / "demo" / "version_1"
+    w.mkdir()
+    runs.new_status(w)
+    runs.update_status(w, state="running", pid=999999, pgid=999999, run_token="t", heartbeat_at=now)
+    assert runs.reconcile(w, now=now + 5)["state"] == "failed"

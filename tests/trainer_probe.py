@@ -2,8 +2,9 @@
 
 Started through the real launcher as a script in place of `-m backend.trainer` (see PROBE_ENTRY).
 At the end every rank writes <version>/probe/rank<N>.safetensors (every trainable tensor, as
-`Trained.state_dict` names them: UNet and text encoders) and rank<N>-shard.json (the full epoch-0
-plan, this rank's share of it, and this rank's own loss of every step). Disturbances, each from the environment and optional:
+`Trained.state_dict` names them: UNet and text encoders) and rank<N>-shard.json (epoch 0's plan of
+global batches, this rank's micro-batches of each batch of the first epoch it trains, and this rank's own share of the
+loss of every step; the step's loss is the mean of the shares over the ranks). Disturbances, each from the environment and optional:
 
   LATHE_TEST_SLOW_STEP_S=S            sleep S seconds after each optimizer step (stop windows)
   LATHE_TEST_SLOW_SAVE_S=S            sleep S seconds after each state file is written (crash windows)
@@ -29,7 +30,7 @@ PROBE_ENTRY = (str(Path(__file__).resolve()),)
 
 
 def _plan(batches: list[Any]) -> list[list[list[Any]]]:
-    return [[[smp.item, smp.flip] for smp in b.samples] for b in batches]
+    return [[[smp.item, smp.flip, smp.index] for smp in b.samples] for b in batches]
 
 
 def _disk_full(name: str) -> OSError:
@@ -48,17 +49,23 @@ def install() -> None:
     slow_save = float(os.environ.get("LATHE_TEST_SLOW_SAVE_S") or 0)
     target, _, from_step = os.environ.get("LATHE_TEST_ENOSPC_ON", "").partition("@")
     bad_rank, _, bad_step = os.environ.get("LATHE_TEST_CORRUPT_RANK", "").partition("@")
-    real = {"shard": D.shard, "run": L.run_training, "step": L.train_step, "write_state": SP.write_state,
+    real = {"plan": D.epoch_plan, "micro": D.micro_batches_of, "run": L.run_training, "step": L.train_step, "write_state": SP.write_state,
             "export": SP.write_export, "tensors": ST.save_tensors, "pickle": ST.save_pickle}
 
     def failing(name: str) -> None:
         if target == name and at_step["step"] >= int(from_step or 0):
             raise _disk_full(name)
 
-    def shard(batches: list[Any], rank: int, world: int) -> list[Any]:
-        mine = real["shard"](batches, rank, world)
-        if "full" not in seen:  # the first call is epoch 0's plan
-            seen.update(full=_plan(batches), mine=_plan(mine), rank=rank, world=world)
+    def epoch_plan(*args: Any) -> list[Any]:
+        plan = real["plan"](*args)
+        seen.setdefault("full", _plan(plan))  # the first call is epoch 0's (the schedule's length)
+        return plan
+
+    def micro_batches_of(step: Any, rank: int, world: int, accum: int) -> list[Any]:
+        mine = real["micro"](step, rank, world, accum)
+        if len(seen.setdefault("mine", [])) < len(seen["full"]):
+            seen["mine"].append([_plan([b])[0] for b in mine if b.share])
+            seen.update(rank=rank, world=world)
         return mine
 
     def run_training(s: Any, *args: Any, **kwargs: Any) -> str:
@@ -71,8 +78,8 @@ def install() -> None:
         (out / f"rank{s.acc.process_index}-shard.json").write_text(json.dumps(seen))
         return state
 
-    def train_step(s: Any, chunk: Any, step: int) -> Any:
-        out = real["step"](s, chunk, step)
+    def train_step(s: Any, chunk: Any, step: int, epoch: int) -> Any:
+        out = real["step"](s, chunk, step, epoch)
         seen.setdefault("losses", {})[step + 1] = float(out[0])  # this rank's own loss of the step
         if bad_rank and s.acc.process_index == int(bad_rank) and step + 1 == int(bad_step):
             import torch
@@ -100,7 +107,7 @@ def install() -> None:
                 time.sleep(slow_save)
         return write
 
-    D.shard, L.run_training, L.train_step = shard, run_training, train_step
+    D.epoch_plan, D.micro_batches_of, L.run_training, L.train_step = epoch_plan, micro_batches_of, run_training, train_step
     SP.write_state, SP.write_export = write_state, write_export
     ST.save_tensors, ST.save_pickle = slow("tensors"), slow("pickle")
 

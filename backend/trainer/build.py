@@ -4,10 +4,12 @@ schedule. `build_setup` returns the `Setup` the loop, the save points and the st
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from backend.config import TrainingConfig
 from backend.resume import dataset_fingerprint
@@ -15,6 +17,7 @@ from backend.trainer import data as D
 from backend.trainer import evaluation, models
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.context import Setup
+from backend.trainer.distributed import global_batch
 from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
 from backend.trainer.run_io import RunIO
 from backend.trainer.trained import TEXT_ENCODER, UNET, Trained
@@ -47,15 +50,15 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
         io.warn(w)
     buckets = D.buckets_for(ds)
     item_buckets = D.bucket_of_items(items, buckets, ds.resolution)
-    plan = D.PlanSettings(
-        cfg.training.seed, cfg.training.train_batch_size, ds.random_flip, ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate
-    )
+    plan = plan_settings(cfg, acc.num_processes)
 
     # VAE: fp32 unless bf16 (fp16 VAEs overflow); evaluation images and (when caching) latents encoded once.
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
     eval_kind, eval_list = evaluation.eval_items(items, val_items)
     eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
-    latents = _cache_latents(cfg, acc, comps, items, item_buckets) if ds.cache_latents else None
+    latents = _cache_latents(cfg, acc, io, comps, items, item_buckets) if ds.cache_latents else None
+    if latents is not None and device.type == "cuda":
+        comps.vae.to("cpu")  # not needed until sampling, which borrows it back
 
     # The trained modules: the network injected, the rest frozen; base weights in weight_dtype.
     train_te = cfg.network.train_text_encoder
@@ -65,6 +68,8 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     if device.type == "cuda":
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
     trained = Trained.attach(cfg, comps.unet, comps.text_encoders)
+    if latents is not None:
+        _place_latents(cfg, io, latents, device)
     groups = param_groups(cfg, trained.parameters(UNET), trained.parameters(TEXT_ENCODER))
     optimizer = trained.prepare(acc, build_optimizer(cfg, groups, device.type), compile_unet=cfg.training.torch_compile)
 
@@ -73,12 +78,15 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
                        encoders=trained.text_encoder_runners())
     if text.cache:
         caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
-        text.precompute(caps | {smp.caption for smp in eval_samples})
+        world = acc.num_processes
+        mine = text.precompute(caps | {smp.caption for smp in eval_samples}, acc.process_index, world,
+                               gather_object if world > 1 else None)
+        io.emit("cache_filled", kind="text", count=len(text), encoded_per_rank=gather_object([mine]) if world > 1 else [mine])
         if device.type == "cuda":
             for te in comps.text_encoders:
                 te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
 
-    spe, total_steps, total_epochs = _schedule_length(cfg, acc, items, item_buckets, plan)
+    spe, total_steps, total_epochs = _schedule_length(cfg, items, item_buckets, plan)
     return Setup(cfg=cfg, acc=acc, io=io, comps=comps, items=items, item_buckets=item_buckets, plan=plan,
                  latents=latents, text=text, trained=trained, optimizer=optimizer,
                  lr_scheduler=build_scheduler(cfg, optimizer, total_steps), weight_dtype=wdtype,
@@ -86,26 +94,53 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
                  eval_samples=eval_samples, dataset_fingerprint=dataset_fingerprint(ds.train_data_dir, ds.caption_extension))
 
 
-def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, items: list[D.ImageItem],
+def _cache_latents(cfg: TrainingConfig, acc: Any, io: RunIO, comps: models.Components, items: list[D.ImageItem],
                    item_buckets: list[tuple[int, int]]) -> LatentCache:
+    """Fill the latent cache, each rank encoding its share (1/N of what is not on disk yet)."""
     ds = cfg.dataset
     disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
     latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
     flips = (False, True) if ds.random_flip else (False,)
+    world = acc.num_processes
     if acc.is_main_process:
-        print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each)", flush=True)
-    latents.fill(flips)
-    if acc.device.type == "cuda":
-        latents.to(acc.device)  # a few hundred MB at most; saves a host->device copy every step
-        comps.vae.to("cpu")  # not needed until sampling, which borrows it back
+        print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each, {world} process(es))", flush=True)
+    t0 = time.perf_counter()
+    mine, hits = latents.fill(flips, rank=acc.process_index, world=world,
+                              exchange=gather_object if world > 1 else None)
+    encoded = gather_object([mine]) if world > 1 else [mine]
+    io.emit("cache_filled", kind="latents", count=len(latents.latents), encoded_per_rank=encoded, from_disk=hits,
+            bytes=latents.nbytes, seconds=round(time.perf_counter() - t0, 3))
     return latents
 
 
-def _schedule_length(cfg: TrainingConfig, acc: Any, items: list[D.ImageItem], item_buckets: list[tuple[int, int]],
+def _place_latents(cfg: TrainingConfig, io: RunIO, latents: LatentCache, device: torch.device) -> None:
+    """Once the model is on the device: the cache goes there too if it fits the budget."""
+    if device.type != "cuda":
+        return
+    budget_mb = cfg.dataset.latent_cache_gpu_mb
+    if budget_mb is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 4
+    else:
+        budget = budget_mb * 2**20
+    where = latents.place(device, budget)
+    if io.is_main:
+        print(f"latent cache: {latents.nbytes / 2**20:.1f} MB in {where} memory (budget {budget / 2**20:.0f} MB)", flush=True)
+    if where != "gpu":
+        io.warn(f"dataset.latent_cache_gpu_mb: the latent cache ({latents.nbytes / 2**20:.0f} MB) is over the GPU "
+                f"budget ({budget / 2**20:.0f} MB); it stays in pinned CPU memory and each batch is copied")
+
+
+def plan_settings(cfg: TrainingConfig, world: int) -> D.PlanSettings:
+    ds, t = cfg.dataset, cfg.training
+    return D.PlanSettings(t.seed, global_batch(t.train_batch_size, world, t.gradient_accumulation_steps), ds.random_flip,
+                          ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate)
+
+
+def _schedule_length(cfg: TrainingConfig, items: list[D.ImageItem], item_buckets: list[tuple[int, int]],
                      plan: D.PlanSettings) -> tuple[int, int, int]:
-    """(steps per epoch, total steps, total epochs): this rank's batches per epoch, grouped into optimizer steps."""
-    n_batches = len(D.shard(D.epoch_plan(items, item_buckets, plan, 0), acc.process_index, acc.num_processes))
-    spe = D.steps_per_epoch(n_batches, cfg.training.gradient_accumulation_steps)
+    """(steps per epoch, total steps, total epochs): one step per global batch of the plan."""
+    spe = D.steps_per_epoch(items, item_buckets, plan)
     if cfg.training.max_train_steps is not None:
         return spe, cfg.training.max_train_steps, math.ceil(cfg.training.max_train_steps / spe)
     return spe, cfg.training.max_train_epochs * spe, cfg.training.max_train_epochs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend.trainer.data import Batch, ImageItem, load_pixels
+from backend.trainer.distributed import split_work
 from backend.trainer.models import Components, encode_tokens, tokenize
 
 
@@ -50,6 +52,7 @@ class LatentCache:
         self.disk_dir = disk_dir
         self.model_id = model_id
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.device: torch.device | None = None  # set when pinned: batch() copies to it
 
     def _key(self, i: int, flip: bool) -> str:
         it = self.items[i]
@@ -57,23 +60,35 @@ class LatentCache:
         raw = json.dumps([os.path.abspath(it.path), st.st_size, st.st_mtime_ns, self.buckets[i], flip, self.model_id])
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
-    def fill(self, flips: tuple[bool, ...], batch_size: int = 8, progress: Any = None) -> None:
-        """Encode every (image, flip) not cached yet, batching images of the same bucket."""
-        todo: dict[tuple[tuple[int, int], bool], list[int]] = {}
-        for i in range(len(self.items)):
-            for flip in flips:
-                if not self._from_disk(i, flip):
-                    todo.setdefault((self.buckets[i], flip), []).append(i)
-        for (bucket, flip), idx in sorted(todo.items()):
+    def fill(self, flips: tuple[bool, ...], batch_size: int = 8, rank: int = 0, world: int = 1,
+             exchange: Callable[[list[Any]], list[Any]] | None = None) -> tuple[int, int]:
+        """Encode every (image, flip) not cached yet, batching images of the same bucket. Under
+        several processes each rank encodes its share and `exchange` (gather_object) shares the
+        results, so every rank holds every latent. Returns (encoded by this rank, read from disk)."""
+        missing = [(i, flip) for i in range(len(self.items)) for flip in flips if not self._from_disk(i, flip)]
+        hits = len(self.items) * len(flips) - len(missing)
+        if world > 1 and exchange is not None:  # a rank on its own disk may miss what another has
+            missing = sorted({key for part in exchange([missing]) for key in part})
+        todo = sorted(missing, key=lambda k: (self.buckets[k[0]], k[1], k[0]))
+        done, mine = split_work(todo, rank, world, lambda part: self._encode(part, batch_size), exchange)
+        for key, latent in done.items():
+            self._to_disk(*key, latent)  # every rank: a machine with a disk of its own keeps its cache too
+            self.latents[key] = latent
+        return mine, hits
+
+    def _encode(self, keys: list[tuple[int, bool]], batch_size: int) -> dict[tuple[int, bool], torch.Tensor]:
+        groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
+        for i, flip in keys:
+            groups.setdefault((self.buckets[i], flip), []).append(i)
+        out = {}
+        for (bucket, flip), idx in sorted(groups.items()):
             for k in range(0, len(idx), batch_size):
                 part = idx[k : k + batch_size]
                 pixels = torch.from_numpy(np.stack([load_pixels(self.items[i], bucket, flip) for i in part]))
                 lat = encode_pixels(self.vae, pixels).cpu()
                 for i, latent in zip(part, lat, strict=True):
-                    self.latents[(i, flip)] = latent.clone()
-                    self._to_disk(i, flip, self.latents[(i, flip)])
-                if progress is not None:
-                    progress(len(part))
+                    out[(i, flip)] = latent.clone()
+        return out
 
     def _from_disk(self, i: int, flip: bool) -> bool:
         if self.disk_dir is None:
@@ -92,14 +107,32 @@ class LatentCache:
             return
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         path = self.disk_dir / f"{self._key(i, flip)}.safetensors"
-        tmp = path.with_suffix(".tmp")
+        if path.exists():
+            return  # written by another rank sharing this disk (the same numbers)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks sharing a disk never share a temp name
         save_file({"latent": latent}, str(tmp))
         os.replace(tmp, path)
 
-    def to(self, device: torch.device) -> None:
-        self.latents = {k: v.to(device) for k, v in self.latents.items()}
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.latents.values())
+
+    def place(self, device: torch.device, budget_bytes: int) -> str:
+        """Where the cache lives for training: on the device when it fits the budget (no copy per
+        step), else in pinned CPU memory (each batch copied without blocking). Returns where."""
+        if device.type != "cuda":
+            return "cpu"
+        if self.nbytes <= budget_bytes:
+            self.latents = {k: v.to(device) for k, v in self.latents.items()}
+            return "gpu"
+        self.latents = {k: v.pin_memory() for k, v in self.latents.items()}
+        self.device = device
+        return "pinned cpu"
 
     def batch(self, b: Batch) -> torch.Tensor:
+        """The latents of a batch, on the device when the cache is there or pinned (non-blocking copies)."""
+        if self.device is not None:
+            return torch.stack([self.latents[(s.item, s.flip)].to(self.device, non_blocking=True) for s in b.samples])
         return torch.stack([self.latents[(s.item, s.flip)] for s in b.samples])
 
 
@@ -122,14 +155,28 @@ class TextEncoder:
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return encode_tokens(self.comps, tokenize(self.comps, captions), self.clip_skip, self.encoders)
 
-    def precompute(self, captions: set[str]) -> None:
+    def precompute(self, captions: set[str], rank: int = 0, world: int = 1,
+                   exchange: Callable[[list[Any]], list[Any]] | None = None) -> int:
+        """Encode the captions not memoized yet; under several processes each rank encodes its share
+        and `exchange` (gather_object) shares them. Returns how many this rank encoded."""
         todo = sorted(captions - set(self._memo))
-        for k in range(0, len(todo), 32):
-            part = todo[k : k + 32]
+        done, mine = split_work(todo, rank, world, self._encode_all, exchange)
+        dev = next(self.comps.text_encoders[0].parameters()).device  # kept where a step reads them
+        self._memo.update({c: (ctx.to(dev), None if pooled is None else pooled.to(dev)) for c, (ctx, pooled) in done.items()})
+        return mine
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def _encode_all(self, captions: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        out = {}
+        for k in range(0, len(captions), 32):
+            part = captions[k : k + 32]
             with torch.no_grad():
                 ctx, pooled = self.encode(part)
             for j, cap in enumerate(part):
-                self._memo[cap] = (ctx[j].clone(), None if pooled is None else pooled[j].clone())
+                out[cap] = (ctx[j].cpu().clone(), None if pooled is None else pooled[j].cpu().clone())
+        return out
 
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cache:

@@ -1,9 +1,11 @@
 """Dataset discovery, captions, aspect-ratio buckets and the deterministic batch plan.
 
-The order of batches in an epoch is a pure function of (seed, epoch): `epoch_plan`. A position in
-training is therefore just (epoch, batch index), which is what exact resume records. Caption
-shuffling, caption dropout and flips are drawn from generators seeded by (seed, epoch, batch, slot),
-so they too replay identically after a resume.
+The order of global batches in an epoch is a pure function of (seed, epoch, global batch size):
+`epoch_plan`. A position in training is therefore just (epoch, global batches done), which is what
+exact resume records, whatever the number of processes. Caption shuffling, caption dropout and flips
+are drawn from generators seeded by (seed, epoch, batch, slot), so they too replay identically after
+a resume and on any layout of the same global batch (`micro_batches_of` splits a global batch over
+ranks and micro-batches).
 """
 
 from __future__ import annotations
@@ -189,12 +191,19 @@ class Sample:
     item: int  # index into the item list
     flip: bool
     caption: str
+    index: int = 0  # position in the epoch (global batch x global batch size + slot): keys its noise and timestep
 
 
 @dataclass(frozen=True)
 class Batch:
+    """A global batch (one optimizer step, all ranks and micro-batches together) or, after
+    `micro_batches_of`, one rank's micro-batch of it. `share` weights each sample's loss so that the
+    step's gradient is the mean over the whole global batch: world / samples in the global batch
+    (0 for a filler: a rank with no sample in a short tail batch still takes part in the all-reduce)."""
+
     bucket: tuple[int, int]
     samples: tuple[Sample, ...]
+    share: float = 1.0
 
 
 def bucket_of_items(items: list[ImageItem], buckets: list[tuple[int, int]] | None, square: int) -> list[tuple[int, int]]:
@@ -216,7 +225,7 @@ def process_caption(caption: str, rng: np.random.Generator, shuffle: bool, keep_
 @dataclass(frozen=True)
 class PlanSettings:
     seed: int
-    batch_size: int
+    global_batch: int  # train_batch_size x processes x gradient_accumulation_steps
     random_flip: bool
     shuffle_caption: bool
     keep_tokens: int
@@ -224,8 +233,12 @@ class PlanSettings:
 
 
 def epoch_plan(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: PlanSettings, epoch: int) -> list[Batch]:
-    """Every batch of one epoch (0-based), in order. A pure function of its arguments."""
+    """Every global batch of one epoch (0-based), in order: one per optimizer step, each from one
+    bucket. A pure function of its arguments; the process count, the per-device batch size and the
+    accumulation enter only through their product, so any layout of the same global batch trains
+    on the same samples in the same steps, with the same flips and captions."""
     rng = np.random.default_rng([s.seed, epoch])
+    g = s.global_batch
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i, it in enumerate(items):
         by_bucket.setdefault(item_buckets[i], []).extend([i] * it.repeats)
@@ -234,7 +247,7 @@ def epoch_plan(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: P
         idx = by_bucket[bucket]
         perm = rng.permutation(len(idx))
         shuffled = [idx[j] for j in perm]
-        chunks += [(bucket, shuffled[k : k + s.batch_size]) for k in range(0, len(shuffled), s.batch_size)]
+        chunks += [(bucket, shuffled[k : k + g]) for k in range(0, len(shuffled), g)]
     order = rng.permutation(len(chunks))
     batches = []
     for b, j in enumerate(order):
@@ -244,23 +257,26 @@ def epoch_plan(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: P
             srng = np.random.default_rng([s.seed, epoch, b, slot])
             flip = bool(s.random_flip and srng.random() < 0.5)
             cap = process_caption(items[i].caption, srng, s.shuffle_caption, s.keep_tokens, s.caption_dropout_rate)
-            samples.append(Sample(i, flip, cap))
+            samples.append(Sample(i, flip, cap, b * g + slot))
         batches.append(Batch(bucket, tuple(samples)))
     return batches
 
 
-def shard(batches: list[Batch], rank: int, world: int) -> list[Batch]:
-    """This rank's share: round-robin, truncated so every rank gets the same count (DDP needs it)."""
-    if world == 1:
-        return batches
-    n = len(batches) // world
-    if n == 0:
-        raise DatasetError(f"only {len(batches)} batches per epoch for {world} processes; use fewer processes or a smaller batch")
-    return batches[rank : n * world : world]
+def micro_batches_of(step: Batch, rank: int, world: int, accum: int) -> list[Batch]:
+    """One rank's micro-batches of a global batch. Micro-batch m of rank r takes the samples at
+    positions k, k + world*accum, ... with k = m*world + r: a full global batch gives everyone
+    train_batch_size samples, a short tail is spread as evenly as it goes. Empty micro-batches are
+    left out; a rank left with none gets one filler (a copy of the first sample, weight 0)."""
+    n, slots = len(step.samples), world * accum
+    share = world / n
+    out = [Batch(step.bucket, step.samples[m * world + rank :: slots], share) for m in range(accum)]
+    out = [b for b in out if b.samples]
+    return out or [Batch(step.bucket, step.samples[:1], 0.0)]
 
 
-def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
-    return math.ceil(n_batches / grad_accum)
+def steps_per_epoch(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: PlanSettings) -> int:
+    """Optimizer steps in one epoch: the global batches of the plan (the same for every epoch)."""
+    return len(epoch_plan(items, item_buckets, s, 0))
 
 
 def dataset_summary(items: list[ImageItem], item_buckets: list[tuple[int, int]]) -> dict[str, object]:

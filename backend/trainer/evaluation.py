@@ -54,27 +54,39 @@ def eval_loss(comps: Components, trained: Trained, text: Any, samples: list[Eval
               device: torch.device, weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
     """Mean loss over every sample x fixed timestep, every module in eval mode (no dropout), called
     through the plain modules. Identical inputs give identical results."""
+    return mean_loss(sample_losses(comps, trained, text, samples, seed, device, weight_dtype, training, autocast))
+
+
+def mean_loss(losses: list[float]) -> float:
+    """The evaluation loss from every sample's loss, summed in sample order (so splitting the
+    samples over ranks gives the same number as one process)."""
+    return sum(losses) / max(1, len(losses))
+
+
+@torch.no_grad()
+def sample_losses(comps: Components, trained: Trained, text: Any, samples: list[EvalSample], seed: int,
+                  device: torch.device, weight_dtype: torch.dtype, training: Any, autocast: Any) -> list[float]:
+    """Each sample's loss (mean over the fixed timesteps); each is computed alone, so the value does
+    not depend on which other samples a rank evaluates."""
     with trained.evaluating():
-        return _eval_loss(comps, trained.unet, text, samples, seed, device, weight_dtype, training, autocast)
+        return [_sample_loss(comps, trained.unet, text, smp, seed, device, weight_dtype, training, autocast)
+                for smp in samples]
 
 
-def _eval_loss(comps: Components, unet: Any, text: Any, samples: list[EvalSample], seed: int, device: torch.device,
-               weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
+def _sample_loss(comps: Components, unet: Any, text: Any, smp: EvalSample, seed: int, device: torch.device,
+                 weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
     n_t = comps.noise_scheduler.config.num_train_timesteps
     steps = torch.tensor([int(f * n_t) for f in TIMESTEP_FRACTIONS], device=device)
-    total = 0.0
-    for smp in samples:
-        k = len(steps)
-        lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
-        rng = np.random.default_rng([seed, 7919, smp.index])
-        noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32)).to(device)
-        ctx, pooled = text([smp.caption] * k, device)
-        added = None
-        if comps.is_sdxl:
-            added = {"text_embeds": pooled.to(weight_dtype),
-                     "time_ids": torch.tensor([smp.time_ids] * k, device=device, dtype=weight_dtype)}
-        with autocast():
-            loss = diffusion_loss(unet, comps.noise_scheduler, lat, ctx, added, noise, steps, comps.v_prediction,
-                                  training, weight_dtype)
-        total += float(loss)
-    return total / max(1, len(samples))
+    k = len(steps)
+    lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
+    rng = np.random.default_rng([seed, 7919, smp.index])
+    noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32)).to(device)
+    ctx, pooled = text([smp.caption] * k, device)
+    added = None
+    if comps.is_sdxl:
+        added = {"text_embeds": pooled.to(weight_dtype),
+                 "time_ids": torch.tensor([smp.time_ids] * k, device=device, dtype=weight_dtype)}
+    with autocast():
+        loss = diffusion_loss(unet, comps.noise_scheduler, lat, ctx, added, noise, steps, comps.v_prediction,
+                              training, weight_dtype)
+    return float(loss.mean())

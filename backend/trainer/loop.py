@@ -1,5 +1,10 @@
-"""The training loop: epochs of planned batches, one optimizer step per `gradient_accumulation_steps`
-micro-batches, save points and samples between steps. The recipe (recipe.py) calls `run_training`.
+"""The training loop: epochs of planned global batches, one optimizer step per global batch (this
+rank's micro-batches of it, `data.micro_batches_of`), save points and samples between steps. The
+recipe (recipe.py) calls `run_training`.
+
+Each sample's loss is weighted by its micro-batch's `share` (world / samples in the global batch)
+and summed, so after DDP's mean over the ranks the gradient is the mean over the global batch,
+whatever the layout: 1 process x batch 4, 2 x 2 and 1 x 2 x accumulation 2 take the same step.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from tqdm import tqdm
 from backend.trainer import data as D
 from backend.trainer.caching import PixelBatches, encode_pixels
 from backend.trainer.context import Progress, Setup
-from backend.trainer.loss import diffusion_loss, draw_noise, mix_seed, seed_micro_step, step_generator
+from backend.trainer.loss import diffusion_loss, draw_noise, mix_seed, sample_generator, seed_micro_step
 from backend.trainer.models import sdxl_time_ids
 from backend.trainer.savepoints import SaveContext, after_epoch, after_step, boundary_due
 from backend.trainer.steplog import StepLog
@@ -71,25 +76,28 @@ def optimizer_step(optimizer: Any, lr_scheduler: Any) -> bool:
     return not skipped
 
 
-def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over `chunk` (gradient-accumulation micro-batches): (mean loss, stepped)."""
+def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int, epoch: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over `chunk`, this rank's micro-batches of a global batch: (this rank's
+    share of the step's loss, stepped). The mean of the shares over the ranks is the step's loss."""
     acc, total = s.acc, torch.zeros((), device=s.acc.device)
     unet, seed = s.trained.unet_runner(), s.cfg.training.seed
+    n_timesteps = s.comps.noise_scheduler.config.num_train_timesteps
     for micro, (b, pixels) in enumerate(chunk):
         seed_micro_step(seed, step, micro, acc.process_index)
         lat, ctx, added = batch_tensors(s, b, pixels)
-        gen = step_generator(seed, step, micro, acc.process_index, acc.device)
-        noise, t = draw_noise(lat, gen, s.cfg.training.noise_offset, s.comps.noise_scheduler.config.num_train_timesteps)
+        gens = [sample_generator(seed, epoch, smp.index, acc.device) for smp in b.samples]
+        noise, t = draw_noise(lat, gens, s.cfg.training.noise_offset, n_timesteps)
         # Every trained module skips its all-reduce until the last micro-batch of the step.
         with s.trained.no_sync(acc, active=micro < len(chunk) - 1):
             with acc.autocast():
-                loss = diffusion_loss(unet, s.comps.noise_scheduler, lat, ctx, added, noise, t, s.comps.v_prediction,
-                                      s.cfg.training, s.weight_dtype)
-            acc.backward(loss / len(chunk))
+                per_sample = diffusion_loss(unet, s.comps.noise_scheduler, lat, ctx, added, noise, t,
+                                            s.comps.v_prediction, s.cfg.training, s.weight_dtype)
+                loss = per_sample.sum() * b.share
+            acc.backward(loss)
         total = total + loss.detach()
     if s.cfg.optimizer.max_grad_norm is not None:
         acc.clip_grad_norm_(s.trained.parameters(), s.cfg.optimizer.max_grad_norm)
-    return total / len(chunk), optimizer_step(s.optimizer, s.lr_scheduler)
+    return total, optimizer_step(s.optimizer, s.lr_scheduler)
 
 
 def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> str:
@@ -98,26 +106,31 @@ def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> 
     bar = tqdm(total=s.total_steps, initial=prog.global_step, desc="train", unit="step", mininterval=2.0,
                disable=not s.acc.is_main_process, ascii=True, file=sys.stdout)
     try:
-        return _loop(s, prog, stop, sc, bar)
+        state = _loop(s, prog, stop, sc, bar)
+        stop.close()
+        return state
     finally:
         bar.close()
 
 
 def _loop(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext, bar: Any) -> str:
-    io, ga = s.io, s.cfg.training.gradient_accumulation_steps
-    log = StepLog(s, prog, s.cfg.training.train_batch_size * ga * s.acc.num_processes)
+    io, acc = s.io, s.acc
+    t = s.cfg.training
+    log = StepLog(s, prog, s.plan.global_batch)
     while prog.epoch < s.total_epochs and prog.global_step < s.total_steps:
-        plan = D.shard(D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch), s.acc.process_index, s.acc.num_processes)
-        it = micro_batches(s, plan[prog.batch_in_epoch :], prog.epoch)
+        plan = D.epoch_plan(s.items, s.item_buckets, s.plan, prog.epoch)  # global batches: one per step
+        mine = [D.micro_batches_of(b, acc.process_index, acc.num_processes, t.gradient_accumulation_steps)
+                for b in plan]
+        it = micro_batches(s, [m for step in mine[prog.batch_in_epoch :] for m in step], prog.epoch)
         while prog.batch_in_epoch < len(plan) and prog.global_step < s.total_steps:
             t0 = time.perf_counter()
-            chunk = [next(it) for _ in range(min(ga, len(plan) - prog.batch_in_epoch))]
+            chunk = [next(it) for _ in mine[prog.batch_in_epoch]]
             t1 = time.perf_counter()
-            loss, stepped = train_step(s, chunk, prog.global_step)
+            loss, stepped = train_step(s, chunk, prog.global_step, prog.epoch)
             io.data_wait_s += t1 - t0
             io.busy_s += time.perf_counter() - t1
             prog.global_step += 1
-            prog.batch_in_epoch += len(chunk)
+            prog.batch_in_epoch += 1
             io.step = prog.global_step
             bar.update(1)
             log.record(loss, stepped)

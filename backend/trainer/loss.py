@@ -21,26 +21,35 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """Noise and timesteps are a pure function of (seed, step, micro-batch, rank): exact on resume."""
+def sample_generator(seed: int, epoch: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator of one sample's noise and timestep: a pure function of (seed, epoch, the sample's
+    position in the epoch), never of the rank or the micro-batch it landed in."""
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    gen.manual_seed(mix_seed(seed, NOISE, step, micro, rank))
+    gen.manual_seed(mix_seed(seed, NOISE, epoch, index))
     return gen
 
 
 def seed_micro_step(seed: int, step: int, micro: int, rank: int) -> None:
     """Seed the global RNG (CPU and every GPU) for one micro-step: what draws from it inside the
     forward pass (network dropout) is then a pure function of the position too, whatever ran
-    before (a data loader, an evaluation, a resume)."""
+    before (a data loader, an evaluation, a resume). Dropout masks are drawn per micro-batch tensor,
+    so they (alone) depend on the layout: with network dropout, two layouts of one global batch are
+    statistically the same training, not the same numbers."""
     torch.manual_seed(mix_seed(seed, DROPOUT, step, micro, rank))
 
 
-def draw_noise(latents: torch.Tensor, gen: torch.Generator, noise_offset: float, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=torch.float32)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=gen.device)
-    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
-    return noise.to(latents.device), timesteps.to(latents.device)
+def draw_noise(latents: torch.Tensor, gens: list[torch.Generator], noise_offset: float,
+               num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and a timestep for each sample of a batch, each from its own generator (`sample_generator`)."""
+    noises, steps = [], []
+    shape = tuple(latents.shape[1:])
+    for gen in gens:
+        n = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+        if noise_offset > 0:
+            n = n + noise_offset * torch.randn((shape[0], 1, 1), generator=gen, device=gen.device)
+        noises.append(n)
+        steps.append(torch.randint(0, num_timesteps, (1,), generator=gen, device=gen.device))
+    return torch.stack(noises).to(latents.device), torch.cat(steps).to(latents.device)
 
 
 def diffusion_loss(
@@ -55,7 +64,7 @@ def diffusion_loss(
     ts: TrainingSection,
     weight_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Mean loss over the batch (per-sample MSE, optionally Min-SNR weighted)."""
+    """The loss of each sample of the batch ([batch]): MSE over its latent, optionally Min-SNR weighted."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     pred = unet(
@@ -67,4 +76,4 @@ def diffusion_loss(
         snr = ac / (1 - ac)
         weight = torch.clamp(snr, max=ts.min_snr_gamma) / (snr + 1 if v_prediction else snr)
         loss = loss * weight
-    return loss.mean()
+    return loss

@@ -22,13 +22,16 @@ EXIT_FINISHED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 0
 
 
 def run(cfg: TrainingConfig, version_dir: Path) -> int:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     from backend.trainer.build import build_setup
     from backend.trainer.context import Progress
+    from backend.trainer.distributed import collective_timeout_s
     from backend.trainer.loop import run_training
-    from backend.trainer.run_io import RunIO
+    from backend.trainer.run_io import open_run_io
     from backend.trainer.savepoints import SaveContext, samples, save
     from backend.trainer.state import load_state
     from backend.trainer.stopping import StopWatch
@@ -36,9 +39,10 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
 
     cpu = cfg.launch.device == "cpu"
     acc = Accelerator(mixed_precision=cfg.training.mixed_precision if not cpu else "no", cpu=cpu,
-                      kwargs_handlers=[DistributedDataParallelKwargs(**ddp_kwargs(cfg))])
-    io = RunIO(version_dir, acc.is_main_process, cfg.logging.tensorboard)
-    io.status(state="running", trainer_pid=os.getpid())
+                      kwargs_handlers=[DistributedDataParallelKwargs(**ddp_kwargs(cfg)),
+                                       InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s(cfg)))])
+    io = open_run_io(acc, version_dir, cfg)  # several machines: a status writer per machine (run_io)
+    io.status(state="running", trainer_pid=os.getpid(), **io.identity)
     io.start_heartbeat()
     stop = StopWatch(version_dir, acc)
     sc = SaveContext(version_dir, resumed_from=cfg.resume_from)

@@ -1,11 +1,20 @@
 """What the trainer writes into its version folder besides checkpoints: events, status with a
-heartbeat, TensorBoard scalars, and periodic `resources` events. Only rank 0 writes; other ranks
-get a silent stand-in."""
+heartbeat, TensorBoard scalars, and periodic `resources` events.
+
+Rank 0 writes everything. A run across several machines gives every machine a version folder of its
+own (each machine launches its own `python -m backend train`): there the machine's local main
+process is a *worker* writer (status.json with its heartbeat and final state, and WORKER_EVENTS
+only: no step events, no TensorBoard; checkpoints, exports and samples are rank 0's anyway).
+`open_run_io` decides which, with one gather of every process's (machine, host, version folder), so
+each worker's status names the main machine's host and version folder and the main's status lists
+its workers. Every other process gets a silent stand-in.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -21,6 +30,10 @@ HEARTBEAT_S = 2.0
 RESOURCES_S = float(os.environ.get("LATHE_RESOURCES_INTERVAL_S", "10"))  # 0 turns resources events off
 WARN_REPEAT_S = 600.0  # the same kind of warning at most this often
 MB = 1024 * 1024
+# What a worker machine's folder gets: the run's start and end, the warnings every rank raises
+# (config, dataset) and its own machine's resources. Steps, epochs, saves and samples are rank 0's.
+WORKER_EVENTS = frozenset({"run_started", "run_finished", "warning", "resources"})
+IDENTITY_EVENTS = ("run_started", "run_finished")  # these carry `role` and `machine_rank`
 
 
 class RunIO:
@@ -28,9 +41,16 @@ class RunIO:
     share of time spent waiting for data: `data_wait_s` (waiting for the next batch) and `busy_s`
     (inside training steps)."""
 
-    def __init__(self, version_dir: Path, is_main: bool, tensorboard: bool):
+    def __init__(self, version_dir: Path, is_main: bool, tensorboard: bool, worker: bool = False,
+                 identity: dict[str, Any] | None = None):
+        """is_main: the global main process (writes everything). worker: the local main process of
+        another machine (writes status and WORKER_EVENTS). identity: role fields for status.json
+        (`role`, `machine_rank`, ...; empty for a run on one machine)."""
         self.dir = version_dir
         self.is_main = is_main
+        self.is_worker = worker and not is_main
+        self.identity = dict(identity or {})
+        writes = is_main or self.is_worker
         self.step = 0
         self.total_steps: int | None = None
         self.data_wait_s = 0.0
@@ -38,7 +58,7 @@ class RunIO:
         self._window = (0.0, 0.0)  # the counters at the last resources event
         self._save_bytes: dict[int, int] = {}  # bytes written per save point (by step)
         self._warned_at: dict[str, float] = {}
-        self._events = EventWriter(version_dir / "events.jsonl", background=True) if is_main else None
+        self._events = EventWriter(version_dir / "events.jsonl", background=True) if writes else None
         self._tb = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -49,8 +69,11 @@ class RunIO:
 
     # ------------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields: Any) -> None:
-        if self._events is None:
+        if self._events is None or (self.is_worker and event not in WORKER_EVENTS):
             return
+        if event in IDENTITY_EVENTS and self.identity:
+            keys = self.identity if event == "run_started" else ("role", "machine_rank")
+            fields = {**{k: self.identity[k] for k in keys if k in self.identity}, **fields}
         self._events.emit(event, **fields)
         if event in ("checkpoint_saved", "export_saved") and isinstance(fields.get("bytes"), int):
             step = int(fields.get("step") or 0)
@@ -67,14 +90,18 @@ class RunIO:
                     self._tb.add_scalar(k, v, step)
 
     # ------------------------------------------------------------------------------------ status
+    @property
+    def writes_status(self) -> bool:
+        return self.is_main or self.is_worker
+
     def status(self, **fields: Any) -> None:
-        if self.is_main:
+        if self.writes_status:
             runs.update_status(self.dir, heartbeat_at=time.time(), **fields)
 
     def start_heartbeat(self) -> None:
         """A thread refreshes status.json every few seconds, so a stale heartbeat means a dead or hung
         trainer, and emits a `resources` event every RESOURCES_S."""
-        if not self.is_main or self._beat is not None:
+        if not self.writes_status or self._beat is not None:
             return
 
         def beat() -> None:
@@ -132,6 +159,40 @@ class RunIO:
             self._tb.close()
         if self._events is not None:
             self._events.close()
+
+
+# ------------------------------------------------------------------------------- several machines
+def machine_layout(cfg: Any) -> tuple[int, int]:
+    """(machines, this machine's rank). torch's elastic agent (under `accelerate launch`) says it in
+    GROUP_WORLD_SIZE / GROUP_RANK, also when an accelerate config file set them; else the config."""
+    count = int(os.environ.get("GROUP_WORLD_SIZE") or cfg.launch.num_machines)
+    rank = int(os.environ.get("GROUP_RANK") or cfg.launch.machine_rank)
+    return count, rank
+
+
+def open_run_io(acc: Any, version_dir: Path, cfg: Any) -> RunIO:
+    """The writer for this process. One machine: rank 0 writes, the others are silent (no
+    collective). Several: one gather_object of every process's (machine, host, version folder),
+    called by every rank at the same point, then rank 0 is the main writer, the local main process
+    of each other machine a worker writer, and the status of each says which it is."""
+    machines, machine_rank = machine_layout(cfg)
+    if machines <= 1 or acc.num_processes <= 1:
+        return RunIO(version_dir, acc.is_main_process, cfg.logging.tensorboard)
+    from accelerate.utils import gather_object
+
+    me = {"process": acc.process_index, "machine_rank": machine_rank, "host": socket.gethostname(),
+          "version_dir": str(version_dir), "local_main": bool(acc.is_local_main_process)}
+    everyone = gather_object([me])
+    main = next(p for p in everyone if p["process"] == 0)
+    base = {"machine_rank": machine_rank, "num_machines": machines, "host": me["host"]}
+    if acc.is_main_process:
+        workers = sorted(({"machine_rank": p["machine_rank"], "host": p["host"], "version_dir": p["version_dir"]}
+                          for p in everyone if p["local_main"] and p["process"] != 0), key=lambda w: w["machine_rank"])
+        identity = {"role": "main", **base, "workers": workers}
+    else:
+        identity = {"role": "worker", **base, "main_host": main["host"], "main_version_dir": main["version_dir"]}
+    return RunIO(version_dir, acc.is_main_process, cfg.logging.tensorboard,
+                 worker=bool(acc.is_local_main_process), identity=identity)
 
 
 def _process_memory() -> dict[str, Any]:

@@ -8,6 +8,7 @@ gives black or NaN images).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -56,33 +57,45 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(comps: Components, unet: Any, text: TextEncoder, sc: SamplingConfig, out_dir: Path,
-             device: torch.device, autocast: Any) -> list[tuple[Path, str]]:
-    """One image per prompt into out_dir/<i>.png (plus prompts.json); returns (path, prompt) pairs.
+def generate(comps: Components, unet: Any, text: TextEncoder, sc: SamplingConfig, indices: range | list[int],
+             device: torch.device, autocast: Any) -> list[tuple[int, str, bytes]]:
+    """The sample images of the prompts at `indices` (one rank's share): (index, prompt, PNG bytes).
+    Prompt i always uses seed sc.seed + i, so an image does not depend on which rank drew it.
 
     The caller puts the modules in eval mode (Trained.evaluating). The training RNG is saved and
     restored around sampling, so sampling never changes the run.
     """
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    out_dir.mkdir(parents=True, exist_ok=True)
     pipe = _pipeline(comps, unet)
     pipe.set_progress_bar_config(disable=True)
     results = []
     try:
-        for i, prompt in enumerate(sc.prompts):
+        for i in indices:
+            prompt = sc.prompts[i]
             gen = torch.Generator("cpu").manual_seed(sc.seed + i)
             with autocast():
                 embeds = prompt_embeddings(comps, text, prompt, sc.negative_prompt)
                 latents = pipe(**embeds, num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale,
                                width=sc.width, height=sc.height, generator=gen, output_type="latent").images
             image = pipe.image_processor.postprocess(decode(comps.vae, latents), output_type="pil")[0]
-            path = out_dir / f"{i}.png"
-            image.save(path)
-            results.append((path, prompt))
-        (out_dir / "prompts.json").write_text(json.dumps([p for _, p in results], indent=1), encoding="utf-8")
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            results.append((i, prompt, buf.getvalue()))
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+    return results
+
+
+def write_samples(out_dir: Path, images: list[tuple[int, str, bytes]]) -> list[tuple[Path, str]]:
+    """Write out_dir/<i>.png for every image (from every rank) and prompts.json; (path, prompt) pairs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, prompt, png in sorted(images):
+        path = out_dir / f"{i}.png"
+        path.write_bytes(png)
+        results.append((path, prompt))
+    (out_dir / "prompts.json").write_text(json.dumps([p for _, p in results], indent=1), encoding="utf-8")
     return results

@@ -23,7 +23,8 @@ from accelerate.utils import gather_object
 from backend import checkpoints as C
 from backend.trainer import evaluation, lora
 from backend.trainer.context import Progress, Setup
-from backend.trainer.sampling import generate
+from backend.trainer.distributed import gather_shares, share
+from backend.trainer.sampling import generate, write_samples
 from backend.trainer.state import rng_state, write_state
 from backend.trainer.trained import RanksDiverged, first_divergence
 
@@ -74,7 +75,8 @@ def after_epoch(sc: SaveContext, s: Setup, prog: Progress) -> None:
 
 
 def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None = None) -> None:
-    """One save point, on every rank: RNG states are gathered, rank 0 evaluates, writes and prunes.
+    """One save point, on every rank: RNG states are gathered, every rank evaluates its share of
+    the evaluation images, rank 0 writes and prunes.
 
     Under several processes the ranks are first checked to hold one model (check_ranks_agree).
     Order matters: the new state folder and export are complete on disk before anything old is
@@ -83,9 +85,9 @@ def save(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | Non
     if s.acc.num_processes > 1:
         check_ranks_agree(s)
     rngs = gather_object([rng_state()]) if s.acc.num_processes > 1 else [rng_state()]
+    loss = evaluate(s)
     if not s.acc.is_main_process:
         return
-    loss = evaluate(s)
     val_loss = loss if s.eval_kind == "val" else None
     improved = val_loss is not None and (prog.best_val_loss is None or val_loss < prog.best_val_loss)
     if val_loss is not None:
@@ -108,9 +110,16 @@ def check_ranks_agree(s: Setup) -> None:
 
 
 def evaluate(s: Setup) -> float:
-    """The evaluation loss on rank 0 alone: plain modules (no DDP wrapper), all in eval mode."""
-    return evaluation.eval_loss(s.comps, s.trained, s.text.bare(), s.eval_samples, s.cfg.training.seed,
-                                s.acc.device, s.weight_dtype, s.cfg.training, s.acc.autocast)
+    """The evaluation loss, every rank doing its share of the samples on the plain modules (no DDP
+    wrapper, all in eval mode); each sample's loss is computed alone and the mean is taken in sample
+    order, so the figure is the one a single process (and `verify`) computes."""
+    world, rank, n = s.acc.num_processes, s.acc.process_index, len(s.eval_samples)
+    mine = [s.eval_samples[i] for i in share(n, rank, world)]
+    losses = evaluation.sample_losses(s.comps, s.trained, s.text.bare(), mine, s.cfg.training.seed, s.acc.device,
+                                      s.weight_dtype, s.cfg.training, s.acc.autocast)
+    if world > 1:
+        losses = gather_shares(gather_object([losses]), n)
+    return evaluation.mean_loss(losses)
 
 
 def write_save_point(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None,
@@ -193,11 +202,20 @@ EXPORT_PATTERNS = (("epoch", r"-(\d{6})\.safetensors"), ("step", r"-step(\d{8})\
 
 
 def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
-    if not s.cfg.sampling.prompts or not s.acc.is_main_process:
+    """Sample images, the prompts spread over the ranks (prompt i has seed + i whoever draws it);
+    rank 0 receives every image and writes them."""
+    prompts = s.cfg.sampling.prompts
+    if not prompts:
         return
+    world, rank = s.acc.num_processes, s.acc.process_index
     with borrowed([s.comps.vae, *s.comps.text_encoders], s.acc.device), s.trained.evaluating():
-        out = generate(s.comps, s.comps.unet, s.text.bare(), s.cfg.sampling, sc.version_dir / "samples" / label,
-                       s.acc.device, s.acc.autocast)
+        images = generate(s.comps, s.comps.unet, s.text.bare(), s.cfg.sampling, share(len(prompts), rank, world),
+                          s.acc.device, s.acc.autocast)
+    if world > 1:
+        images = [img for part in gather_object([images]) for img in part]
+    if not s.acc.is_main_process:
+        return
+    out = write_samples(sc.version_dir / "samples" / label, images)
     for path, prompt in out:
         s.io.emit("sample_saved", path=str(path), prompt=prompt, step=prog.global_step, epoch=prog.epoch)
 

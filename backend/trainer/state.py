@@ -4,9 +4,12 @@ Folder contents (manifest.json written last, see backend.checkpoints.AtomicDir):
   lora.safetensors        every trainable tensor (Trained.state_dict), fp32; never the frozen base model
   optimizer.pt            optimizer state_dict (Prodigy's d, its per-parameter state, Adam moments)
   scheduler.pt            LR scheduler state_dict
-  rng.pt                  python/numpy/torch/cuda RNG states of every rank
+  rng.pt                  python/numpy/torch/cuda RNG states of every rank (restored when the process
+                          count is the same; every random draw of training is derived from the
+                          position anyway, so a resume on another process count needs none of them)
   scaler.json             the fp16 loss scaler (scale, growth tracker), only when training in fp16
-  training_state.json     global step, epoch, position in the epoch, best val loss, ...
+  training_state.json     global step, epoch, global batches done in the epoch, best val loss, the
+                          layout (processes, batch, accumulation) and the global batch, ...
   config.json             the run's frozen config
 
 Every .pt file holds plain data only and is read with `weights_only=True`: opening a checkpoint
@@ -25,9 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend import checkpoints as C
+from backend.resume import Layout, layout_refusal
 from backend.trainer.context import Progress, Setup
 
 SCALER_FILE = "scaler.json"
+PLAN_FORMAT = 2  # 2: the plan is in global batches (1: per-rank batches of train_batch_size)
 
 
 class StateError(Exception):
@@ -83,6 +88,14 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def saved_layout(ts: dict[str, Any]) -> Layout | None:
+    """(processes, batch per device, accumulation) a checkpoint was trained with (None: not recorded)."""
+    try:
+        return int(ts["world_size"]), int(ts["train_batch_size"]), int(ts["gradient_accumulation_steps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def write_state(folder: Path, s: Setup, prog: Progress, all_rng: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """Fill a (temporary) checkpoint folder. Called on rank 0 only."""
     save_tensors(folder / "lora.safetensors", s.trained.state_dict())
@@ -94,7 +107,9 @@ def write_state(folder: Path, s: Setup, prog: Progress, all_rng: list[dict[str, 
     ts = {"global_step": prog.global_step, "epoch": prog.epoch, "batch_in_epoch": prog.batch_in_epoch,
           "epoch_loss_sum": prog.epoch_loss_sum, "epoch_loss_count": prog.epoch_loss_count,
           "best_val_loss": prog.best_val_loss, "skipped_steps": prog.skipped_steps,
-          "world_size": s.acc.num_processes, **extra}
+          "world_size": s.acc.num_processes, "train_batch_size": s.cfg.training.train_batch_size,
+          "gradient_accumulation_steps": s.cfg.training.gradient_accumulation_steps,
+          "global_batch": s.plan.global_batch, "plan_format": PLAN_FORMAT, **extra}
     save_json(folder / "training_state.json", ts)
     save_json(folder / "config.json", s.cfg.model_dump(mode="json"))
 
@@ -105,20 +120,27 @@ def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
     if status != "valid":
         raise StateError(f"resume_from: checkpoint {folder} is {status}: {'; '.join(problems[:3])}")
     ts = json.loads((folder / "training_state.json").read_text(encoding="utf-8"))
-    if ts.get("world_size", 1) != s.acc.num_processes:
-        raise StateError(f"launch.num_processes: checkpoint was trained with {ts.get('world_size')} processes, "
-                         f"this run has {s.acc.num_processes}")
+    problem = layout_refusal(saved_layout(ts), (s.acc.num_processes, s.cfg.training.train_batch_size,
+                                                s.cfg.training.gradient_accumulation_steps))
+    if problem:
+        raise StateError(problem)
     try:
         s.trained.load_state_dict(load_file(str(folder / "lora.safetensors"), device="cpu"))
     except ValueError as e:
         raise StateError(f"resume_from: {e}") from None
     s.optimizer.load_state_dict(load_pickle(folder / "optimizer.pt"))
     s.lr_scheduler.load_state_dict(load_pickle(folder / "scheduler.pt"))
-    _set_rng(load_pickle(folder / "rng.pt")[s.acc.process_index])
+    rngs = load_pickle(folder / "rng.pt")
+    if len(rngs) == s.acc.num_processes:
+        _set_rng(rngs[s.acc.process_index])
     scaler_file = folder / SCALER_FILE
     if s.scaler is not None and scaler_file.is_file():
         s.scaler.load_state_dict(json.loads(scaler_file.read_text(encoding="utf-8")))
-    prog.global_step, prog.epoch, prog.batch_in_epoch = ts["global_step"], ts["epoch"], ts["batch_in_epoch"]
+    prog.global_step, prog.epoch = ts["global_step"], ts["epoch"]
+    prog.batch_in_epoch = ts["batch_in_epoch"]
+    if ts.get("plan_format", 1) < PLAN_FORMAT:  # counted micro-batches of one rank: steps are what it means now
+        prog.batch_in_epoch = -(-ts["batch_in_epoch"] // max(1, int(ts.get("gradient_accumulation_steps") or
+                                                                  s.cfg.training.gradient_accumulation_steps)))
     prog.epoch_loss_sum, prog.epoch_loss_count = ts.get("epoch_loss_sum", 0.0), ts.get("epoch_loss_count", 0)
     prog.best_val_loss = ts.get("best_val_loss")
     prog.skipped_steps = ts.get("skipped_steps", 0)

@@ -31,7 +31,8 @@ def run_rows(infos: list[RunInfo]) -> pd.DataFrame:
     rows = []
     for i in sorted(infos, key=lambda i: i.started_at or 0.0, reverse=True):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.started_at)) if i.started_at else ""
-        rows.append([i.run_name, i.version, i.state, f"{i.step}/{i.total_steps or '?'}", started, i.reason or "", i.path])
+        reason = " · ".join(r for r in (i.worker_of, i.reason) if r)  # a worker's checkpoints are on machine 0
+        rows.append([i.run_name, i.version, i.state, f"{i.step}/{i.total_steps or '?'}", started, reason, i.path])
     return pd.DataFrame(rows, columns=RUN_HEADERS)
 
 

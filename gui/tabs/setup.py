@@ -13,7 +13,7 @@ from backend.config import OPTIMIZER_TYPES, TrainingConfig
 from gui.fields import build_field, command_box
 from gui.form import GENERAL, FieldError, FormError, by_section, form_to_config, form_warnings
 from gui.page import Page
-from gui.preview import saving_preview, train_command
+from gui.preview import saving_preview, train_command, worker_commands_text
 from gui.schema import SECTIONS, FieldSpec, section_specs
 from gui.tabs import presets
 
@@ -139,8 +139,12 @@ def _wire(page: Page, validate: gr.Button, show: gr.Button, command: gr.Textbox)
         cfg, messages = validate_values(page, form.values(data))
         if cfg is None:
             return {**messages, command: gr.update(visible=False)}
-        text = (f"# Reproduce with the CLI (from the Lathe folder):\n{train_command(launcher.absolutize(cfg))}\n\n"
+        full = launcher.absolutize(cfg)
+        text = (f"# Reproduce with the CLI (from the Lathe folder):\n{train_command(full)}\n\n"
                 f"# ...which launches (the version folder is chosen at start):\n{launcher.preview(cfg)}")
+        others = worker_commands_text(full)
+        if others:
+            text += f"\n\n{others}"
         return {**messages, command: gr.update(value=text, visible=True)}
 
     show.click(on_show, inputs=form.inputs, outputs=[*outputs, command])
