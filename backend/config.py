@@ -352,6 +352,9 @@ class LaunchConfig(Section):
             raise ValueError(f"machine_rank: must be below num_machines ({self.machine_rank} >= {self.num_machines})")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("main_process_ip: several machines need the address of machine 0")
+        if self.num_processes % self.num_machines and not self.accelerate_config_file:
+            raise ValueError(f"num_processes: counts the processes of all machines together and must be a multiple "
+                             f"of num_machines ({self.num_processes} processes on {self.num_machines} machines)")
         if self.device == "cpu" and self.gpu_ids:
             raise ValueError("gpu_ids: not used with device 'cpu'; clear it or choose device 'cuda'")
         return self

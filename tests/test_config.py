@@ -78,6 +78,9 @@ def test_unknown_fields_and_optimizer_args_are_errors():
         ({"launch": {"num_machines": 2}}, "launch.main_process_ip: several machines need the address of machine 0"),
         ({"launch": {"num_machines": 2, "machine_rank": 2, "main_process_ip": "10.0.0.1"}},
          "launch.machine_rank: must be below num_machines (2 >= 2)"),
+        ({"launch": {"num_machines": 3, "num_processes": 8, "main_process_ip": "10.0.0.1"}},
+         "launch.num_processes: counts the processes of all machines together and must be a multiple of "
+         "num_machines (8 processes on 3 machines)"),
         ({"dataset": {"min_bucket_reso": 1024, "max_bucket_reso": 512}},
          "dataset.min_bucket_reso: must not be larger than max_bucket_reso (1024 > 512)"),
         ({"dataset": {"validation_split": 0.1, "validation_data_dir": "val"}},

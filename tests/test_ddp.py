@@ -26,7 +26,8 @@ def ddp_run(demo, tmp_path_factory) -> Path:
     cfg = launcher.absolutize(demo_cfg(demo, out, launch={"device": "cpu", "num_processes": 2},
                                        network={"train_text_encoder": True, "dropout": 0.2},
                                        training={"max_train_epochs": 2, "clip_skip": 2},
-                                       sampling={"prompts": ["a red circle"], "every_n_epochs": None, "steps": 2}))
+                                       sampling={"prompts": ["a red circle", "a yellow star"], "every_n_epochs": None,
+                                                 "steps": 2}))
     v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
     argv = launcher.build_argv(cfg, v, cpu_threads=1, entry=PROBE_ENTRY)  # the real trainer + a dump per rank
     runs.write_run_files(v, cfg, argv)
@@ -85,9 +86,20 @@ def test_ddp_writes_each_event_and_file_once(ddp_run):
     files = [Path(e["path"]).name for e in events(ddp_run, "export_saved")]
     assert len(files) == len(set(files)) and {"demo-000001.safetensors", "demo.safetensors"} <= set(files)
     assert set(files) == {p.name for p in (ddp_run / "exports").iterdir()}
-    assert len(events(ddp_run, "sample_saved")) == 1 and len(events(ddp_run, "run_finished")) == 1
-    assert [p.relative_to(ddp_run / "samples").as_posix() for p in (ddp_run / "samples").rglob("*.png")] == ["final/0.png"]
+    assert len(events(ddp_run, "run_finished")) == 1
+    pngs = sorted(p.relative_to(ddp_run / "samples").as_posix() for p in (ddp_run / "samples").rglob("*.png"))
+    assert pngs == ["final/0.png", "final/1.png"]
     assert not list(ddp_run.rglob("*.tmp"))
+
+
+def test_ddp_spreads_samples_and_caching_over_the_ranks(ddp_run):
+    """Each rank draws its share of the prompts (rank 0 writes them all) and encodes its share of
+    the latents; the images do not depend on which rank drew them (prompt i has seed + i)."""
+    saved = events(ddp_run, "sample_saved")
+    assert [(e["prompt"], e["rank"]) for e in saved] == [("a red circle", 0), ("a yellow star", 1)]
+    assert json.loads((ddp_run / "samples" / "final" / "prompts.json").read_text()) == ["a red circle", "a yellow star"]
+    latents = [e for e in events(ddp_run, "cache_filled") if e["kind"] == "latents"]
+    assert len(latents) == 1 and latents[0]["encoded_per_rank"] == [7, 7] and latents[0]["count"] == 14
 
 
 @pytest.mark.skipif(not (ROOT / "backend" / "trainer" / "state.py").exists(), reason="needs state checkpoints")

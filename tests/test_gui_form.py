@@ -34,13 +34,13 @@ from tests.conftest import ENV, ROOT
 ALTERNATIVES: dict[str, Any] = {
     "optimizer.growth_rate": "1.02", "optimizer.beta3": "0.5", "optimizer.betas": "0.8, 0.95",
     "dataset.caption_extension": ".caption", "launch.gpu_ids": "0,1", "launch.main_process_ip": "10.0.0.1",
-    "launch.machine_rank": 1, "training.max_train_steps": "500", "network.train_unet": False,
+    "launch.machine_rank": 1, "launch.num_machines": 2, "training.max_train_steps": "500", "network.train_unet": False,
     "dataset.validation_split": 0.25, "dataset.max_bucket_reso": 1032,
 }
 # Other fields a value needs to be valid (cross-field rules).
 NEEDS: dict[str, dict[str, Any]] = {
-    "launch.machine_rank": {"launch.num_machines": 2, "launch.main_process_ip": "10.0.0.1"},
-    "launch.num_machines": {"launch.main_process_ip": "10.0.0.1"},
+    "launch.machine_rank": {"launch.num_machines": 2, "launch.num_processes": 2, "launch.main_process_ip": "10.0.0.1"},
+    "launch.num_machines": {"launch.main_process_ip": "10.0.0.1", "launch.num_processes": 2},
     "saving.save_last_n_epochs": {"saving.save_every_n_epochs": "1"},
     "saving.save_last_n_steps": {"saving.save_every_n_steps": "100"},
     "training.max_train_steps": {"training.max_train_epochs": ""},

@@ -136,7 +136,7 @@ def test_sparse_form_round_trips_many_configs():
         {"optimizer": {"type": "SGD", "nesterov": True}, "training": {"max_train_steps": 7}},
         {"sampling": {"prompts": ["a", "b"], "every_n_steps": 5}, "dataset": {"validation_split": 0.2}},
         {"network": {"target_modules": ["to_q", "to_v"]}, "model": {"v_parameterization": False}},
-        {"launch": {"num_machines": 2, "main_process_ip": "10.0.0.1", "gpu_ids": "0,1"}},
+        {"launch": {"num_machines": 2, "num_processes": 2, "main_process_ip": "10.0.0.1", "gpu_ids": "0,1"}},
     ]
     for case in cases:
         cfg = resolve(case)

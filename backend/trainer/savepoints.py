@@ -211,13 +211,14 @@ def samples(sc: SaveContext, s: Setup, prog: Progress, label: str) -> None:
     with borrowed([s.comps.vae, *s.comps.text_encoders], s.acc.device), s.trained.evaluating():
         images = generate(s.comps, s.comps.unet, s.text.bare(), s.cfg.sampling, share(len(prompts), rank, world),
                           s.acc.device, s.acc.autocast)
-    if world > 1:
-        images = [img for part in gather_object([images]) for img in part]
+    parts = gather_object([images]) if world > 1 else [images]
     if not s.acc.is_main_process:
         return
-    out = write_samples(sc.version_dir / "samples" / label, images)
+    drawn_by = {i: r for r, part in enumerate(parts) for i, _, _ in part}
+    out = write_samples(sc.version_dir / "samples" / label, [img for part in parts for img in part])
     for path, prompt in out:
-        s.io.emit("sample_saved", path=str(path), prompt=prompt, step=prog.global_step, epoch=prog.epoch)
+        s.io.emit("sample_saved", path=str(path), prompt=prompt, step=prog.global_step, epoch=prog.epoch,
+                  rank=drawn_by[int(path.stem)])
 
 
 @contextlib.contextmanager
