@@ -26,7 +26,7 @@ def _load(path: str, sets: list[str]) -> TrainingConfig:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from backend.preflight import accelerate_config_problems
+    from backend.preflight import accelerate_config_problems, latent_cache_estimate
 
     try:
         cfg = _load(args.config, args.set)
@@ -43,6 +43,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
     else:
         print(f"valid: {args.config}")
+        estimate = latent_cache_estimate(cfg)
+        if estimate:
+            print(estimate)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -57,3 +57,39 @@ def accelerate_config_problems(path: Path) -> list[str]:
                 f"DDP ({', '.join(SUPPORTED_DISTRIBUTED)}). DeepSpeed and FSDP would save a sharded optimizer "
                 "as one rank's shard."]
     return []
+
+
+def latent_cache_bytes(cfg: TrainingConfig) -> tuple[int, int, int] | None:
+    """(bytes, images, variants per image) the latent cache will hold, from the image headers (no
+    decoding); None when latents are not cached or the folder cannot be read."""
+    from backend.trainer import data as D
+
+    ds = cfg.dataset
+    if not ds.cache_latents:
+        return None
+    try:
+        items = D.discover(ds.train_data_dir, ds.caption_extension, decode=False).items
+    except D.DatasetError:
+        return None
+    buckets = D.bucket_of_items(items, D.buckets_for(ds), ds.resolution)
+    channels = _latent_channels(Path(cfg.model.pretrained_model).expanduser())
+    variants = 2 if ds.random_flip else 1
+    return sum(channels * (w // 8) * (h // 8) * 4 for w, h in buckets) * variants, len(items), variants
+
+
+def latent_cache_estimate(cfg: TrainingConfig) -> str | None:
+    """The latent cache's size as one line for people, shown before a run starts."""
+    found = latent_cache_bytes(cfg)
+    if found is None:
+        return None
+    total, n, variants = found
+    size = f"{total / 2**20:.1f} MB" if total >= 2**20 else f"{total / 1024:.0f} KB"
+    return (f"latent cache: about {size} for {n} images x {variants} variant(s) (in GPU memory when it fits "
+            "dataset.latent_cache_gpu_mb, else in pinned CPU memory)")
+
+
+def _latent_channels(model: Path) -> int:
+    try:
+        return int(json.loads((model / "vae" / "config.json").read_text(encoding="utf-8")).get("latent_channels", 4))
+    except (OSError, ValueError, TypeError):
+        return 4  # every SD 1.x/2.x/XL VAE

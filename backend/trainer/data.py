@@ -60,8 +60,15 @@ def _read_caption(path: Path, fallback: str) -> str:
     return " ".join(text.split()) or fallback
 
 
-def discover(data_dir: str | Path, caption_extension: str = ".txt", label: str = "dataset.train_data_dir") -> Discovery:
-    """Find images: kohya `<repeats>_<class words>/` sub-folders, or a flat folder (metadata.jsonl or captions)."""
+def _header_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def discover(data_dir: str | Path, caption_extension: str = ".txt", label: str = "dataset.train_data_dir",
+             decode: bool = True) -> Discovery:
+    """Find images: kohya `<repeats>_<class words>/` sub-folders, or a flat folder (metadata.jsonl or captions).
+    decode=False reads only each image's header (a quick count for estimates; a truncated file passes)."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{label}: folder {root} does not exist")
@@ -85,7 +92,7 @@ def discover(data_dir: str | Path, caption_extension: str = ".txt", label: str =
     items = []
     for img, caption, repeats in candidates:
         try:
-            size = _check_image(img)
+            size = _check_image(img) if decode else _header_size(img)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             warnings.append(f"skipped unreadable image {img}: {type(e).__name__}: {str(e)[:120]}")
             continue
