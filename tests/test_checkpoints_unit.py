@@ -124,7 +124,21 @@ def test_resume_preflight_lists_allowed_changes_and_refuses_frozen_ones(tmp_path
     plan = plan_resume(ck, bad)
     assert not plan.ok and len(plan.refused) == 2
     assert plan.refused[0].startswith("network.rank cannot change on resume (16 -> 32)")
-    assert plan.refused[1].startswith("training.train_batch_size cannot change on resume (1 -> 2)")
+    assert plan.refused[1].startswith("training.train_batch_size: the global batch would change from 1 "
+                                      "(1 process x batch 1) to 2 (1 process x batch 2)")
+
+    # Another layout of the same global batch resumes (elastic), and the preflight says so.
+    wide = resolve({**old.model_dump(mode="json"), "training": {"train_batch_size": 2, "max_train_epochs": 4},
+                    "launch": {"num_processes": 2, "device": "cpu"}})
+    narrow = make_ckpt(tmp_path, "step-00000003", {"run_name": "lora", "step": 3, "epoch": 0, "steps_per_epoch": 4,
+                                                   "world_size": 2})
+    (narrow / "config.json").write_text(json.dumps(wide.model_dump(mode="json")))
+    C.write_manifest(narrow, {**C.read_manifest(narrow), "files": None})
+    one = resolve({**wide.model_dump(mode="json"), "training": {"train_batch_size": 4, "max_train_epochs": 4},
+                   "launch": {"num_processes": 1, "device": "cpu"}})
+    elastic = plan_resume(narrow, one, check_dataset=False)
+    assert elastic.ok, elastic.refused
+    assert "  layout: 2 processes x batch 2 -> 1 process x batch 4 (global batch 4 kept" in "\n".join(elastic.describe())
 
     done = resolve({**old.model_dump(mode="json"), "training": {"max_train_epochs": 2}})
     assert "training is already complete at this checkpoint (step 8 of 8" in plan_resume(ck, done).refused[0]

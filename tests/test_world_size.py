@@ -116,9 +116,8 @@ def test_caching_is_split_over_the_ranks(layouts):
     two = [e for e in events(layouts["2x2"], "cache_filled") if e["kind"] == "latents"][0]
     assert one["count"] == two["count"] == 2 * 14  # 14 images, flipped and not
     assert one["encoded_per_rank"] == [28] and two["encoded_per_rank"] == [14, 14]
-    from backend.preflight import latent_cache_bytes
-
     from backend.config import validate_config
+    from backend.preflight import latent_cache_bytes
 
     estimate = latent_cache_bytes(validate_config(json.loads((layouts["2x2"] / "config.json").read_text())))
     assert estimate == (one["bytes"], 14, 2)  # the estimate shown before the run is what the cache held

@@ -56,7 +56,8 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
     eval_kind, eval_list = evaluation.eval_items(items, val_items)
     eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
-    latents = _cache_latents(cfg, acc, io, comps, items, item_buckets) if ds.cache_latents else None
+    cache_reports: list[dict[str, Any]] = []  # `cache_filled` events, emitted after run_started
+    latents = _cache_latents(cfg, acc, comps, items, item_buckets, cache_reports) if ds.cache_latents else None
     if latents is not None and device.type == "cuda":
         comps.vae.to("cpu")  # not needed until sampling, which borrows it back
 
@@ -81,7 +82,8 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
         world = acc.num_processes
         mine = text.precompute(caps | {smp.caption for smp in eval_samples}, acc.process_index, world,
                                gather_object if world > 1 else None)
-        io.emit("cache_filled", kind="text", count=len(text), encoded_per_rank=gather_object([mine]) if world > 1 else [mine])
+        cache_reports.append({"kind": "text", "count": len(text),
+                              "encoded_per_rank": gather_object([mine]) if world > 1 else [mine]})
         if device.type == "cuda":
             for te in comps.text_encoders:
                 te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
@@ -91,11 +93,12 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
                  latents=latents, text=text, trained=trained, optimizer=optimizer,
                  lr_scheduler=build_scheduler(cfg, optimizer, total_steps), weight_dtype=wdtype,
                  steps_per_epoch=spe, total_steps=total_steps, total_epochs=total_epochs, eval_kind=eval_kind,
-                 eval_samples=eval_samples, dataset_fingerprint=dataset_fingerprint(ds.train_data_dir, ds.caption_extension))
+                 eval_samples=eval_samples, dataset_fingerprint=dataset_fingerprint(ds.train_data_dir, ds.caption_extension),
+                 cache_reports=cache_reports)
 
 
-def _cache_latents(cfg: TrainingConfig, acc: Any, io: RunIO, comps: models.Components, items: list[D.ImageItem],
-                   item_buckets: list[tuple[int, int]]) -> LatentCache:
+def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, items: list[D.ImageItem],
+                   item_buckets: list[tuple[int, int]], reports: list[dict[str, Any]]) -> LatentCache:
     """Fill the latent cache, each rank encoding its share (1/N of what is not on disk yet)."""
     ds = cfg.dataset
     disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
@@ -108,8 +111,8 @@ def _cache_latents(cfg: TrainingConfig, acc: Any, io: RunIO, comps: models.Compo
     mine, hits = latents.fill(flips, rank=acc.process_index, world=world,
                               exchange=gather_object if world > 1 else None)
     encoded = gather_object([mine]) if world > 1 else [mine]
-    io.emit("cache_filled", kind="latents", count=len(latents.latents), encoded_per_rank=encoded, from_disk=hits,
-            bytes=latents.nbytes, seconds=round(time.perf_counter() - t0, 3))
+    reports.append({"kind": "latents", "count": len(latents.latents), "encoded_per_rank": encoded, "from_disk": hits,
+                    "bytes": latents.nbytes, "seconds": round(time.perf_counter() - t0, 3)})
     return latents
 
 

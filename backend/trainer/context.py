@@ -52,6 +52,7 @@ class Setup:
     eval_kind: str = "ref"
     eval_samples: list[Any] = field(default_factory=list)
     dataset_fingerprint: str = ""
+    cache_reports: list[dict[str, Any]] = field(default_factory=list)  # what caching did, per kind (cache_filled)
 
     @property
     def scaler(self) -> Any:

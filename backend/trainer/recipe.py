@@ -62,6 +62,8 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
                 total_steps=s.total_steps, total_epochs=s.total_epochs, resumed_from=cfg.resume_from,
                 family=s.comps.family, v_prediction=s.comps.v_prediction, images=len(s.items),
                 trained=[e.key for e in s.trained.entries], optimizer=optimizer_args(s.optimizer))
+        for report in s.cache_reports:
+            io.emit("cache_filled", **report)
         io.status(total_steps=s.total_steps)
         if acc.is_main_process:
             print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
