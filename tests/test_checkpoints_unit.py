@@ -148,3 +148,13 @@ def test_resume_preflight_lists_allowed_changes_and_refuses_frozen_ones(tmp_path
 
     (ck / "manifest.json").unlink()
     assert "is incomplete" in plan_resume(ck, old).refused[0]
+
+
+def test_positions_of_old_checkpoints_are_converted_to_global_batches():
+    from backend.trainer.state import PLAN_FORMAT, batches_done, saved_layout
+
+    assert batches_done({"batch_in_epoch": 6, "plan_format": PLAN_FORMAT}, 2) == 6
+    assert batches_done({"batch_in_epoch": 6}, 2) == 3  # format 1 counted micro-batches
+    assert batches_done({"batch_in_epoch": 5, "gradient_accumulation_steps": 2}, 4) == 3  # a short last step
+    assert saved_layout({"world_size": 2, "train_batch_size": 2, "gradient_accumulation_steps": 1}) == (2, 2, 1)
+    assert saved_layout({"world_size": 1}) is None  # older checkpoints: the layout is not checked

@@ -55,7 +55,9 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     # VAE: fp32 unless bf16 (fp16 VAEs overflow); evaluation images and (when caching) latents encoded once.
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
     eval_kind, eval_list = evaluation.eval_items(items, val_items)
-    eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution)
+    exchange = gather_object if acc.num_processes > 1 else None
+    eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution, acc.process_index, acc.num_processes,
+                                      exchange)
     cache_reports: list[dict[str, Any]] = []  # `cache_filled` events, emitted after run_started
     latents = _cache_latents(cfg, acc, comps, items, item_buckets, cache_reports) if ds.cache_latents else None
     if latents is not None and device.type == "cuda":
@@ -81,7 +83,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
         caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
         world = acc.num_processes
         mine = text.precompute(caps | {smp.caption for smp in eval_samples}, acc.process_index, world,
-                               gather_object if world > 1 else None)
+                               exchange)
         cache_reports.append({"kind": "text", "count": len(text),
                               "encoded_per_rank": gather_object([mine]) if world > 1 else [mine]})
         if device.type == "cuda":

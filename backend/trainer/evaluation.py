@@ -7,6 +7,7 @@ it by running the model again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from backend.trainer import data as D
 from backend.trainer.caching import encode_pixels
+from backend.trainer.distributed import split_work
 from backend.trainer.loss import diffusion_loss
 from backend.trainer.models import Components, sdxl_time_ids
 from backend.trainer.trained import Trained
@@ -38,14 +40,20 @@ def eval_items(train_items: list[D.ImageItem], val_items: list[D.ImageItem]) -> 
     return "ref", sorted(train_items, key=lambda it: it.path)[:REFERENCE_IMAGES]
 
 
-def prepare(comps: Components, items: list[D.ImageItem], buckets: list[tuple[int, int]] | None, square: int) -> list[EvalSample]:
-    """Encode the evaluation images once (VAE mean, no flip)."""
+def prepare(comps: Components, items: list[D.ImageItem], buckets: list[tuple[int, int]] | None, square: int,
+            rank: int = 0, world: int = 1, exchange: Callable[[list[Any]], list[Any]] | None = None) -> list[EvalSample]:
+    """Encode the evaluation images once (VAE mean, no flip), each rank its share (`split_work`)."""
+    item_buckets = D.bucket_of_items(items, buckets, square)
+
+    def encode(idx: list[int]) -> dict[int, torch.Tensor]:
+        return {i: encode_pixels(comps.vae, torch.from_numpy(D.load_pixels(items[i], item_buckets[i], flip=False)[None]))[0].cpu()
+                for i in idx}
+
+    latents, _ = split_work(list(range(len(items))), rank, world, encode, exchange)
     out = []
-    for i, (it, b) in enumerate(zip(items, D.bucket_of_items(items, buckets, square), strict=True)):
-        pixels = torch.from_numpy(D.load_pixels(it, b, flip=False)[None])
-        latent = encode_pixels(comps.vae, pixels)[0].cpu()
+    for i, (it, b) in enumerate(zip(items, item_buckets, strict=True)):
         (_, _), (left, top) = D.crop_box(it.size, b)
-        out.append(EvalSample(latent, it.caption, sdxl_time_ids((it.size[1], it.size[0]), (top, left), (b[1], b[0])), i))
+        out.append(EvalSample(latents[i], it.caption, sdxl_time_ids((it.size[1], it.size[0]), (top, left), (b[1], b[0])), i))
     return out
 
 

@@ -88,6 +88,16 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def batches_done(ts: dict[str, Any], accum: int) -> int:
+    """Global batches done in the checkpoint's epoch. Checkpoints before PLAN_FORMAT 2 counted one
+    rank's micro-batches: a step was `gradient_accumulation_steps` of them (the last one of an epoch
+    possibly fewer). Their plan was another one too, so the data order after such a resume differs
+    from what the older version would have drawn; the step count and the schedule are kept."""
+    if ts.get("plan_format", 1) >= PLAN_FORMAT:
+        return int(ts["batch_in_epoch"])
+    return -(-int(ts["batch_in_epoch"]) // max(1, int(ts.get("gradient_accumulation_steps") or accum)))
+
+
 def saved_layout(ts: dict[str, Any]) -> Layout | None:
     """(processes, batch per device, accumulation) a checkpoint was trained with (None: not recorded)."""
     try:
@@ -137,10 +147,7 @@ def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
     if s.scaler is not None and scaler_file.is_file():
         s.scaler.load_state_dict(json.loads(scaler_file.read_text(encoding="utf-8")))
     prog.global_step, prog.epoch = ts["global_step"], ts["epoch"]
-    prog.batch_in_epoch = ts["batch_in_epoch"]
-    if ts.get("plan_format", 1) < PLAN_FORMAT:  # counted micro-batches of one rank: steps are what it means now
-        prog.batch_in_epoch = -(-ts["batch_in_epoch"] // max(1, int(ts.get("gradient_accumulation_steps") or
-                                                                  s.cfg.training.gradient_accumulation_steps)))
+    prog.batch_in_epoch = batches_done(ts, s.cfg.training.gradient_accumulation_steps)
     prog.epoch_loss_sum, prog.epoch_loss_count = ts.get("epoch_loss_sum", 0.0), ts.get("epoch_loss_count", 0)
     prog.best_val_loss = ts.get("best_val_loss")
     prog.skipped_steps = ts.get("skipped_steps", 0)
