@@ -75,6 +75,72 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Files written by `write_file` in this process: path -> (bytes, mtime_ns, sha256). The manifest
+# takes their hashes from here instead of reading them back (hash while writing, no second pass).
+_WRITTEN: dict[str, tuple[int, int, str]] = {}
+
+
+def write_file(path: Path, data: bytes | bytearray | memoryview) -> None:
+    """Write `data` to `path` durably (flushed and fsynced), hashing it while it is written: the
+    sha256 runs in a thread alongside the write (both release the GIL), and is remembered for
+    write_manifest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    view = memoryview(data)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(lambda: hashlib.sha256(view).hexdigest())
+        with open(path, "wb") as fh:
+            fh.write(view)
+            fh.flush()
+            os.fsync(fh.fileno())
+        sha = digest.result()
+    st = os.stat(path)
+    _WRITTEN[str(path)] = (st.st_size, st.st_mtime_ns, sha)
+
+
+def _known_hash(p: Path) -> str | None:
+    """The hash write_file recorded for p, if the file is still exactly what it wrote."""
+    known = _WRITTEN.pop(str(p), None)
+    if known is None:
+        return None
+    st = p.stat()
+    return known[2] if (st.st_size, st.st_mtime_ns) == known[:2] else None
+
+
+class CorruptFile(Exception):
+    """A checkpoint file differs from its manifest; the message names the file."""
+
+
+class VerifiedReader:
+    """Reads the files of a checkpoint folder once each: every read is checked against the manifest
+    (size, sha256) from the same bytes that are then deserialized, so verification costs no second
+    pass. `finish()` checks what was not read (small files), so the whole folder is verified."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder, self.manifest = folder, manifest
+        self.read_names: set[str] = set()
+
+    def read(self, rel: str) -> bytes:
+        meta = self.manifest["files"].get(rel)
+        if meta is None:
+            raise CorruptFile(f"{rel}: not listed in the manifest")
+        try:
+            data = (self.folder / rel).read_bytes()
+        except FileNotFoundError:
+            raise CorruptFile(f"{rel}: missing") from None
+        if len(data) != meta.get("bytes"):
+            raise CorruptFile(f"{rel}: size {len(data)} != {meta.get('bytes')} in the manifest")
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            raise CorruptFile(f"{rel}: sha256 differs from the manifest (file changed or corrupt)")
+        self.read_names.add(rel)
+        return data
+
+    def finish(self) -> None:
+        for rel in self.manifest["files"]:
+            if rel not in self.read_names:
+                self.read(rel)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -84,11 +150,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file in `folder` and write manifest.json last (fsynced). Returns the manifest."""
+    """Hash every file in `folder` and write manifest.json last (fsynced). Returns the manifest.
+    Files written with `write_file` are not read back: their hash was taken while writing."""
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            sha = _known_hash(p) or sha256_file(p)
+            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha}
     manifest = {**info, "created": time.time(), "files": files}
     path = folder / MANIFEST
     with open(path, "w", encoding="utf-8") as fh:
@@ -156,7 +224,7 @@ class AtomicDir:
 
     def commit(self, info: dict[str, Any]) -> dict[str, Any]:
         for p in self.tmp.rglob("*"):
-            if p.is_file():
+            if p.is_file() and str(p) not in _WRITTEN:  # write_file fsynced its own
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
         manifest = write_manifest(self.tmp, info)

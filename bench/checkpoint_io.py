@@ -1,10 +1,12 @@
 """Benchmark: state-checkpoint save/load against plain safetensors, and resume-to-first-step against
 fresh-start-to-first-step. Interleaved repetitions; medians with min/max; a JSON result.
 
-    .venv/bin/python bench/checkpoint_io.py [--reps 5] [--rank 16] [--json out.json]
+    .venv/bin/python bench/checkpoint_io.py [--reps 5] [--rank 16] [--model sd15|sdxl] [--no-resume] [--json out.json]
 
-The state is shaped like a real SD1.5 LoRA: the LoRA tensors of the published SD1.5 UNet
+The state is shaped like a real LoRA: the LoRA tensors of the published SD1.5 (or SDXL) UNet
 architecture (built on the meta device, no weights needed) plus AdamW's two moments per tensor.
+The save and load are the trainer's own (state.save_tensors / save_pickle in an AtomicDir; the
+VerifiedReader that state.load_state uses).
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from safetensors.torch import load as safetensors_load  # noqa: E402
+
 from backend import checkpoints as C  # noqa: E402
+from backend.trainer import state as ST  # noqa: E402
 
 
-def sd15_lora_state(rank: int) -> dict[str, torch.Tensor]:
+def lora_state(rank: int, family: str = "sd15") -> dict[str, torch.Tensor]:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
     from backend.config import UNET_TARGETS_DEFAULT
 
-    cfg = json.loads((ROOT / "backend/trainer/model_configs/sd15/unet/config.json").read_text())
+    cfg = json.loads((ROOT / f"backend/trainer/model_configs/{family}/unet/config.json").read_text())
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=UNET_TARGETS_DEFAULT), unet)
@@ -44,18 +49,22 @@ def sd15_lora_state(rank: int) -> dict[str, torch.Tensor]:
 
 
 def lathe_save(folder: Path, lora: dict, optim: dict) -> None:
+    """What a save point does with the two big files (state.write_state's writers, AtomicDir)."""
     atomic = C.AtomicDir(folder.parent, folder.name)
     with atomic as tmp:
-        save_file(lora, str(tmp / "lora.safetensors"))
-        torch.save(optim, tmp / "optimizer.pt")
+        ST.save_tensors(tmp / "lora.safetensors", lora)
+        ST.save_pickle(tmp / "optimizer.pt", optim)
         atomic.commit({"run_name": "bench", "step": 1})
 
 
 def lathe_load(folder: Path) -> None:
-    status, _ = C.checkpoint_status(folder)
+    """What state.load_state does: manifest and sizes, then each file read once, verified, deserialized."""
+    status, _ = C.checkpoint_status(folder, hashes=False)
     assert status == "valid"
-    load_file(str(folder / "lora.safetensors"))
-    torch.load(folder / "optimizer.pt", weights_only=True)
+    reader = C.VerifiedReader(folder, C.read_manifest(folder))
+    safetensors_load(reader.read("lora.safetensors"))
+    ST.load_pickle(reader.read("optimizer.pt"))
+    reader.finish()
 
 
 def plain_save(path: Path, flat: dict) -> None:
@@ -68,8 +77,8 @@ def timed(fn, *a) -> float:
     return time.perf_counter() - t0
 
 
-def io_bench(reps: int, rank: int, tmp: Path) -> dict:
-    lora = sd15_lora_state(rank)
+def io_bench(reps: int, rank: int, tmp: Path, family: str = "sd15") -> dict:
+    lora = lora_state(rank, family)
     optim = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": t.clone(), "exp_avg_sq": t.clone()}
                        for i, t in enumerate(lora.values())}, "param_groups": [{"lr": 1e-4, "params": list(range(len(lora)))}]}
     flat = {**lora, **{f"m{i}": s["exp_avg"] for i, s in optim["state"].items()},
@@ -125,20 +134,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--model", default="sd15", choices=("sd15", "sdxl"), help="whose UNet shapes the state")
+    ap.add_argument("--no-resume", action="store_true", help="only the I/O figures")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        result = {"io": io_bench(args.reps, args.rank, tmp), "resume": resume_bench(max(2, args.reps // 2), tmp)}
+        result = {"io": io_bench(args.reps, args.rank, tmp, args.model)}
+        if not args.no_resume:
+            result["resume"] = resume_bench(max(2, args.reps // 2), tmp)
     io_ = result["io"]
     print(f"state of {io_['tensors']} LoRA tensors (rank {io_['rank']}) + AdamW moments: {io_['bytes'] / 1e6:.1f} MB")
     for k in ("lathe_save", "plain_save", "lathe_load", "plain_load"):
         v = io_[k]
         print(f"  {k:<11} median {v['median_s'] * 1000:8.1f} ms  (min {v['min_s'] * 1000:.1f}, max {v['max_s'] * 1000:.1f})")
     print(f"  save: Lathe / plain safetensors = {io_['save_ratio']:.2f}x; load (with sha256 verify) = {io_['load_ratio']:.2f}x")
-    r = result["resume"]
-    print(f"first step after start: fresh {r['fresh_first_step_s']['median']:.2f} s, resume "
-          f"{r['resume_first_step_s']['median']:.2f} s, resume/fresh = {r['resume_over_fresh']:.2f}x")
+    r = result.get("resume")
+    if r:
+        print(f"first step after start: fresh {r['fresh_first_step_s']['median']:.2f} s, resume "
+              f"{r['resume_first_step_s']['median']:.2f} s, resume/fresh = {r['resume_over_fresh']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -158,3 +158,34 @@ def test_positions_of_old_checkpoints_are_converted_to_global_batches():
     assert batches_done({"batch_in_epoch": 5, "gradient_accumulation_steps": 2}, 4) == 3  # a short last step
     assert saved_layout({"world_size": 2, "train_batch_size": 2, "gradient_accumulation_steps": 1}) == (2, 2, 1)
     assert saved_layout({"world_size": 1}) is None  # older checkpoints: the layout is not checked
+
+
+def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_path, monkeypatch):
+    import hashlib
+
+    atomic = C.AtomicDir(tmp_path / "checkpoints", "step-00000001")
+    with atomic as tmp:
+        C.write_file(tmp / "a.bin", b"x" * 5000)
+        (tmp / "b.json").write_text("{}")  # written another way: hashed by reading it back
+        C.write_file(tmp / "c.bin", b"old")
+        (tmp / "c.bin").write_bytes(b"changed after write_file")  # the recorded hash no longer applies
+        read_back = []
+        real = C.sha256_file
+        monkeypatch.setattr(C, "sha256_file", lambda p, *a: read_back.append(p.name) or real(p, *a))
+        manifest = atomic.commit({"run_name": "x"})
+    assert sorted(read_back) == ["b.json", "c.bin"]  # a.bin was not read a second time
+    assert manifest["files"]["a.bin"]["sha256"] == hashlib.sha256(b"x" * 5000).hexdigest()
+    assert manifest["files"]["c.bin"]["sha256"] == hashlib.sha256(b"changed after write_file").hexdigest()
+    folder = atomic.final
+    reader = C.VerifiedReader(folder, C.read_manifest(folder))
+    assert reader.read("a.bin") == b"x" * 5000
+    reader.finish()  # b.json and c.bin verified too
+    data = bytearray((folder / "a.bin").read_bytes())
+    data[100] ^= 1
+    (folder / "a.bin").write_bytes(bytes(data))
+    with pytest.raises(C.CorruptFile, match=r"a.bin: sha256 differs"):
+        C.VerifiedReader(folder, C.read_manifest(folder)).read("a.bin")
+    (folder / "a.bin").write_bytes(b"x" * 5000)
+    (folder / "b.json").unlink()
+    with pytest.raises(C.CorruptFile, match="b.json: missing"):
+        C.VerifiedReader(folder, C.read_manifest(folder)).finish()

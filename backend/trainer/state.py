@@ -18,6 +18,7 @@ never runs code from it (the same policy as for users' .ckpt models).
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from backend import checkpoints as C
 from backend.resume import Layout, layout_refusal
@@ -40,28 +42,32 @@ class StateError(Exception):
 
 
 # Each file is written by one of these three, so a test probe can wrap them (slow or failing disks).
+# Each serializes in memory and writes once with C.write_file: fsynced, hashed while written.
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file(tensors, str(path))
+    C.write_file(path, safetensors_save(tensors))
 
 
 def save_pickle(path: Path, obj: Any) -> None:
-    torch.save(obj, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    C.write_file(path, buf.getbuffer())
 
 
 def save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    C.write_file(path, json.dumps(obj, indent=1).encode("utf-8"))
 
 
-def load_pickle(path: Path) -> Any:
-    """A .pt state file, tensors and plain containers only. Older checkpoints stored numpy's RNG
-    state as an ndarray: those two numpy types are allowed, nothing else."""
+def load_pickle(path: Path | bytes) -> Any:
+    """A .pt state file (a path, or its bytes), tensors and plain containers only. Older checkpoints
+    stored numpy's RNG state as an ndarray: those two numpy types are allowed, nothing else."""
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
     with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -125,27 +131,32 @@ def write_state(folder: Path, s: Setup, prog: Progress, all_rng: list[dict[str, 
 
 
 def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
-    """Restore everything from a verified checkpoint folder into a set-up trainer (every rank)."""
-    status, problems = C.checkpoint_status(folder)
+    """Restore everything from a checkpoint folder into a set-up trainer (every rank). Each file is
+    read once: verified against the manifest (size, sha256) from the bytes that are deserialized."""
+    status, problems = C.checkpoint_status(folder, hashes=False)
     if status != "valid":
         raise StateError(f"resume_from: checkpoint {folder} is {status}: {'; '.join(problems[:3])}")
-    ts = json.loads((folder / "training_state.json").read_text(encoding="utf-8"))
-    problem = layout_refusal(saved_layout(ts), (s.acc.num_processes, s.cfg.training.train_batch_size,
-                                                s.cfg.training.gradient_accumulation_steps))
-    if problem:
-        raise StateError(problem)
+    reader = C.VerifiedReader(folder, C.read_manifest(folder))
     try:
-        s.trained.load_state_dict(load_file(str(folder / "lora.safetensors"), device="cpu"))
-    except ValueError as e:
-        raise StateError(f"resume_from: {e}") from None
-    s.optimizer.load_state_dict(load_pickle(folder / "optimizer.pt"))
-    s.lr_scheduler.load_state_dict(load_pickle(folder / "scheduler.pt"))
-    rngs = load_pickle(folder / "rng.pt")
-    if len(rngs) == s.acc.num_processes:
-        _set_rng(rngs[s.acc.process_index])
-    scaler_file = folder / SCALER_FILE
-    if s.scaler is not None and scaler_file.is_file():
-        s.scaler.load_state_dict(json.loads(scaler_file.read_text(encoding="utf-8")))
+        ts = json.loads(reader.read("training_state.json"))
+        problem = layout_refusal(saved_layout(ts), (s.acc.num_processes, s.cfg.training.train_batch_size,
+                                                    s.cfg.training.gradient_accumulation_steps))
+        if problem:
+            raise StateError(problem)
+        try:
+            s.trained.load_state_dict(safetensors_load(reader.read("lora.safetensors")))
+        except ValueError as e:
+            raise StateError(f"resume_from: {e}") from None
+        s.optimizer.load_state_dict(load_pickle(reader.read("optimizer.pt")))
+        s.lr_scheduler.load_state_dict(load_pickle(reader.read("scheduler.pt")))
+        rngs = load_pickle(reader.read("rng.pt"))
+        if len(rngs) == s.acc.num_processes:
+            _set_rng(rngs[s.acc.process_index])
+        if s.scaler is not None and SCALER_FILE in reader.manifest["files"]:
+            s.scaler.load_state_dict(json.loads(reader.read(SCALER_FILE)))
+        reader.finish()
+    except C.CorruptFile as e:
+        raise StateError(f"resume_from: checkpoint {folder} is corrupt: {e}") from None
     prog.global_step, prog.epoch = ts["global_step"], ts["epoch"]
     prog.batch_in_epoch = batches_done(ts, s.cfg.training.gradient_accumulation_steps)
     prog.epoch_loss_sum, prog.epoch_loss_count = ts.get("epoch_loss_sum", 0.0), ts.get("epoch_loss_count", 0)
