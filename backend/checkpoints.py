@@ -80,22 +80,41 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 _WRITTEN: dict[str, tuple[int, int, str]] = {}
 
 
-def write_file(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write `data` to `path` durably (flushed and fsynced), hashing it while it is written: the
-    sha256 runs in a thread alongside the write (both release the GIL), and is remembered for
-    write_manifest."""
-    from concurrent.futures import ThreadPoolExecutor
+WRITE_CHUNK = 1 << 20  # one huge write() is several times slower than 1 MB writes on some kernels
 
-    view = memoryview(data)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(lambda: hashlib.sha256(view).hexdigest())
+
+def write_file(path: Path, data: bytes | bytearray | memoryview | list[Any]) -> None:
+    """Write `data` (one buffer, or a list of buffers written back to back) to `path` durably
+    (flushed and fsynced), hashing it while it is written: the sha256 runs in a thread on the same
+    chunks as the writes (both release the GIL), and is remembered for write_manifest."""
+    import queue
+    import threading
+
+    parts = data if isinstance(data, list) else [data]
+    chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+    h = hashlib.sha256()
+
+    def hash_chunks() -> None:
+        while (chunk := chunks.get()) is not None:
+            h.update(chunk)
+
+    hasher = threading.Thread(target=hash_chunks, daemon=True)
+    hasher.start()
+    try:
         with open(path, "wb") as fh:
-            fh.write(view)
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for k in range(0, len(view), WRITE_CHUNK):
+                    chunk = view[k : k + WRITE_CHUNK]
+                    chunks.put(chunk)
+                    fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        sha = digest.result()
+    finally:
+        chunks.put(None)
+        hasher.join()
     st = os.stat(path)
-    _WRITTEN[str(path)] = (st.st_size, st.st_mtime_ns, sha)
+    _WRITTEN[str(path)] = (st.st_size, st.st_mtime_ns, h.hexdigest())
 
 
 def _known_hash(p: Path) -> str | None:
@@ -105,6 +124,39 @@ def _known_hash(p: Path) -> str | None:
         return None
     st = p.stat()
     return known[2] if (st.st_size, st.st_mtime_ns) == known[:2] else None
+
+
+def read_hashed(path: Path) -> tuple[bytearray, str]:
+    """(the file's bytes, their sha256), read once in 1 MB chunks into one buffer while a thread
+    hashes the chunks already read."""
+    import queue
+    import threading
+
+    size = path.stat().st_size
+    buf = bytearray(size)
+    view = memoryview(buf)
+    chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+    h = hashlib.sha256()
+
+    def hash_chunks() -> None:
+        while (chunk := chunks.get()) is not None:
+            h.update(chunk)
+
+    hasher = threading.Thread(target=hash_chunks, daemon=True)
+    hasher.start()
+    got = 0
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while got < size:
+                n = fh.readinto(view[got : got + WRITE_CHUNK])
+                if not n:
+                    break
+                chunks.put(view[got : got + n])
+                got += n
+    finally:
+        chunks.put(None)
+        hasher.join()
+    return (buf if got == size else buf[:got]), h.hexdigest()
 
 
 class CorruptFile(Exception):
@@ -120,17 +172,17 @@ class VerifiedReader:
         self.folder, self.manifest = folder, manifest
         self.read_names: set[str] = set()
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str) -> bytearray:
         meta = self.manifest["files"].get(rel)
         if meta is None:
             raise CorruptFile(f"{rel}: not listed in the manifest")
         try:
-            data = (self.folder / rel).read_bytes()
+            data, sha = read_hashed(self.folder / rel)
         except FileNotFoundError:
             raise CorruptFile(f"{rel}: missing") from None
         if len(data) != meta.get("bytes"):
             raise CorruptFile(f"{rel}: size {len(data)} != {meta.get('bytes')} in the manifest")
-        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        if sha != meta.get("sha256"):
             raise CorruptFile(f"{rel}: sha256 differs from the manifest (file changed or corrupt)")
         self.read_names.add(rel)
         return data
@@ -241,6 +293,9 @@ class AtomicDir:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            inside = str(self.tmp) + os.sep
+            for key in [k for k in _WRITTEN if k.startswith(inside)]:
+                del _WRITTEN[key]
 
 
 def recover(checkpoints_dir: Path) -> list[str]:

@@ -27,10 +27,9 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from safetensors.torch import load as safetensors_load  # noqa: E402
-
 from backend import checkpoints as C  # noqa: E402
 from backend.trainer import state as ST  # noqa: E402
+from backend.trainer import tensorfile  # noqa: E402
 
 
 def lora_state(rank: int, family: str = "sd15") -> dict[str, torch.Tensor]:
@@ -53,7 +52,7 @@ def lathe_save(folder: Path, lora: dict, optim: dict) -> None:
     atomic = C.AtomicDir(folder.parent, folder.name)
     with atomic as tmp:
         ST.save_tensors(tmp / "lora.safetensors", lora)
-        ST.save_pickle(tmp / "optimizer.pt", optim)
+        ST.save_optimizer(tmp, optim)
         atomic.commit({"run_name": "bench", "step": 1})
 
 
@@ -62,8 +61,8 @@ def lathe_load(folder: Path) -> None:
     status, _ = C.checkpoint_status(folder, hashes=False)
     assert status == "valid"
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
-    safetensors_load(reader.read("lora.safetensors"))
-    ST.load_pickle(reader.read("optimizer.pt"))
+    tensorfile.load(reader.read("lora.safetensors"))
+    ST.load_optimizer(reader.read, reader.manifest["files"])
     reader.finish()
 
 

@@ -80,7 +80,7 @@ def expect_resume(o: Outcome, checkpoint: Path, reference: dict[int, float], ref
 
 # ---------------------------------------------------------------------------------------- scenarios
 def disk_full(demo: Path, root: Path, reference: dict[int, float], reference_dir: Path,
-              target: str = "optimizer.pt", at: int = 12, resume: bool = True) -> dict[str, Any]:
+              target: str = "optimizer.safetensors", at: int = 12, resume: bool = True) -> dict[str, Any]:
     """ENOSPC while writing `target` from step `at`: the run fails with "disk full", earlier saves stay."""
     o = Outcome(f"disk full while writing {target} at step {at}")
     launched, ended = run_to_end(F.campaign_config(demo, root / f"diskfull-{target}"), {"LATHE_TEST_ENOSPC_ON": f"{target}@{at}"})
@@ -119,8 +119,8 @@ def corrupted(root: Path, reference_dir: Path) -> dict[str, Any]:
     first = C.latest(C.list_checkpoints(v))
     flip_byte(Path(first["path"]) / "lora.safetensors")
     second = C.latest(C.list_checkpoints(v))
-    (Path(second["path"]) / "optimizer.pt").unlink()
-    bad = {first["name"]: "lora.safetensors: sha256 differs", second["name"]: "optimizer.pt: missing"}
+    (Path(second["path"]) / "optimizer.safetensors").unlink()
+    bad = {first["name"]: "lora.safetensors: sha256 differs", second["name"]: "optimizer.safetensors: missing"}
     listing = {c["name"]: c["status"] for c in json.loads(run_cli("checkpoints", str(v), "--json").stdout)}
     latest = C.latest(C.list_checkpoints(v))
     o.facts.update(corrupted=bad, listing=listing, latest=latest and latest["name"])
@@ -270,7 +270,7 @@ def scenarios(demo: Path, root: Path, reference: dict[int, float], reference_dir
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     jobs: list[Callable[[], dict[str, Any]]] = [
         lambda: gui_killed(demo, root),
-        lambda: disk_full(demo, root, reference, reference_dir, "optimizer.pt", 12, resume=True),
+        lambda: disk_full(demo, root, reference, reference_dir, "optimizer.safetensors", 12, resume=True),
         lambda: corrupted(root, reference_dir),
         lambda: unplugged(demo, root, cache=False, resume_after=full),
         lambda: unplugged(demo, root, cache=True),

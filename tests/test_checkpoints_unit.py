@@ -189,3 +189,27 @@ def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_pat
     (folder / "b.json").unlink()
     with pytest.raises(C.CorruptFile, match="b.json: missing"):
         C.VerifiedReader(folder, C.read_manifest(folder)).finish()
+
+
+def test_state_tensor_files_are_standard_safetensors_both_ways(tmp_path):
+    """tensorfile writes files safetensors' own loader reads, and reads files safetensors wrote."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from backend.trainer import tensorfile
+
+    tensors = {"a.f16": torch.randn(3, dtype=torch.float16), "b.f32": torch.randn(2, 5), "c.step": torch.tensor(7.0),
+               "d.bf16": torch.randn(4, 1, dtype=torch.bfloat16), "e.i64": torch.arange(3), "f.empty": torch.zeros(0, 2),
+               "g.bool": torch.tensor([True, False, True])}
+    C.write_file(tmp_path / "ours.safetensors", tensorfile.buffers(tensors, {"k": "v"}))
+    theirs = load_file(str(tmp_path / "ours.safetensors"))
+    save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    ours = tensorfile.load((tmp_path / "theirs.safetensors").read_bytes())
+    for got in (theirs, ours):
+        assert got.keys() == tensors.keys()
+        assert all(got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v) for k, v in tensors.items())
+    data, sha = C.read_hashed(tmp_path / "ours.safetensors")
+    assert bytes(data) == (tmp_path / "ours.safetensors").read_bytes() and sha == C.sha256_file(tmp_path / "ours.safetensors")
+    with pytest.raises(ValueError):
+        tensorfile.load(bytes(data[:20]))
+    C._WRITTEN.clear()

@@ -53,10 +53,10 @@ def test_killing_the_gui_mid_run_leaves_the_run_going_and_a_new_gui_sees_it_fini
 
 
 def test_disk_full_during_a_save_fails_the_run_and_keeps_earlier_checkpoints(demo, reference, tmp_path):
-    result = B.disk_full(demo, tmp_path, *reference, target="optimizer.pt", at=12, resume=False)  # bench resumes too
+    result = B.disk_full(demo, tmp_path, *reference, target="optimizer.safetensors", at=12, resume=False)  # bench resumes too
     assert result["ok"], result
     facts = result["facts"]
-    assert facts["state"] == "failed" and facts["reason"].startswith("disk full while writing optimizer.pt")
+    assert facts["state"] == "failed" and facts["reason"].startswith("disk full while writing optimizer.safetensors")
     assert facts["checkpoints"] == {"step-00000004": "valid", "step-00000008": "valid"}
 
 

@@ -98,3 +98,39 @@ def test_warmup_starts_from_zero():
         opt.step()
         sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(0.5)
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    """The saved optimizer state (state.save_optimizer) loads back equal for AdamW and Prodigy,
+    a tensor object used twice is stored once, tuples stay tuples and integer keys stay integers."""
+    import json
+
+    import torch
+    from prodigyopt import Prodigy
+
+    from backend import checkpoints as C
+    from backend.trainer import state as ST
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    for opt in (torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99)), Prodigy(params, lr=1.0)):
+        for _ in range(2):
+            opt.zero_grad()
+            (params[0].square().sum() + params[1].sum()).backward()
+            opt.step()
+        sd = opt.state_dict()
+        shared = torch.arange(4.0)
+        sd["state"][0]["qmap"], sd["state"][1]["qmap"] = shared, shared  # as bitsandbytes shares its maps
+        folder = tmp_path / type(opt).__name__
+        folder.mkdir()
+        ST.save_optimizer(folder, sd)
+        assert sorted(p.name for p in folder.iterdir()) == ["optimizer.json", "optimizer.safetensors"]
+        files = {name: None for name in ("optimizer.json", "optimizer.safetensors")}
+        back = ST.load_optimizer(lambda name, folder=folder: (folder / name).read_bytes(), files)
+        assert back["param_groups"][0]["betas"] == sd["param_groups"][0]["betas"]
+        assert isinstance(back["param_groups"][0]["betas"], tuple) and set(back["state"]) == {0, 1}
+        for i in (0, 1):
+            for k, v in sd["state"][i].items():
+                assert torch.equal(back["state"][i][k], v) if isinstance(v, torch.Tensor) else back["state"][i][k] == v
+        assert back["state"][0]["qmap"] is back["state"][1]["qmap"]
+        assert len(json.loads((folder / "optimizer.json").read_text())) == 1
+        C._WRITTEN.clear()

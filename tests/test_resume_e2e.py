@@ -157,10 +157,10 @@ def test_flipped_byte_is_reported_corrupt(straight_adamw, tmp_path):
 
 
 def test_disk_full_during_a_save_keeps_earlier_checkpoints(demo, tmp_path):
-    proc, v = start_run(tmp_path, demo, extra_env={"LATHE_TEST_ENOSPC_ON": "optimizer.pt@20"}, **STEPS)
+    proc, v = start_run(tmp_path, demo, extra_env={"LATHE_TEST_ENOSPC_ON": "optimizer.safetensors@20"}, **STEPS)
     proc.wait(timeout=120)
     last = events(v)[-1]
-    assert last["state"] == "failed" and last["error"].startswith("disk full while writing optimizer.pt")
+    assert last["state"] == "failed" and last["error"].startswith("disk full while writing optimizer.safetensors")
     status = json.loads((v / "status.json").read_text())
     assert status["state"] == "failed" and "disk full" in status["error"]
     names = sorted(p.name for p in (v / "checkpoints").iterdir())

@@ -2,7 +2,10 @@
 
 Folder contents (manifest.json written last, see backend.checkpoints.AtomicDir):
   lora.safetensors        every trainable tensor (Trained.state_dict), fp32; never the frozen base model
-  optimizer.pt            optimizer state_dict (Prodigy's d, its per-parameter state, Adam moments)
+  optimizer.safetensors   the optimizer state_dict's tensors (Adam moments, Prodigy's per-parameter
+                          state), by their path in the state_dict
+  optimizer.json          the rest of the state_dict (hyperparameters, Prodigy's d, counters) with
+                          references to those tensors; older checkpoints hold one optimizer.pt instead
   scheduler.pt            LR scheduler state_dict
   rng.pt                  python/numpy/torch/cuda RNG states of every rank (restored when the process
                           count is the same; every random draw of training is derived from the
@@ -26,14 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
 from backend import checkpoints as C
 from backend.resume import Layout, layout_refusal
+from backend.trainer import tensorfile
 from backend.trainer.context import Progress, Setup
 
 SCALER_FILE = "scaler.json"
+OPTIMIZER_TENSORS, OPTIMIZER_SKELETON, OPTIMIZER_PICKLE = "optimizer.safetensors", "optimizer.json", "optimizer.pt"
 PLAN_FORMAT = 2  # 2: the plan is in global batches (1: per-rank batches of train_batch_size)
 
 
@@ -44,7 +47,7 @@ class StateError(Exception):
 # Each file is written by one of these three, so a test probe can wrap them (slow or failing disks).
 # Each serializes in memory and writes once with C.write_file: fsynced, hashed while written.
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    C.write_file(path, safetensors_save(tensors))
+    C.write_file(path, tensorfile.buffers(tensors))
 
 
 def save_pickle(path: Path, obj: Any) -> None:
@@ -53,8 +56,9 @@ def save_pickle(path: Path, obj: Any) -> None:
     C.write_file(path, buf.getbuffer())
 
 
-def save_json(path: Path, obj: Any) -> None:
-    C.write_file(path, json.dumps(obj, indent=1).encode("utf-8"))
+def save_json(path: Path, obj: Any, compact: bool = False) -> None:
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    C.write_file(path, text.encode("utf-8"))
 
 
 def load_pickle(path: Path | bytes) -> Any:
@@ -68,6 +72,69 @@ def load_pickle(path: Path | bytes) -> Any:
     source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
     with torch.serialization.safe_globals(allowed):
         return torch.load(source, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------ optimizer state as tensors + JSON
+# A pickled optimizer state_dict of a few hundred tensors takes ~5x a safetensors file of the same
+# bytes to load; this split keeps every tensor in safetensors and the few plain values in JSON.
+def split_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-able skeleton, tensors by key) of a nested state_dict: dicts (any keys), lists, tuples,
+    tensors and plain scalars. A tensor object that appears twice (bitsandbytes shares its quantile
+    maps) is stored once; distinct tensors sharing memory are copied apart (safetensors refuses them)."""
+    tensors: dict[str, torch.Tensor] = {}
+    by_id: dict[int, str] = {}
+    storages: set[int] = set()
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            if id(x) in by_id:
+                return {"tensor": by_id[id(x)]}
+            t = x.detach().to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+            if ptr is not None and ptr in storages:
+                t = t.clone()
+            elif ptr is not None:
+                storages.add(ptr)
+            if path in tensors:  # keys with dots could spell another path
+                path = f"{path}#{len(tensors)}"
+            by_id[id(x)] = path
+            tensors[path] = t
+            return {"tensor": path}
+        if isinstance(x, dict):
+            return {"dict": [[k, walk(v, f"{path}.{k}")] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return {"tuple" if isinstance(x, tuple) else "list": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"optimizer state holds a {type(x).__name__} at {path}; only tensors and plain values are saved")
+
+    return walk(obj, "state"), tensors
+
+
+def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Undo split_state."""
+    if isinstance(skeleton, dict):
+        if "tensor" in skeleton:
+            return tensors[skeleton["tensor"]]
+        if "dict" in skeleton:
+            return {k: join_state(v, tensors) for k, v in skeleton["dict"]}
+        if "tuple" in skeleton:
+            return tuple(join_state(v, tensors) for v in skeleton["tuple"])
+        return [join_state(v, tensors) for v in skeleton["list"]]
+    return skeleton
+
+
+def save_optimizer(folder: Path, state: dict[str, Any]) -> None:
+    skeleton, tensors = split_state(state)
+    save_tensors(folder / OPTIMIZER_TENSORS, tensors)
+    save_json(folder / OPTIMIZER_SKELETON, skeleton, compact=True)
+
+
+def load_optimizer(read: Any, files: dict[str, Any]) -> Any:
+    """The optimizer state_dict through `read(name) -> bytes`; old checkpoints' optimizer.pt too."""
+    if OPTIMIZER_PICKLE in files:
+        return load_pickle(read(OPTIMIZER_PICKLE))
+    return join_state(json.loads(read(OPTIMIZER_SKELETON)), tensorfile.load(read(OPTIMIZER_TENSORS)))
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,7 +182,7 @@ def saved_layout(ts: dict[str, Any]) -> Layout | None:
 def write_state(folder: Path, s: Setup, prog: Progress, all_rng: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """Fill a (temporary) checkpoint folder. Called on rank 0 only."""
     save_tensors(folder / "lora.safetensors", s.trained.state_dict())
-    save_pickle(folder / "optimizer.pt", s.optimizer.state_dict())
+    save_optimizer(folder, s.optimizer.state_dict())
     save_pickle(folder / "scheduler.pt", s.lr_scheduler.state_dict())
     save_pickle(folder / "rng.pt", all_rng)
     if s.scaler is not None:
@@ -144,10 +211,10 @@ def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
         if problem:
             raise StateError(problem)
         try:
-            s.trained.load_state_dict(safetensors_load(reader.read("lora.safetensors")))
+            s.trained.load_state_dict(tensorfile.load(reader.read("lora.safetensors")))
         except ValueError as e:
             raise StateError(f"resume_from: {e}") from None
-        s.optimizer.load_state_dict(load_pickle(reader.read("optimizer.pt")))
+        s.optimizer.load_state_dict(load_optimizer(reader.read, reader.manifest["files"]))
         s.lr_scheduler.load_state_dict(load_pickle(reader.read("scheduler.pt")))
         rngs = load_pickle(reader.read("rng.pt"))
         if len(rngs) == s.acc.num_processes:

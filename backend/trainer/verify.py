@@ -16,7 +16,7 @@ from backend.trainer import data as D
 from backend.trainer import evaluation
 from backend.trainer.caching import TextEncoder
 from backend.trainer.models import load_components
-from backend.trainer.state import load_pickle
+from backend.trainer.state import load_optimizer, load_pickle
 from backend.trainer.trained import Trained
 
 EXACT_TOL = 1e-5
@@ -33,7 +33,8 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
     lines.append(f"files: {len(manifest['files'])} files, sha256 and sizes match the manifest")
     try:
         tensors = load_file(str(folder / "lora.safetensors"), device="cpu")
-        for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        load_optimizer(lambda name: (folder / name).read_bytes(), manifest["files"])
+        for name in ("scheduler.pt", "rng.pt"):
             load_pickle(folder / name)
         cfg = validate_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     except Exception as e:  # noqa: BLE001 - any load failure is a finding
