@@ -59,13 +59,28 @@ def absolutize(cfg: TrainingConfig, base: Path | None = None) -> TrainingConfig:
 
 # ------------------------------------------------------------------------------------------ argv
 TRAINER_ENTRY = ("-m", "backend.trainer")
+SUPERVISOR = "backend.supervise"  # the few-MB parent of a one-process run (backend/supervise.py)
+
+
+def direct(cfg: TrainingConfig) -> bool:
+    """Whether the trainer starts as a plain process, without `accelerate launch`: one process on
+    one machine and no accelerate config file. accelerate's `Accelerator` works in a plain process;
+    the launcher would only add its own start-up (it imports torch before starting the trainer:
+    2-3 s and a ~260 MB process that waits for the whole run)."""
+    lc = cfg.launch
+    return lc.num_processes == 1 and lc.num_machines == 1 and not lc.accelerate_config_file
 
 
 def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None, cpu_threads: int | None = None,
                entry: Sequence[str] = TRAINER_ENTRY) -> list[str]:
-    """The exact `accelerate launch` command for this config (pure: no I/O, no environment reads).
+    """The exact command for this config (pure: no I/O, no environment reads).
 
-    - CPU, one process: `--cpu`. CPU, several: `--multi_gpu` plus ACCELERATE_USE_CPU=true in the
+    - One process on one machine (`direct`): the trainer itself, `python -m backend.trainer
+      --run-dir V [--cpu-threads N]`, under `python -m backend.supervise V --` (which records how it
+      ended); what accelerate launch would set in its environment is in `env_overrides` (mixed
+      precision, the GPU ids, ACCELERATE_USE_CPU).
+    Otherwise `accelerate launch`:
+    - CPU, several processes: `--multi_gpu` plus ACCELERATE_USE_CPU=true in the
       environment (gloo DDP; `--cpu --num_processes 2` would silently run one process).
     - GPUs: `--multi_gpu` when num_processes or num_machines > 1, `--gpu_ids` when set.
     - Several machines: `--num_machines --machine_rank --main_process_ip [--main_process_port]`;
@@ -76,8 +91,12 @@ def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None
     entry: what accelerate starts (the trainer module; a script path runs that script instead).
     """
     lc = cfg.launch
-    argv = [python or sys.executable, "-m", "accelerate.commands.launch"]
     trainer = [*entry, "--run-dir", str(version_dir)]
+    if direct(cfg):
+        py = python or sys.executable
+        threads = ["--cpu-threads", str(cpu_threads)] if lc.device == "cpu" and cpu_threads else []
+        return [py, "-m", SUPERVISOR, str(version_dir), "--", py, *trainer, *threads]
+    argv = [python or sys.executable, "-m", "accelerate.commands.launch"]
     if lc.accelerate_config_file:
         return [*argv, "--config_file", lc.accelerate_config_file, *trainer]
     cpu = lc.device == "cpu"
@@ -107,9 +126,15 @@ def default_cpu_threads(cfg: TrainingConfig) -> int:
 def env_overrides(cfg: TrainingConfig) -> dict[str, str]:
     """What the trainer's environment sets on top of the caller's (pure)."""
     env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-    if cfg.launch.device == "cpu":
+    cpu = cfg.launch.device == "cpu"
+    if cpu:
         env["ACCELERATE_USE_CPU"] = "true"  # with --multi_gpu, this makes CPU DDP (gloo) processes
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if direct(cfg):  # what `accelerate launch` would have set for its one process
+        env["ACCELERATE_MIXED_PRECISION"] = "no" if cpu else cfg.training.mixed_precision
+        env["ACCELERATE_DYNAMO_BACKEND"] = "NO"
+        if cfg.launch.gpu_ids and cfg.launch.gpu_ids != "all" and not cpu:
+            env["CUDA_VISIBLE_DEVICES"] = cfg.launch.gpu_ids
     return env
 
 

@@ -30,12 +30,15 @@ def argv(c: TrainingConfig, **kw: object) -> list[str]:
     return out[3:-4]
 
 
-def test_cpu_single_process():
+def test_cpu_single_process_starts_the_trainer_directly():
+    """One process needs no `accelerate launch`: the trainer starts as it is, with the environment
+    accelerate would have given it."""
     c = cfg(device="cpu")
-    assert argv(c, cpu_threads=2) == ["--cpu", "--num_processes", "1", "--num_machines", "1",
-                                      "--num_cpu_threads_per_process", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    assert launcher.build_argv(c, V, python="PY", cpu_threads=2) == ["PY", "-m", "backend.supervise", str(V), "--",
+                                                                     "PY", *TRAINER, "--cpu-threads", "2"]
     env = launcher.launch_env(c, base={"PATH": "/bin"})
     assert env["ACCELERATE_USE_CPU"] == "true" and env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no" and env["ACCELERATE_DYNAMO_BACKEND"] == "NO"
 
 
 def test_cpu_ddp_uses_multi_gpu_with_accelerate_use_cpu():
@@ -48,10 +51,11 @@ def test_cpu_ddp_uses_multi_gpu_with_accelerate_use_cpu():
 
 def test_one_gpu_with_mixed_precision():
     c = cfg(device="cuda", gpu_ids="1", mixed_precision="bf16")
-    assert argv(c) == ["--num_processes", "1", "--num_machines", "1", "--gpu_ids", "1", "--mixed_precision", "bf16",
-                       "--dynamo_backend", "no"]
+    assert launcher.build_argv(c, V, python="PY", cpu_threads=4)[-6:] == ["--", "PY", *TRAINER]  # threads: CPU only
     env = launcher.launch_env(c, base={"CUDA_VISIBLE_DEVICES": "0,1"})
-    assert "ACCELERATE_USE_CPU" not in env and env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert "ACCELERATE_USE_CPU" not in env and env["CUDA_VISIBLE_DEVICES"] == "1"  # as accelerate's --gpu_ids
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert launcher.launch_env(cfg(device="cuda", gpu_ids="all"), base={"CUDA_VISIBLE_DEVICES": "0,1"})["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
 def test_several_gpus():

@@ -1,4 +1,5 @@
-"""The training engine end to end: the real CLI, the real `accelerate launch`, the demo models on CPU."""
+"""The training engine end to end: the real CLI, the real launcher (the trainer started directly for one
+process, through `accelerate launch` for several), the demo models on CPU."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_demo_run_writes_a_complete_version_folder(demo_run):
     cfg = json.loads((v / "config.json").read_text())
     hparams = yaml.safe_load((v / "hparams.yaml").read_text())
     assert hparams == cfg and hparams["optimizer"]["type"] == "AdamW" and "sampling" in hparams
-    assert "accelerate.commands.launch" in (v / "command.txt").read_text()
+    command = (v / "command.txt").read_text()
+    assert "-m backend.trainer --run-dir" in command and "accelerate.commands.launch" not in command  # one process
     status = json.loads((v / "status.json").read_text())
     assert status["state"] == "finished" and status["exit_code"] == 0 and status["step"] == status["total_steps"] == 64
     evs = events(v)

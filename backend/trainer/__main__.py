@@ -1,4 +1,5 @@
-"""Trainer entry point: `accelerate launch ... -m backend.trainer --run-dir VERSION_DIR`.
+"""Trainer entry point: `python -m backend.trainer --run-dir VERSION_DIR [--cpu-threads N]`, started
+directly for one process, or by `accelerate launch ... -m backend.trainer --run-dir VERSION_DIR`.
 
 Sets up the process (offline hubs, quiet logs), reads the frozen config and runs the recipe
 (backend/trainer/recipe.py).
@@ -23,7 +24,10 @@ class _NoTorchvisionNotice(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.trainer")
     ap.add_argument("--run-dir", required=True, type=Path, help="the version folder holding config.json")
+    ap.add_argument("--cpu-threads", type=int, default=None, help="torch CPU threads (CPU training, one process)")
     args = ap.parse_args(argv)
+    if args.cpu_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.cpu_threads)  # before torch is imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
     import transformers  # noqa: F401 - sets up its log handler, which gets the filter
@@ -32,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_NoTorchvisionNotice())
     from backend.config import load_config_file
     from backend.trainer.recipe import run
+
+    if args.cpu_threads:
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
 
     return run(load_config_file(args.run_dir / "config.json"), args.run_dir)
 
