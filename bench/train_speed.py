@@ -120,10 +120,13 @@ def worker(kind: str, setting: str, root: Path) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.item()
         now = time.perf_counter()
+        if first is None:
+            first_at = time.time()
         first = first if first is not None else now - t_start
         if step >= warmup:
             times.append(now - t0)
-    return {"step_s": times, "first_step_s": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"step_s": times, "first_step_s": first, "first_step_at": first_at,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 # ------------------------------------------------------------------------------------- Lathe (c)
