@@ -83,38 +83,53 @@ _WRITTEN: dict[str, tuple[int, int, str]] = {}
 WRITE_CHUNK = 1 << 20  # one huge write() is several times slower than 1 MB writes on some kernels
 
 
+class _ChunkHasher:
+    """sha256 of chunks handed over one by one, computed in a thread of its own (hashlib releases
+    the GIL), so hashing runs alongside the reads or writes that produce the chunks."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._h = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._h.update(chunk)
+
+    def add(self, chunk: memoryview) -> None:
+        self._chunks.put(chunk)
+
+    def hexdigest(self) -> str:
+        """Wait for every chunk added so far; the digest (call once, at the end)."""
+        self._chunks.put(None)
+        self._thread.join()
+        return self._h.hexdigest()
+
+
 def write_file(path: Path, data: bytes | bytearray | memoryview | list[Any]) -> None:
     """Write `data` (one buffer, or a list of buffers written back to back) to `path` durably
     (flushed and fsynced), hashing it while it is written: the sha256 runs in a thread on the same
     chunks as the writes (both release the GIL), and is remembered for write_manifest."""
-    import queue
-    import threading
-
     parts = data if isinstance(data, list) else [data]
-    chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-    h = hashlib.sha256()
-
-    def hash_chunks() -> None:
-        while (chunk := chunks.get()) is not None:
-            h.update(chunk)
-
-    hasher = threading.Thread(target=hash_chunks, daemon=True)
-    hasher.start()
+    hasher = _ChunkHasher()
     try:
         with open(path, "wb") as fh:
             for part in parts:
                 view = memoryview(part).cast("B")
                 for k in range(0, len(view), WRITE_CHUNK):
                     chunk = view[k : k + WRITE_CHUNK]
-                    chunks.put(chunk)
+                    hasher.add(chunk)
                     fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
     finally:
-        chunks.put(None)
-        hasher.join()
+        sha = hasher.hexdigest()
     st = os.stat(path)
-    _WRITTEN[str(path)] = (st.st_size, st.st_mtime_ns, h.hexdigest())
+    _WRITTEN[str(path)] = (st.st_size, st.st_mtime_ns, sha)
 
 
 def _known_hash(p: Path) -> str | None:
@@ -129,21 +144,10 @@ def _known_hash(p: Path) -> str | None:
 def read_hashed(path: Path) -> tuple[bytearray, str]:
     """(the file's bytes, their sha256), read once in 1 MB chunks into one buffer while a thread
     hashes the chunks already read."""
-    import queue
-    import threading
-
     size = path.stat().st_size
     buf = bytearray(size)
     view = memoryview(buf)
-    chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-    h = hashlib.sha256()
-
-    def hash_chunks() -> None:
-        while (chunk := chunks.get()) is not None:
-            h.update(chunk)
-
-    hasher = threading.Thread(target=hash_chunks, daemon=True)
-    hasher.start()
+    hasher = _ChunkHasher()
     got = 0
     try:
         with open(path, "rb", buffering=0) as fh:
@@ -151,12 +155,11 @@ def read_hashed(path: Path) -> tuple[bytearray, str]:
                 n = fh.readinto(view[got : got + WRITE_CHUNK])
                 if not n:
                     break
-                chunks.put(view[got : got + n])
+                hasher.add(view[got : got + n])
                 got += n
     finally:
-        chunks.put(None)
-        hasher.join()
-    return (buf if got == size else buf[:got]), h.hexdigest()
+        sha = hasher.hexdigest()
+    return (buf if got == size else buf[:got]), sha
 
 
 class CorruptFile(Exception):

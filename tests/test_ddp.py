@@ -12,7 +12,7 @@ import pytest
 from backend import launcher, process_tree, runs
 from tests.conftest import ROOT, events, run_cli
 from tests.lifecycle_helpers import alive, demo_cfg, wait_steps
-from tests.trainer_probe import PROBE_ENTRY
+from tests.trainer_probe import PROBE_ENTRY, start_probed
 
 pytestmark = pytest.mark.train
 
@@ -28,11 +28,7 @@ def ddp_run(demo, tmp_path_factory) -> Path:
                                        training={"max_train_epochs": 2, "clip_skip": 2},
                                        sampling={"prompts": ["a red circle", "a yellow star"], "every_n_epochs": None,
                                                  "steps": 2}))
-    v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
-    argv = launcher.build_argv(cfg, v, cpu_threads=1, entry=PROBE_ENTRY)  # the real trainer + a dump per rank
-    runs.write_run_files(v, cfg, argv)
-    runs.new_status(v)
-    proc = launcher.start(v, argv, launcher.launch_env(cfg))
+    v, proc = start_probed(cfg)  # the real trainer + a dump per rank
     proc.wait(timeout=300)
     status = runs.finalize(v, proc.returncode)
     assert status["state"] == "finished", (v / "train.log").read_text()[-3000:]

@@ -14,7 +14,7 @@ import pytest
 from backend import launcher, runs
 from tests.conftest import events, run_cli
 from tests.lifecycle_helpers import demo_cfg
-from tests.trainer_probe import PROBE_ENTRY
+from tests.trainer_probe import start_probed
 
 pytestmark = pytest.mark.train
 
@@ -25,15 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _start(cfg) -> tuple[Path, subprocess.Popen]:
-    """What `python -m backend train` does on one machine, through the real launcher (with the probe)."""
-    v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
-    argv = launcher.build_argv(cfg, v, cpu_threads=1, entry=PROBE_ENTRY)
-    runs.write_run_files(v, cfg, argv)
-    runs.new_status(v)
-    return v, launcher.start(v, argv, launcher.launch_env(cfg))
 
 
 def _finish(v: Path, proc: subprocess.Popen) -> dict:
@@ -57,11 +48,11 @@ def machines(demo, tmp_path_factory) -> dict[str, Path]:
 
     port = free_port()
     both = {"num_machines": 2, "main_process_ip": "127.0.0.1", "main_process_port": port}
-    started = [_start(config(root / f"machine{r}" / "runs", machine_rank=r, **both)) for r in (0, 1)]
+    started = [start_probed(config(root / f"machine{r}" / "runs", machine_rank=r, **both)) for r in (0, 1)]
     statuses = [_finish(v, proc) for v, proc in started]
     for (v, _), st in zip(started, statuses, strict=True):
         assert st["state"] == "finished", (v, st, (v / "train.log").read_text()[-3000:])
-    ref, proc = _start(config(root / "one-machine" / "runs", main_process_port=free_port()))
+    ref, proc = start_probed(config(root / "one-machine" / "runs", main_process_port=free_port()))
     assert _finish(ref, proc)["state"] == "finished", (ref / "train.log").read_text()[-3000:]
     return {"main": started[0][0], "worker": started[1][0], "ref": ref}
 

@@ -19,7 +19,7 @@ import pytest
 from backend import launcher, runs
 from tests.conftest import ENV, ROOT, events
 from tests.lifecycle_helpers import demo_cfg
-from tests.trainer_probe import PROBE_ENTRY
+from tests.trainer_probe import start_probed
 
 pytestmark = pytest.mark.train
 
@@ -46,14 +46,6 @@ def _cfg(demo: Path, out: Path, layout: tuple[int, int, int]):
     ))
 
 
-def _start(cfg) -> tuple[Path, subprocess.Popen]:
-    v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
-    argv = launcher.build_argv(cfg, v, cpu_threads=1, entry=PROBE_ENTRY)
-    runs.write_run_files(v, cfg, argv)
-    runs.new_status(v)
-    return v, launcher.start(v, argv, launcher.launch_env(cfg))
-
-
 def _finish(v: Path, proc: subprocess.Popen) -> Path:
     proc.wait(timeout=400)
     status = runs.finalize(v, proc.returncode)
@@ -64,7 +56,7 @@ def _finish(v: Path, proc: subprocess.Popen) -> Path:
 @pytest.fixture(scope="module")
 def layouts(demo, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
-    started = {name: _start(_cfg(demo, root / name, lay)) for name, lay in LAYOUTS.items()}  # 4 processes, 1 thread each
+    started = {name: start_probed(_cfg(demo, root / name, lay)) for name, lay in LAYOUTS.items()}  # 4 processes, 1 thread each
     return {name: _finish(v, proc) for name, (v, proc) in started.items()}
 
 

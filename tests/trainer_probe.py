@@ -29,6 +29,18 @@ from typing import Any
 PROBE_ENTRY = (str(Path(__file__).resolve()),)
 
 
+def start_probed(cfg: Any) -> tuple[Path, Any]:
+    """Start the probed trainer for a fresh version folder of `cfg` (absolute paths) through the real
+    launcher, one CPU thread per process, without the run lock: (version folder, process)."""
+    from backend import launcher, runs
+
+    v = runs.create_version_dir(cfg.output_dir, cfg.run_name)
+    argv = launcher.build_argv(cfg, v, cpu_threads=1, entry=PROBE_ENTRY)
+    runs.write_run_files(v, cfg, argv)
+    runs.new_status(v)
+    return v, launcher.start(v, argv, launcher.launch_env(cfg))
+
+
 def _plan(batches: list[Any]) -> list[list[list[Any]]]:
     return [[[smp.item, smp.flip, smp.index] for smp in b.samples] for b in batches]
 

@@ -17,7 +17,7 @@ from backend.trainer import data as D
 from backend.trainer import evaluation, models
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.context import Setup
-from backend.trainer.distributed import global_batch
+from backend.trainer.distributed import every_rank, global_batch
 from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
 from backend.trainer.run_io import RunIO
 from backend.trainer.trained import TEXT_ENCODER, UNET, Trained
@@ -55,11 +55,11 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     # VAE: fp32 unless bf16 (fp16 VAEs overflow); evaluation images and (when caching) latents encoded once.
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
     eval_kind, eval_list = evaluation.eval_items(items, val_items)
-    exchange = gather_object if acc.num_processes > 1 else None
+    exchange = gather_object if acc.num_processes > 1 else None  # how the ranks share their caching work
     eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution, acc.process_index, acc.num_processes,
                                       exchange)
     cache_reports: list[dict[str, Any]] = []  # `cache_filled` events, emitted after run_started
-    latents = _cache_latents(cfg, acc, comps, items, item_buckets, cache_reports) if ds.cache_latents else None
+    latents = _cache_latents(cfg, acc, comps, items, item_buckets, exchange, cache_reports) if ds.cache_latents else None
     if latents is not None and device.type == "cuda":
         comps.vae.to("cpu")  # not needed until sampling, which borrows it back
 
@@ -85,7 +85,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
         mine = text.precompute(caps | {smp.caption for smp in eval_samples}, acc.process_index, world,
                                exchange)
         cache_reports.append({"kind": "text", "count": len(text),
-                              "encoded_per_rank": gather_object([mine]) if world > 1 else [mine]})
+                              "encoded_per_rank": every_rank(mine, exchange)})
         if device.type == "cuda":
             for te in comps.text_encoders:
                 te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
@@ -100,7 +100,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
 
 
 def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, items: list[D.ImageItem],
-                   item_buckets: list[tuple[int, int]], reports: list[dict[str, Any]]) -> LatentCache:
+                   item_buckets: list[tuple[int, int]], exchange: Any, reports: list[dict[str, Any]]) -> LatentCache:
     """Fill the latent cache, each rank encoding its share (1/N of what is not on disk yet)."""
     ds = cfg.dataset
     disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
@@ -110,10 +110,9 @@ def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, item
     if acc.is_main_process:
         print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each, {world} process(es))", flush=True)
     t0 = time.perf_counter()
-    mine, hits = latents.fill(flips, rank=acc.process_index, world=world,
-                              exchange=gather_object if world > 1 else None)
-    encoded = gather_object([mine]) if world > 1 else [mine]
-    reports.append({"kind": "latents", "count": len(latents.latents), "encoded_per_rank": encoded, "from_disk": hits,
+    mine, hits = latents.fill(flips, rank=acc.process_index, world=world, exchange=exchange)
+    reports.append({"kind": "latents", "count": len(latents.latents), "encoded_per_rank": every_rank(mine, exchange),
+                    "from_disk": hits,
                     "bytes": latents.nbytes, "seconds": round(time.perf_counter() - t0, 3)})
     return latents
 

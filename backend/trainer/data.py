@@ -198,7 +198,7 @@ class Sample:
     item: int  # index into the item list
     flip: bool
     caption: str
-    index: int = 0  # position in the epoch (global batch x global batch size + slot): keys its noise and timestep
+    index: int  # position in the epoch (global batch x global batch size + slot): keys its noise and timestep
 
 
 @dataclass(frozen=True)

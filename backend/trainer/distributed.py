@@ -57,6 +57,11 @@ def collective_timeout_s(cfg: TrainingConfig) -> int:
     return int(min(MAX_TIMEOUT_S, BASE_TIMEOUT_S + sampling))
 
 
+def every_rank(value: T, exchange: Callable[[list[Any]], list[Any]] | None) -> list[T]:
+    """[value of rank 0, value of rank 1, ...] (just [value] on one process)."""
+    return exchange([value]) if exchange is not None else [value]
+
+
 def split_work(todo: Sequence[K], rank: int, world: int, work: Callable[[list[K]], dict[K, V]],
                exchange: Callable[[list[Any]], list[Any]] | None, round_size: int = 256) -> tuple[dict[K, V], int]:
     """Do `todo` (the same list on every rank) split over the ranks: rank r does todo[r::world], in
