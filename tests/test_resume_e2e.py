@@ -171,7 +171,7 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(demo, tmp_path):
 def test_sigkill_at_random_moments_never_leaves_a_lying_checkpoint(demo, tmp_path, straight_adamw):
     rng = random.Random(1234)
     survivors = []
-    for i in range(5):
+    for i in range(3):  # a few here; the fault campaign (test_fault_campaign.py) kills at many more moments
         proc, v = start_run(tmp_path / f"k{i}", demo, extra_env={"LATHE_TEST_SLOW_SAVE_S": "0.05"}, **STEPS)
         try:
             wait_for(lambda v=v: (v / "events.jsonl").exists() and len(events(v, "step")) >= 1, timeout=120)
