@@ -132,17 +132,23 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Each checkpoint in turn (one process: the libraries load once); 0 when all are valid."""
+    folders = [Path(c) for c in args.checkpoint]
+    missing = [f for f in folders if not f.is_dir()]
+    if missing:
+        for f in missing:
+            print(f"verify: {f} is not a folder", file=sys.stderr)
+        return 2
     from backend.trainer.verify import verify_checkpoint
 
-    folder = Path(args.checkpoint)
-    if not folder.is_dir():
-        print(f"verify: {folder} is not a folder", file=sys.stderr)
-        return 2
-    ok, lines = verify_checkpoint(folder, recompute=not args.quick)
-    for line in lines:
-        print(line)
-    print(("VALID: " if ok else "INVALID: ") + str(folder))
-    return 0 if ok else 1
+    all_ok = True
+    for folder in folders:
+        ok, lines = verify_checkpoint(folder, recompute=not args.quick)
+        for line in lines:
+            print(line)
+        print(("VALID: " if ok else "INVALID: ") + str(folder), flush=True)
+        all_ok = all_ok and ok
+    return 0 if all_ok else 1
 
 
 def cmd_demo_assets(args: argparse.Namespace) -> int:
@@ -241,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_checkpoints)
 
-    p = sub.add_parser("verify", help="verify a checkpoint: hashes, tensors, shapes, and its stored loss recomputed")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("verify", help="verify checkpoints: hashes, tensors, shapes, and each stored loss recomputed")
+    p.add_argument("checkpoint", nargs="+", help="one or more checkpoint folders (exit 0 when all are valid)")
     p.add_argument("--quick", action="store_true", help="hashes and loading only; do not run the model")
     p.set_defaults(func=cmd_verify)
 

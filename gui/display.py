@@ -101,7 +101,9 @@ def progress_html(view: RunView | None) -> str:
     n = progress_numbers(view)
     pct = 100.0 * n["step"] / n["total"] if n["total"] else 0.0
     state = html.escape(view.status.get("state") or "unknown")
-    return (f'<div class="lathe-progress" data-step="{n["step"]}" data-total="{n["total"] or 0}" data-state="{state}">'
+    version = html.escape(str(view.version_dir), quote=True)  # the page's live channel follows this version
+    return (f'<div class="lathe-progress" data-step="{n["step"]}" data-total="{n["total"] or 0}" data-state="{state}" '
+            f'data-version="{version}">'
             f'<div class="lathe-bar"><div class="lathe-fill lathe-fill-{state}" style="width:{min(pct, 100):.1f}%"></div></div>'
             f'<div class="lathe-progress-text">{html.escape(progress_text(view))}</div></div>')
 

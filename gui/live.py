@@ -20,8 +20,8 @@ from backend.follow import Follower
 
 LOG_LINES = 400
 LOG_START_BYTES = 256 * 1024  # enough for LOG_LINES lines of up to 650 bytes
-MAX_POINTS = 2000  # a curve never sends more points than this to the browser
-MIN_POLL_S = 0.4
+MAX_POINTS = 600  # a curve never sends more points than this: about one per pixel of a plot's width
+MIN_POLL_S = 0.05  # the view reads the folder at most this often, however many pages look
 
 
 @dataclass

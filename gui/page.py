@@ -33,6 +33,7 @@ class Page:
     form: Form = field(default_factory=Form)
     shared: dict[str, Any] = field(default_factory=dict)  # name -> component shared across tabs
     tabs: dict[str, Any] = field(default_factory=dict)  # name -> the object holding a tab's handlers
+    tab_items: dict[str, Any] = field(default_factory=dict)  # tab id -> its gr.Tab
     _runs: tuple[float, list[runs.RunInfo]] = (0.0, [])
     _runs_lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -64,7 +64,6 @@ CAPTIONS: dict[str, dict[str, Any]] = {
 RESUME_STEPS = (4, 3, 5)  # the step save point: the first of these that is not an epoch boundary
 STEPS_AFTER_RESUME = 2
 RUN_TIMEOUT_S = 600.0
-VERIFY_JOBS = 2  # verify subprocesses at a time (each spends most of its time importing torch)
 CHECKS = ("straight_finished", "resume_finished", "family", "v_prediction", "losses_bit_exact",
           "exports_identical", "verify_all", "ranks_identical")
 
@@ -350,20 +349,30 @@ def _check_exports(r: Result, straight: Path, resumed: Path) -> None:
 
 
 def _check_verify(r: Result, versions: list[Path]) -> None:
-    """`python -m backend verify` exits 0 for every checkpoint folder of both runs."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """`python -m backend verify` passes every checkpoint folder of both runs (one process for all:
+    it prints each folder's findings, then `VALID: folder` or `INVALID: folder`)."""
     folders = [p for v in versions if (v / "checkpoints").is_dir()
                for p in sorted((v / "checkpoints").iterdir()) if p.is_dir()]
-    with ThreadPoolExecutor(VERIFY_JOBS) as pool:
-        procs = list(pool.map(lambda f: run_cli("verify", str(f)), folders))
-    for folder, proc in zip(folders, procs, strict=True):
-        if proc.returncode != 0:
-            said = [ln for ln in proc.stdout.splitlines() if ln.strip() and "VALID: " not in ln]
-            last = (said or proc.stderr.strip().splitlines() or ["?"])[-1]  # the finding, not "INVALID: ..."
-            r.verify_failures.append(f"{folder.parent.parent.name}/{folder.name}: exit {proc.returncode}: {last}")
     if not folders:
         r.verify_failures.append("no checkpoint folder to verify")
+        r.checks["verify_all"] = False
+        return
+    proc = run_cli("verify", *map(str, folders))
+    said: list[str] = []
+    verdicts: dict[str, bool] = {}
+    for line in proc.stdout.splitlines():
+        head, _, folder = line.partition(": ")
+        if head in ("VALID", "INVALID") and folder in map(str, folders):
+            if head == "INVALID":
+                finding = [ln for ln in said if ln.strip()] or ["?"]
+                r.verify_failures.append(f"{Path(folder).parent.parent.name}/{Path(folder).name}: {finding[-1]}")
+            verdicts[folder], said = head == "VALID", []
+        else:
+            said.append(line)
+    unreported = [f for f in map(str, folders) if f not in verdicts]
+    if unreported or (proc.returncode != 0) != (not all(verdicts.values())):
+        last = (proc.stderr.strip().splitlines() or said or ["?"])[-1]
+        r.verify_failures.append(f"verify exit {proc.returncode}, no verdict for {len(unreported)} folder(s): {last}")
     r.checks["verify_all"] = not r.verify_failures
 
 

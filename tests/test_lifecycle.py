@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from backend import checkpoints as C
 from backend import launcher, lock, process_tree, runs
 from backend.follow import Follower, follow_to_end
 from tests.conftest import ENV, ROOT, events, run_cli, wait_for, write_config
@@ -202,6 +203,8 @@ def test_ctrl_c_on_train_stops_gracefully(demo, tmp_path):
     assert "stopping gracefully" in err and f"run stopped: {v}" in out
     status = runs.read_status(v)
     assert status["state"] == "stopped" and (v / "exports" / f"demo-stop{status['step']:08d}.safetensors").is_file()
+    stop = v / "checkpoints" / f"stop-{status['step']:08d}"
+    assert C.checkpoint_status(stop)[0] == "valid" and C.read_manifest(stop)["step"] == status["step"]
 
 
 def test_a_second_ctrl_c_kills_the_tree(demo, tmp_path):

@@ -1,14 +1,10 @@
 """Checkpoints that never lie, end to end on the demo model: exact resume (epoch boundary and
-mid-epoch, AdamW and Prodigy, after a save point, a STOP and a SIGINT), rotation, crash and disk-full
-safety, corruption detection."""
+mid-epoch, AdamW and Prodigy, after a save point, a STOP and a SIGINT), rotation, disk-full
+safety, corruption detection. SIGKILLs at random moments: test_fault_campaign.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -73,15 +69,13 @@ def test_prodigy_resume_mid_epoch_keeps_its_estimate(straight_prodigy):
     assert d_resumed[21] == d_straight[21] and d_resumed[21] > PRODIGY.get("d0", 1e-6)  # not restarted
 
 
-@pytest.mark.parametrize("how", ["STOP", "SIGINT"])
-def test_stop_then_resume_is_bit_exact(straight_prodigy, demo, tmp_path, how):
+def test_stop_then_resume_is_bit_exact(straight_prodigy, demo, tmp_path):
+    """A STOP file (the GUI's Stop). A SIGINT (Ctrl+C) ends in the same stop checkpoint, written by
+    the same code: test_lifecycle.py checks that it is written and valid."""
     proc, v = start_run(tmp_path, demo, optimizer=PRODIGY, extra_env={"LATHE_TEST_SLOW_STEP_S": "0.05"}, **STEPS)
     try:
         wait_for(lambda: len(events(v, "step")) >= 7 if (v / "events.jsonl").exists() else False, timeout=120)
-        if how == "STOP":
-            launcher.request_stop(v)
-        else:
-            os.killpg(proc.pid, signal.SIGINT)
+        launcher.request_stop(v)
         proc.wait(timeout=60)
     finally:
         launcher.kill_group(proc.pid)
@@ -166,33 +160,3 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(demo, tmp_path):
     names = sorted(p.name for p in (v / "checkpoints").iterdir())
     assert names == ["epoch-000001", "step-00000005", "step-00000010", "step-00000015"]  # no .tmp left behind
     assert all(C.checkpoint_status(v / "checkpoints" / n)[0] == "valid" for n in names)
-
-
-def test_sigkill_at_random_moments_never_leaves_a_lying_checkpoint(demo, tmp_path, straight_adamw):
-    rng = random.Random(1234)
-    survivors = []
-    for i in range(3):  # a few here; the fault campaign (test_fault_campaign.py) kills at many more moments
-        proc, v = start_run(tmp_path / f"k{i}", demo, extra_env={"LATHE_TEST_SLOW_SAVE_S": "0.05"}, **STEPS)
-        try:
-            wait_for(lambda v=v: (v / "events.jsonl").exists() and len(events(v, "step")) >= 1, timeout=120)
-            time.sleep(rng.uniform(0.0, 2.5))
-        finally:
-            launcher.kill_group(proc.pid)
-            proc.wait(timeout=30)
-        cks = C.list_checkpoints(v)
-        latest = C.latest(cks)
-        for c in cks:
-            if c["status"] == "valid":
-                assert run_cli("verify", c["path"], "--quick").returncode == 0
-            else:
-                assert c["status"] == "incomplete" and c is not latest
-        assert not any(p.name.endswith(".tmp") and C.checkpoint_status(p)[0] == "valid"
-                       for p in (v / "checkpoints").iterdir()) if (v / "checkpoints").exists() else True
-        if latest:
-            survivors.append(latest)
-    assert survivors, "no kill landed after a save; adjust the timing"
-    chosen = max(survivors, key=lambda c: c["step"])
-    proc, v2 = resume(chosen["path"])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = step_losses(straight_adamw), step_losses(v2)
-    assert all(a[k] == b[k] for k in b) and max(b) == max(a)

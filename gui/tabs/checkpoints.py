@@ -25,6 +25,7 @@ from gui.tabs.run import RunTab
 RUN_HEADERS = ["Run", "Version", "State", "Step", "Started", "Reason", "Folder"]
 SOURCES = [("the checkpoint's own settings", "checkpoint"), ("the Setup tab's settings", "setup")]
 TICK_S = 2.0
+STEPS_EVERY_S = 10.0  # the runs table redraws for a new step count at most this often (a state change: at once)
 
 
 def run_rows(infos: list[RunInfo]) -> pd.DataFrame:
@@ -36,6 +37,12 @@ def run_rows(infos: list[RunInfo]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_HEADERS)
 
 
+def _timer_update(active: bool) -> Any:
+    def update() -> gr.Timer:
+        return gr.Timer(active=active)
+    return update
+
+
 class CheckpointsTab:
     def __init__(self, page: Page, run_tab: RunTab):
         self.page, self.run_tab = page, run_tab
@@ -43,7 +50,8 @@ class CheckpointsTab:
 
     def build(self) -> None:
         c = self.c
-        with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab-checkpoints"):
+        with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab-checkpoints") as tab:
+            self.page.tab_items["checkpoints"] = tab
             c["runs"] = gr.Dataframe(run_rows([]), label="Runs (click a row to show its checkpoints)",
                                      interactive=False, elem_id="runs-table", max_height=260, wrap=True,
                                      column_widths=["9%", "8%", "9%", "9%", "14%", "23%", "28%"])
@@ -75,18 +83,23 @@ class CheckpointsTab:
 
     def build_hidden(self) -> None:
         self.c["state"] = gr.State({"sig": None, "rev": None})
-        self.c["timer"] = gr.Timer(TICK_S)
+        # Polls only while the tab is shown (every tick is a Gradio event, which costs the page).
+        self.c["timer"] = gr.Timer(TICK_S, active=False)
 
     # ------------------------------------------------------------------------------ drawing
     def _versions(self, data: dict, force: bool = False) -> tuple[dict, str | None]:
         """(updates of the runs table and version list when the runs changed, the version to show)."""
         c = self.c
         infos = self.page.list_runs(fresh=force)
-        sig = [(i.path, i.state, i.step) for i in infos]
+        sig = [(i.path, i.state) for i in infos]
+        steps = [i.step for i in infos]
         state = dict(data.get(c["state"]) or {})
         wanted = data.get(c["version"])
-        if not force and sig == state.get("sig"):
+        now = time.monotonic()
+        steps_due = steps != state.get("steps") and now - state.get("steps_at", 0.0) >= STEPS_EVERY_S
+        if not force and sig == state.get("sig") and not steps_due:
             return {}, self.page.inside(wanted)
+        state.update(steps=steps, steps_at=now)
         choices = version_choices(infos)
         newest = choices[0][1] if choices else None
         if wanted is None or wanted == state.get("newest") or wanted not in {v for _, v in choices}:
@@ -94,17 +107,20 @@ class CheckpointsTab:
         state.update(sig=sig, newest=newest)
         return {c["runs"]: run_rows(infos), c["version"]: dropdown_update(choices, wanted), c["state"]: state}, wanted
 
-    def _table(self, version: str | None, selected: str | None) -> dict:
+    def _table(self, version: str | None, selected: str | None, unless: list | None = None) -> dict:
+        """The checkpoint table and choices of `version`; nothing when its rows are `unless`."""
         c = self.c
         if not version:
             return {c["table"]: pd.DataFrame([], columns=HEADERS), c["choice"]: gr.update(choices=[], value=None)}
         rows, cks = checkpoint_rows(version)
+        if unless is not None and rows == unless:
+            return {}
         choices = [(f"{ck['name']} ({ck['status']})", ck["path"]) for ck in reversed(cks)]
         return {c["table"]: pd.DataFrame(rows, columns=HEADERS), c["choice"]: dropdown_update(choices, selected)}
 
     def on_tick(self, data: dict) -> dict:
-        """Redraw the runs while they change, and the shown version's table while its run is going
-        (so a rotated checkpoint disappears live) or when it changed."""
+        """Redraw the runs when they change, and the shown version's table when its rows change (read
+        from the folder while its run is going, so a rotated checkpoint disappears live)."""
         c = self.c
         out, version = self._versions(data)
         if version:
@@ -112,9 +128,13 @@ class CheckpointsTab:
             view.poll(self.page.runner.proc(Path(version)))
             active = view.status.get("state") in ACTIVE_STATES
             state = dict(out.get(c["state"]) or data.get(c["state"]) or {})
-            if active or version != data.get(c["version"]) or state.get("rev") != (version, view.revs["checkpoints"]):
+            switched = version != data.get(c["version"])
+            if active or switched or state.get("rev") != (version, view.revs["checkpoints"]):
                 state["rev"] = (version, view.revs["checkpoints"])
-                out.update(self._table(version, data.get(c["choice"])))
+                table = self._table(version, data.get(c["choice"]), unless=None if switched else state.get("rows"))
+                if table:
+                    state["rows"] = table[c["table"]].values.tolist()
+                out.update(table)
                 out[c["state"]] = state
         return reply(out)
 
@@ -173,7 +193,7 @@ class CheckpointsTab:
         return {c["plan"]: text, c["command"]: resume_command(ckpt, plan.changed),
                 c["resume"]: gr.update(interactive=not problems)}
 
-    def on_resume(self, data: dict) -> dict:
+    def on_resume(self, data: dict, request: gr.Request | None = None) -> dict:
         c, page = self.c, self.page
         ckpt = self._checkpoint(data)
         base, problem = self._base(data)
@@ -183,7 +203,7 @@ class CheckpointsTab:
             started = page.runner.resume(Path(ckpt), base)
         except StartRefused as e:
             return {c["result"]: "✖ **Not resumed**:\n" + "\n".join(f"- {line}" for line in e.lines)}
-        out = self.run_tab.attach(str(started.version_dir))
+        out = self.run_tab.attach(str(started.version_dir), request)
         name = f"{started.version_dir.parent.name} / {started.version_dir.name}"
         out[self.run_tab.c["message"]] = f"Resumed from **{Path(ckpt).name}** as **{name}**."
         out[c["result"]] = f"Resumed from **{Path(ckpt).name}** as **{name}**: follow it in the Run tab."
@@ -223,6 +243,9 @@ class CheckpointsTab:
                     show_progress="hidden")
         c["timer"].tick(self.on_tick, inputs=picks, outputs=versions_out + table_out, show_progress="hidden",
                         concurrency_limit=None, queue=False)
+        for tab_id, item in self.page.tab_items.items():
+            item.select(_timer_update(tab_id == "checkpoints"), inputs=None, outputs=[c["timer"]], queue=False,
+                        show_progress="hidden")
         c["refresh"].click(self.on_refresh, inputs=picks, outputs=versions_out + table_out)
         c["version"].input(self.on_version, inputs={c["version"]}, outputs=table_out)
         c["runs"].select(self.on_run_row, inputs=set(), outputs=[c["version"], *table_out])
@@ -231,8 +254,9 @@ class CheckpointsTab:
         gr.on([c["choice"].change, c["source"].change], self.on_plan, inputs=form.inputs | {c["choice"], c["source"]},
               outputs=plan_out, show_progress="hidden", trigger_mode="always_last")
         live = self.run_tab.live_outputs
-        c["resume"].click(self.on_resume, inputs=form.inputs | {c["choice"], c["source"]},
-                          outputs=[*live, c["result"], self.run_tab.c["message"], self.page.component("tabs")])
+        self.run_tab.streamed(c["resume"].click(self.on_resume, inputs=form.inputs | {c["choice"], c["source"]},
+                                                outputs=[*live, c["result"], self.run_tab.c["message"],
+                                                         self.page.component("tabs")]))
         c["verify"].click(self.on_verify, inputs={c["choice"]}, outputs=[c["result"]])
         c["copy"].click(self.on_export, inputs={c["choice"]}, outputs=[c["path"], c["result"]])
         c["delete"].click(lambda data: {c["confirm"]: gr.update(visible=True)}, inputs=set(), outputs=[c["confirm"]])

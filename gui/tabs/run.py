@@ -2,18 +2,35 @@
 reason, progress with ETA, loss / learning-rate / Prodigy d curves, the latest samples, checkpoint
 activity (saves and rotation), the resource monitor and the log tail.
 
-Each browser session keeps {"version", "revs", ...} in a State; a Timer polls the shared RunView
-and redraws only the parts whose revision changed. A page reload or a restarted app.py attaches to
-the newest active run found in the output folder.
+Each browser session keeps {"version", "revs", ...} in a State. Two channels bring a run to the page,
+because every Gradio event message costs the browser tens of milliseconds on a page this size (its
+front end refreshes the loading state of every component per message):
+
+* The progress bar has its own channel: a script in the page long-polls `live_progress` (a Gradio
+  server function: a plain HTTP call, no event) for the version its bar shows, and the answer comes
+  as soon as the bar's HTML differs (within LIVE_S of a step event), or after LONG_POLL_S.
+* Everything else comes from a server-side stream (an async generator pushed over Gradio's event
+  stream): it looks every STREAM_S and sends only what changed, the banner and the buttons at once,
+  the curves, log and progress at most every SLOW_S while the run goes (all at once at its end).
+
+One stream runs per session: attaching to a run starts a new one and retires the old (a token per
+session). A slow Timer is the watchdog: when a session's stream has stopped beating (a dropped
+connection, a sleeping laptop), it starts a new one. A page reload or a restarted app.py attaches
+to the newest active run found in the output folder.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import itertools
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import gradio as gr
 import pandas as pd
 
@@ -26,7 +43,12 @@ from gui.page import Page, version_choices
 from gui.runner import ACTIVE_STATES, StartRefused, launched_command, reproduce_command
 from gui.tabs.setup import message_updates, validate_values
 
-TICK_S = 1.0
+STREAM_S = 0.5  # how often a session's stream looks for news
+SLOW_S = 2.0  # while a run goes, the curves, the log and the progress (by the stream) at most this often
+LIVE_S = 0.05  # how often the progress channel looks for a new step
+LONG_POLL_S = 10.0  # the progress channel answers at the latest after this, changed or not
+WATCHDOG_S = 10.0  # the Timer that restarts a stream which stopped beating
+STALE_S = 5.0  # a stream that has not looked for this long has stopped
 SWITCH_CHECK_S = 3.0
 RESOURCES_EVERY_S = 5.0
 LOSS_SERIES = ("loss", "epoch mean loss", "validation loss")
@@ -35,7 +57,63 @@ D_SERIES = ("Prodigy d",)
 
 
 def new_state(version: str | None) -> dict[str, Any]:
-    return {"version": version, "revs": {}, "runs_sig": None, "checked_at": 0.0, "res_at": 0.0}
+    return {"version": version, "revs": {}, "drawn_at": {}, "runs_sig": None, "checked_at": 0.0, "res_at": 0.0,
+            "stream": None}
+
+
+class Streams:
+    """Which stream is the current one of each browser session, whether it runs, when it last looked."""
+
+    def __init__(self) -> None:
+        self._tokens = itertools.count(1)
+        self._current: dict[str, list[Any]] = {}  # session -> [token, last beat, a stream runs it]
+        self._lock = threading.Lock()
+
+    def claim(self, session: str | None) -> int:
+        """A new token for `session`: the stream holding the old one ends at its next look."""
+        token = next(self._tokens)
+        if session is not None:
+            with self._lock:
+                self._current[session] = [token, time.monotonic(), False]
+        return token
+
+    def enter(self, session: str, token: int) -> bool:
+        """Whether a stream starting with `token` is to run: the token is current and no other stream
+        runs it (a handler that attached nothing leaves the old token in the state)."""
+        with self._lock:
+            current = self._current.get(session)
+            if current is None or current[0] != token or current[2]:
+                return False
+            current[1:] = [time.monotonic(), True]
+            return True
+
+    def beat(self, session: str, token: int) -> bool:
+        """True (and noted) while `token` is the session's current stream."""
+        with self._lock:
+            current = self._current.get(session)
+            if current is None or current[0] != token:
+                return False
+            current[1] = time.monotonic()
+            return True
+
+    def stalled(self, session: str | None) -> bool:
+        """No stream of `session` has looked for STALE_S (or none was ever started)."""
+        if session is None:
+            return False
+        with self._lock:
+            current = self._current.get(session)
+        return current is None or time.monotonic() - current[1] > STALE_S
+
+    def forget(self, session: str | None) -> None:
+        with self._lock:
+            self._current.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def _frame(rows: list[tuple[float, float, str]], series: tuple[str, ...]) -> pd.DataFrame | None:
@@ -47,6 +125,42 @@ def _frame(rows: list[tuple[float, float, str]], series: tuple[str, ...]) -> pd.
     seeds = [(math.nan, math.nan, name) for name in series]
     df = pd.DataFrame(seeds + rows, columns=["step", "value", "series"])
     return df.astype({"step": "float64", "value": "float64", "series": "str"})
+
+
+LIVE_GAP_S = 0.2  # the page redraws the progress bar at most this often (each redraw costs the trainer CPU)
+LIVE_JS = """
+if (!element.__latheLive) {
+  const GAP_MS = @GAP_MS@;
+  element.__latheLive = true;
+  const pause = (ms) => new Promise((done) => setTimeout(done, ms));
+  (async () => {
+    let key = "";
+    while (element.isConnected) {
+      const bar = element.querySelector(".lathe-progress");
+      const version = bar ? bar.dataset.version || "" : "";
+      if (!version || element.offsetParent === null) { await pause(500); continue; }  // no run, or tab hidden
+      try {
+        const got = await server.live_progress({version: version, key: key});
+        if (!got) { await pause(1000); continue; }
+        if (got.key !== key) { key = got.key; props.value = got.html; await pause(GAP_MS); }
+      } catch (e) { await pause(2000); }
+    }
+  })();
+}
+""".replace("@GAP_MS@", str(int(LIVE_GAP_S * 1000)))
+
+
+def _same_as_sent(sent: dict[str, Any], component: Any, value: Any) -> bool:
+    """Whether the page already shows `value` in `component` (text and updates are compared; a
+    frame is always new). Notes `value` as sent otherwise: every redraw costs the browser."""
+    if not isinstance(value, (str, dict)):
+        return False
+    key = str(getattr(component, "_id", id(component)))
+    mark = hash(value if isinstance(value, str) else repr(sorted(value.items())))
+    if sent.get(key) == mark:
+        return True
+    sent[key] = mark
+    return False
 
 
 COLORS = {"loss": "#4f46e5", "epoch mean loss": "#f59e0b", "validation loss": "#16a34a", "learning rate": "#4f46e5",
@@ -71,11 +185,13 @@ class RunTab:
     def __init__(self, page: Page):
         self.page = page
         self.c: dict[str, Any] = {}
+        self.streams = Streams()
 
     # ------------------------------------------------------------------------------ layout
     def build(self) -> None:
         c, page = self.c, self.page
-        with gr.Tab("Run", id="run", elem_id="tab-run"):
+        with gr.Tab("Run", id="run", elem_id="tab-run") as tab:
+            page.tab_items["run"] = tab
             c["choice"] = gr.Dropdown([], label="Showing run", elem_id="run-choice", interactive=True)
             c["banner"] = gr.HTML(state_banner(None), elem_id="run-banner")
             with gr.Row():
@@ -88,7 +204,11 @@ class RunTab:
                 c["kill_now"] = gr.Button("Kill now", variant="stop", elem_id="btn-kill-now")
                 c["kill_cancel"] = gr.Button("Cancel", elem_id="btn-kill-cancel")
             c["message"] = page.share("run_message", gr.Markdown("", elem_id="run-message"))
-            c["progress"] = gr.HTML(progress_html(None), elem_id="run-progress")
+            async def live_progress(query: Any) -> dict[str, str] | None:  # Gradio marks it: a plain function
+                return await self.live_progress(query)
+
+            c["progress"] = gr.HTML(progress_html(None), elem_id="run-progress", js_on_load=LIVE_JS,
+                                    server_functions=[live_progress])
             with gr.Row():
                 c["loss"] = _plot("Loss", "plot-loss")
                 c["lr"] = _plot("Learning rate", "plot-lr")
@@ -108,7 +228,9 @@ class RunTab:
     def build_hidden(self) -> None:
         """The session state and the timer: outside the tab bar (a non-tab child there breaks the tabs)."""
         self.c["follow"] = self.page.share("follow", gr.State(new_state(None)))
-        self.c["timer"] = gr.Timer(TICK_S)
+        self.c["timer"] = gr.Timer(WATCHDOG_S)
+        # Where Gradio would show the stream's "processing" status (it runs as long as the page is open).
+        self.c["streaming"] = gr.HTML("", visible=False, elem_id="run-stream-status")
 
     @property
     def live_outputs(self) -> list[Any]:
@@ -118,30 +240,50 @@ class RunTab:
 
     # ------------------------------------------------------------------------------ drawing
     def render(self, state: dict[str, Any], force: bool = False) -> dict[Any, Any]:
-        """Updates for the parts of the followed run that changed since this session drew them."""
+        """Updates for the parts of the followed run that changed since this session drew them. While
+        the run goes, the curves and the log are drawn at most every CURVES_EVERY_S / LOG_EVERY_S (a
+        part held back is drawn at a later call); the banner and progress as soon as they change."""
         c, out = self.c, {}
         version = state.get("version")
         view = self.page.views.get(version) if version else None
         if view is not None:
             view.poll(self.page.runner.proc(Path(version)), force=force)
         revs = view.revs if view is not None else {}
-        seen = {} if force else state.get("revs", {})
-        changed = {p for p in ("status", "curves", "samples", "activity", "log") if force or revs.get(p) != seen.get(p)}
+        seen = {} if force else dict(state.get("revs", {}))
+        drawn_at = {} if force else dict(state.get("drawn_at", {}))
         run_state = view.status.get("state") if view is not None else None
-        if not force and run_state != state.get("run_state"):
+        going = run_state in ACTIVE_STATES
+        now = time.monotonic()
+        ended = run_state != state.get("run_state")
+        slow_due = force or ended or not going or now - drawn_at.get("slow", -math.inf) >= SLOW_S
+        changed = set()
+        for part in ("status", "curves", "samples", "activity", "log", "progress"):
+            rev = revs.get("status" if part == "progress" else part)
+            if not force and rev == seen.get(part):
+                continue
+            if part in ("curves", "log", "progress") and not slow_due:
+                continue  # drawn a moment ago: a later look draws it
+            changed.add(part)
+            seen[part] = rev
+        if changed & {"curves", "log", "progress"}:
+            drawn_at["slow"] = now
+        if not force and ended:
             out.update(self._choices(state, version, force=True, fresh=True))  # its label shows the state
         state["run_state"] = run_state
         if "status" in changed:
-            active = view is not None and view.status.get("state") in ACTIVE_STATES
-            out.update({c["banner"]: state_banner(view), c["progress"]: progress_html(view),
-                        c["stop"]: gr.update(interactive=active), c["kill"]: gr.update(interactive=active)})
+            out.update({c["banner"]: state_banner(view), c["stop"]: gr.update(interactive=going),
+                        c["kill"]: gr.update(interactive=going)})
+        if "progress" in changed:
+            out[c["progress"]] = progress_html(view)
         if view is not None:
             out.update(self._parts(view, changed))
         if force:
             out[c["reproduce"]] = reproduce_command(Path(version)) if version else ""
             out[c["launched"]] = launched_command(Path(version)) if version else ""
         out.update(self._resources(view, state, force))
-        state = {**state, "revs": dict(revs)}
+        sent = {} if force else dict(state.get("sent", {}))
+        out = {k: v for k, v in out.items() if force or not _same_as_sent(sent, k, v)}
+        state = {**state, "revs": seen, "drawn_at": drawn_at, "sent": sent}
         out[c["follow"]] = state
         return out
 
@@ -172,9 +314,13 @@ class RunTab:
         warnings = [w for w in (view.warnings if view else []) if "bottleneck" in w or "disk" in w]
         return {self.c["resources"]: resources_markdown(snap, share, warnings)}
 
-    def attach(self, version: str | None) -> dict[Any, Any]:
-        """Follow `version` from now on (its whole history is drawn)."""
+    def attach(self, version: str | None, request: gr.Request | None = None,
+               token: int | None = None) -> dict[Any, Any]:
+        """Follow `version` from now on (its whole history is drawn). With no `token`, the session's
+        stream that runs after this (wired with .then) takes over and the one before it ends; a
+        stream that switches runs itself passes its own token."""
         state = new_state(version)
+        state["stream"] = token if token is not None else self.streams.claim(session_of(request))
         out = self.render(state, force=True)
         out.update(self._choices(out[self.c["follow"]], version, force=True, fresh=True))
         return out
@@ -189,7 +335,8 @@ class RunTab:
         return {self.c["choice"]: gr.update(choices=version_choices(infos), value=version)}
 
     # ------------------------------------------------------------------------------ handlers
-    def on_tick(self, data: dict) -> dict:
+    def on_tick(self, data: dict, request: gr.Request | None = None) -> dict:
+        """One look at the followed run: what changed, or a switch to a newer active run."""
         state = dict(data[self.c["follow"]] or new_state(None))
         self.page.runner.reap()
         version = state.get("version")
@@ -197,10 +344,62 @@ class RunTab:
             state["checked_at"] = time.monotonic()
             newer = self._newer_active(version)
             if newer is not None:
-                return self.attach(newer)
+                return self.attach(newer, request, token=state.get("stream"))
         out = self.render(state)
         out.update(self._choices(out[self.c["follow"]], version))
         return out
+
+    async def stream(self, data: dict, request: gr.Request | None = None):
+        """This session's live updates: look every STREAM_S, send only what changed, end when another
+        stream of the session took over (or the page went away: Gradio then stops asking)."""
+        state = dict(data[self.c["follow"]] or new_state(None))
+        session, token = session_of(request), state.get("stream")
+        if session is None or token is None or not self.streams.enter(session, token):
+            yield {self.c["follow"]: gr.skip()}  # an event that yields nothing would clear its outputs in the page
+            return
+        yield {self.c["follow"]: gr.skip()}  # at once: while an event has sent nothing, the page times it every frame
+        while self.streams.beat(session, token):
+            out = await anyio.to_thread.run_sync(self.on_tick, {self.c["follow"]: state}, request)
+            new_state_ = out.pop(self.c["follow"])
+            if not self.streams.beat(session, token):
+                return
+            if out or new_state_.get("version") != state.get("version"):
+                out[self.c["follow"]] = new_state_
+                yield out
+            state = new_state_
+            await asyncio.sleep(STREAM_S)
+
+    async def live_progress(self, query: Any) -> dict[str, str] | None:
+        """The progress channel: the progress bar of `query["version"]` (a folder inside the output
+        folder, else None) as soon as it differs from the one the page has (`query["key"]`), or
+        after LONG_POLL_S. A plain HTTP call behind the login, no Gradio event."""
+        query = query if isinstance(query, dict) else {}
+        version = self.page.inside(query.get("version"))
+        if not version or not Path(version, "status.json").is_file():
+            return None
+        key, deadline = str(query.get("key") or ""), time.monotonic() + LONG_POLL_S
+        while True:
+            bar = await anyio.to_thread.run_sync(self._progress_now, version)
+            if bar["key"] != key or time.monotonic() >= deadline:
+                return bar
+            await asyncio.sleep(LIVE_S)
+
+    def _progress_now(self, version: str) -> dict[str, str]:
+        view = self.page.views.get(version)
+        view.poll(self.page.runner.proc(Path(version)))
+        bar = progress_html(view)
+        return {"html": bar, "key": hashlib.sha1(bar.encode()).hexdigest()[:16]}
+
+    def on_watch(self, data: dict, request: gr.Request | None = None) -> dict:
+        """The watchdog: when this session's stream stopped, a new token (the .then stream starts)."""
+        if not self.streams.stalled(session_of(request)):
+            return {}
+        state = dict(data[self.c["follow"]] or new_state(None))
+        state["stream"] = self.streams.claim(session_of(request))
+        return {self.c["follow"]: state}
+
+    def on_unload(self, request: gr.Request) -> None:
+        self.streams.forget(session_of(request))
 
     def _newer_active(self, version: str | None) -> str | None:
         """An active run to switch to when the followed one is not active (e.g. started from a terminal)."""
@@ -212,14 +411,14 @@ class RunTab:
             return max(active, key=lambda i: i.started_at or 0.0).path
         return current.path if current is not None and version is None else None
 
-    def on_load(self, data: dict) -> dict:
+    def on_load(self, data: dict, request: gr.Request | None = None) -> dict:
         current = self.page.runner.current()
-        return self.attach(current.path if current else None)
+        return self.attach(current.path if current else None, request)
 
-    def on_choice(self, data: dict) -> dict:
-        return self.attach(self.page.inside(data[self.c["choice"]]))
+    def on_choice(self, data: dict, request: gr.Request | None = None) -> dict:
+        return self.attach(self.page.inside(data[self.c["choice"]]), request)
 
-    def on_start(self, data: dict) -> dict:
+    def on_start(self, data: dict, request: gr.Request | None = None) -> dict:
         page, c = self.page, self.c
         cfg, messages = validate_values(page, page.form.values(data))
         if cfg is None:
@@ -231,7 +430,7 @@ class RunTab:
             errors = [field_error(line, cfg.optimizer.type) for line in e.lines]
             text = "✖ **Not started**:\n" + "\n".join(f"- {line}" for line in e.lines)
             return {**message_updates(page, errors, []), c["message"]: text}
-        out = {**messages, **self.attach(str(started.version_dir)), page.component("tabs"): gr.Tabs(selected="run")}
+        out = {**messages, **self.attach(str(started.version_dir), request), page.component("tabs"): gr.Tabs(selected="run")}
         out[c["message"]] = f"Started **{started.version_dir.parent.name} / {started.version_dir.name}**."
         return out
 
@@ -252,17 +451,23 @@ class RunTab:
                 self.c["confirm"]: gr.update(visible=False)}
 
     # ------------------------------------------------------------------------------ wiring
+    def streamed(self, event: Any) -> Any:
+        """Chain this session's stream after `event` (one that attached, so it claimed a new token)."""
+        return event.then(self.stream, inputs={self.c["follow"]}, outputs=self.live_outputs, show_progress="hidden",
+                          show_progress_on=[self.c["streaming"]], concurrency_limit=None, queue=True)
+
     def wire(self, blocks: gr.Blocks) -> None:
         c, page = self.c, self.page
         live = self.live_outputs
-        c["timer"].tick(self.on_tick, inputs={c["follow"]}, outputs=live, show_progress="hidden",
-                        concurrency_limit=None, queue=False)
-        blocks.load(self.on_load, inputs={c["follow"]}, outputs=live, show_progress="hidden")
-        c["choice"].input(self.on_choice, inputs={c["choice"]}, outputs=live, show_progress="hidden")
+        self.streamed(c["timer"].tick(self.on_watch, inputs={c["follow"]}, outputs=[c["follow"]],
+                                      show_progress="hidden", concurrency_limit=None, queue=False))
+        self.streamed(blocks.load(self.on_load, inputs={c["follow"]}, outputs=live, show_progress="hidden"))
+        blocks.unload(self.on_unload)
+        self.streamed(c["choice"].input(self.on_choice, inputs={c["choice"]}, outputs=live, show_progress="hidden"))
         setup_outputs = [*page.component("section_errors").values(), page.component("setup_summary")]
         for button in page.component("start_buttons"):
-            button.click(self.on_start, inputs=page.form.inputs, outputs=[*live, *setup_outputs, c["message"],
-                                                                          page.component("tabs")])
+            self.streamed(button.click(self.on_start, inputs=page.form.inputs,
+                                       outputs=[*live, *setup_outputs, c["message"], page.component("tabs")]))
         c["stop"].click(self.on_stop, inputs={c["follow"]}, outputs=[c["message"]])
         c["kill"].click(lambda data: {c["confirm"]: gr.update(visible=True)}, inputs=set(), outputs=[c["confirm"]])
         c["kill_cancel"].click(lambda data: {c["confirm"]: gr.update(visible=False)}, inputs=set(),

@@ -19,6 +19,7 @@ class SamplesTab:
     def build(self) -> gr.Tab:
         c = self.c
         with gr.Tab("Samples", id="samples", elem_id="tab-samples") as tab:
+            self.page.tab_items["samples"] = tab
             with gr.Row(equal_height=True):
                 c["version"] = gr.Dropdown([], label="Version", elem_id="samples-version", scale=4, interactive=True)
                 c["refresh"] = gr.Button("Refresh", elem_id="btn-samples-refresh", scale=1)

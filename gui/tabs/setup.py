@@ -110,7 +110,8 @@ def _preview_text(values: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ the tab
 def build(page: Page) -> None:
     values, loaded = page.first_form()
-    with gr.Tab("Setup", id="setup", elem_id="tab-setup"):
+    with gr.Tab("Setup", id="setup", elem_id="tab-setup") as tab:
+        page.tab_items["setup"] = tab
         preset_parts = presets.build(page, loaded)
         with gr.Row(elem_classes=["lathe-actions"]):
             validate = gr.Button("Validate", elem_id="btn-validate")
