@@ -4,8 +4,9 @@ to the straight run, `verify` passes for every checkpoint, ranks identical with 
 and v-prediction right). The long version is bench/combos.py (`--n 50`); both run
 tests/combo_helpers.py.
 
-These four stress the known weak spots; the pairwise list itself runs in bench/combos.py (its
-generator is unit-tested in test_combo_helpers.py).
+These three stress the known weak spots; the pairwise list itself runs in bench/combos.py (its
+generator is unit-tested in test_combo_helpers.py). Uncached latents with dropout and a resume in the
+middle of an epoch (with the text encoder trained): test_correctness_e2e.py's off-default run.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ pytestmark = pytest.mark.train
 CASES = [
     # Text-encoder LoRA and LoRA dropout under DDP: every rank must end with the same tensors.
     ("te-dropout-ddp", H.baseline(network__train_text_encoder=True, network__dropout=0.1, launch__num_processes=2)),
-    # Pixels read every step, dropout's RNG state, a resume in the middle of epoch 1.
-    ("uncached-dropout", H.baseline(dataset__cache_latents=False, network__dropout=0.1, training__train_batch_size=2)),
     # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's v weighting.
     ("sd2v-vpred", H.baseline(model="sd2v", training__min_snr_gamma=5.0)),
     # SDXL's two text encoders trained, captions re-encoded every step (shuffled).
