@@ -93,9 +93,9 @@ def test_the_stream_sends_what_changed_and_ends_when_the_session_attaches_elsewh
 
 
 def test_a_stream_whose_page_went_away_is_restarted_by_the_watchdog(gui, live, monkeypatch):
-    import gui.tabs.run as R
+    from gui import streams
 
-    monkeypatch.setattr(R, "STALE_S", 0.2)
+    monkeypatch.setattr(streams, "STALE_S", 0.2)
     request = SimpleNamespace(session_hash="session-2")
     follow = gui.c["follow"]
     state = gui.on_load({follow: None}, request)[follow]

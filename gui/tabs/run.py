@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from gui.form import field_error
 from gui.live import RunView
 from gui.page import Page, version_choices
 from gui.runner import ACTIVE_STATES, StartRefused, launched_command, reproduce_command
+from gui.streams import LIVE_JS, Streams, same_as_sent, session_of
 from gui.tabs.setup import message_updates, validate_values
 
 STREAM_S = 0.5  # how often a session's stream looks for news
@@ -48,7 +47,6 @@ SLOW_S = 2.0  # while a run goes, the curves, the log and the progress (by the s
 LIVE_S = 0.05  # how often the progress channel looks for a new step
 LONG_POLL_S = 10.0  # the progress channel answers at the latest after this, changed or not
 WATCHDOG_S = 10.0  # the Timer that restarts a stream which stopped beating
-STALE_S = 5.0  # a stream that has not looked for this long has stopped
 SWITCH_CHECK_S = 3.0
 RESOURCES_EVERY_S = 5.0
 LOSS_SERIES = ("loss", "epoch mean loss", "validation loss")
@@ -57,63 +55,8 @@ D_SERIES = ("Prodigy d",)
 
 
 def new_state(version: str | None) -> dict[str, Any]:
-    return {"version": version, "revs": {}, "drawn_at": {}, "runs_sig": None, "checked_at": 0.0, "res_at": 0.0,
+    return {"version": version, "revs": {}, "slow_at": -math.inf, "runs_sig": None, "checked_at": 0.0, "res_at": 0.0,
             "stream": None}
-
-
-class Streams:
-    """Which stream is the current one of each browser session, whether it runs, when it last looked."""
-
-    def __init__(self) -> None:
-        self._tokens = itertools.count(1)
-        self._current: dict[str, list[Any]] = {}  # session -> [token, last beat, a stream runs it]
-        self._lock = threading.Lock()
-
-    def claim(self, session: str | None) -> int:
-        """A new token for `session`: the stream holding the old one ends at its next look."""
-        token = next(self._tokens)
-        if session is not None:
-            with self._lock:
-                self._current[session] = [token, time.monotonic(), False]
-        return token
-
-    def enter(self, session: str, token: int) -> bool:
-        """Whether a stream starting with `token` is to run: the token is current and no other stream
-        runs it (a handler that attached nothing leaves the old token in the state)."""
-        with self._lock:
-            current = self._current.get(session)
-            if current is None or current[0] != token or current[2]:
-                return False
-            current[1:] = [time.monotonic(), True]
-            return True
-
-    def beat(self, session: str, token: int) -> bool:
-        """True (and noted) while `token` is the session's current stream."""
-        with self._lock:
-            current = self._current.get(session)
-            if current is None or current[0] != token:
-                return False
-            current[1] = time.monotonic()
-            return True
-
-    def stalled(self, session: str | None) -> bool:
-        """No stream of `session` has looked for STALE_S (or none was ever started)."""
-        if session is None:
-            return False
-        with self._lock:
-            current = self._current.get(session)
-        return current is None or time.monotonic() - current[1] > STALE_S
-
-    def forget(self, session: str | None) -> None:
-        with self._lock:
-            self._current.pop(session, None)
-
-    def __len__(self) -> int:
-        return len(self._current)
-
-
-def session_of(request: gr.Request | None) -> str | None:
-    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def _frame(rows: list[tuple[float, float, str]], series: tuple[str, ...]) -> pd.DataFrame | None:
@@ -125,42 +68,6 @@ def _frame(rows: list[tuple[float, float, str]], series: tuple[str, ...]) -> pd.
     seeds = [(math.nan, math.nan, name) for name in series]
     df = pd.DataFrame(seeds + rows, columns=["step", "value", "series"])
     return df.astype({"step": "float64", "value": "float64", "series": "str"})
-
-
-LIVE_GAP_S = 0.2  # the page redraws the progress bar at most this often (each redraw costs the trainer CPU)
-LIVE_JS = """
-if (!element.__latheLive) {
-  const GAP_MS = @GAP_MS@;
-  element.__latheLive = true;
-  const pause = (ms) => new Promise((done) => setTimeout(done, ms));
-  (async () => {
-    let key = "";
-    while (element.isConnected) {
-      const bar = element.querySelector(".lathe-progress");
-      const version = bar ? bar.dataset.version || "" : "";
-      if (!version || element.offsetParent === null) { await pause(500); continue; }  // no run, or tab hidden
-      try {
-        const got = await server.live_progress({version: version, key: key});
-        if (!got) { await pause(1000); continue; }
-        if (got.key !== key) { key = got.key; props.value = got.html; await pause(GAP_MS); }
-      } catch (e) { await pause(2000); }
-    }
-  })();
-}
-""".replace("@GAP_MS@", str(int(LIVE_GAP_S * 1000)))
-
-
-def _same_as_sent(sent: dict[str, Any], component: Any, value: Any) -> bool:
-    """Whether the page already shows `value` in `component` (text and updates are compared; a
-    frame is always new). Notes `value` as sent otherwise: every redraw costs the browser."""
-    if not isinstance(value, (str, dict)):
-        return False
-    key = str(getattr(component, "_id", id(component)))
-    mark = hash(value if isinstance(value, str) else repr(sorted(value.items())))
-    if sent.get(key) == mark:
-        return True
-    sent[key] = mark
-    return False
 
 
 COLORS = {"loss": "#4f46e5", "epoch mean loss": "#f59e0b", "validation loss": "#16a34a", "learning rate": "#4f46e5",
@@ -240,9 +147,9 @@ class RunTab:
 
     # ------------------------------------------------------------------------------ drawing
     def render(self, state: dict[str, Any], force: bool = False) -> dict[Any, Any]:
-        """Updates for the parts of the followed run that changed since this session drew them. While
-        the run goes, the curves and the log are drawn at most every CURVES_EVERY_S / LOG_EVERY_S (a
-        part held back is drawn at a later call); the banner and progress as soon as they change."""
+        """Updates for the parts of the followed run that changed since this session drew them, less
+        what the page already shows. While the run goes, the curves, the log and the progress are
+        drawn at most every SLOW_S (a part held back is drawn at a later call); the rest at once."""
         c, out = self.c, {}
         version = state.get("version")
         view = self.page.views.get(version) if version else None
@@ -250,12 +157,12 @@ class RunTab:
             view.poll(self.page.runner.proc(Path(version)), force=force)
         revs = view.revs if view is not None else {}
         seen = {} if force else dict(state.get("revs", {}))
-        drawn_at = {} if force else dict(state.get("drawn_at", {}))
         run_state = view.status.get("state") if view is not None else None
         going = run_state in ACTIVE_STATES
         now = time.monotonic()
         ended = run_state != state.get("run_state")
-        slow_due = force or ended or not going or now - drawn_at.get("slow", -math.inf) >= SLOW_S
+        slow_due = force or ended or not going or now - state.get("slow_at", -math.inf) >= SLOW_S
+        slow_at = state.get("slow_at", -math.inf)
         changed = set()
         for part in ("status", "curves", "samples", "activity", "log", "progress"):
             rev = revs.get("status" if part == "progress" else part)
@@ -266,7 +173,7 @@ class RunTab:
             changed.add(part)
             seen[part] = rev
         if changed & {"curves", "log", "progress"}:
-            drawn_at["slow"] = now
+            slow_at = now
         if not force and ended:
             out.update(self._choices(state, version, force=True, fresh=True))  # its label shows the state
         state["run_state"] = run_state
@@ -282,8 +189,8 @@ class RunTab:
             out[c["launched"]] = launched_command(Path(version)) if version else ""
         out.update(self._resources(view, state, force))
         sent = {} if force else dict(state.get("sent", {}))
-        out = {k: v for k, v in out.items() if force or not _same_as_sent(sent, k, v)}
-        state = {**state, "revs": seen, "drawn_at": drawn_at, "sent": sent}
+        out = {k: v for k, v in out.items() if force or not same_as_sent(sent, k, v)}
+        state = {**state, "revs": seen, "slow_at": slow_at, "sent": sent}
         out[c["follow"]] = state
         return out
 
