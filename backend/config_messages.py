@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import ValidationError
 
 OPTIMIZER_TYPES = ["AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor", "SGD"]
+NETWORK_TYPES = ["lora", "locon", "loha", "lokr", "dora"]
+UNION_TYPES = {"optimizer": OPTIMIZER_TYPES, "network": NETWORK_TYPES}  # sections whose `type` picks their fields
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
@@ -19,9 +21,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         # Drop the discriminator tag pydantic inserts into union paths (optimizer.Prodigy.d_coef).
-        if len(loc) >= 2 and loc[0] == "optimizer" and loc[1] in OPTIMIZER_TYPES:
+        if len(loc) >= 2 and loc[1] in UNION_TYPES.get(loc[0], ()):
             loc = [loc[0], *loc[2:]]
-        msg = _message(e)
+        msg = _message(e, loc[0] if loc else "")
         # Cross-field validators name their field first ("save_last_n_epochs: needs ..."): join it to the path.
         m = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", msg, re.S)
         if m and e["type"] == "value_error":
@@ -31,7 +33,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]
     return lines
 
 
-def _message(e: dict[str, Any]) -> str:
+def _message(e: dict[str, Any], section: str = "") -> str:
     kind, ctx, inp = e["type"], e.get("ctx") or {}, e.get("input")
     if kind == "extra_forbidden":
         return "unknown setting (not a field of this section)"
@@ -39,10 +41,12 @@ def _message(e: dict[str, Any]) -> str:
         return "required"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}; got {inp!r}"
-    if kind == "union_tag_invalid":
-        return f"unknown optimizer {ctx.get('tag')!r}; choose one of {', '.join(OPTIMIZER_TYPES)}"
-    if kind == "union_tag_not_found":
-        return f"say which optimizer with 'type' (one of {', '.join(OPTIMIZER_TYPES)})"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        what = "network type" if section == "network" else "optimizer"
+        choices = ", ".join(UNION_TYPES.get(section, OPTIMIZER_TYPES))
+        if kind == "union_tag_not_found":
+            return f"say which {what} with 'type' (one of {choices})"
+        return f"unknown {what} {ctx.get('tag')!r}; choose one of {choices}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"):
         words = {
             "greater_than": "greater than",
