@@ -116,15 +116,15 @@ def test_sdxl_ignores_clip_skip_as_sd_scripts_does(demo, tmp_path):
 
 # --------------------------------------------------------------------------- kohya's network_dropout
 def test_network_dropout_drops_the_down_projections_output_not_the_input():
-    from backend.config import NetworkConfig
-    from backend.trainer import lora
+    from backend.config import LoRANetwork
+    from backend.trainer import network
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    lora.inject(model, NetworkConfig(rank=8, alpha=8, dropout=0.5), ["0"], "unet")
+    network.inject(model, LoRANetwork(rank=8, alpha=8, dropout=0.5), ["0"], "unet")
     layer = model[0]
     seen: dict[str, torch.Tensor] = {}
-    layer.lora_A[lora.ADAPTER].register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o))
+    layer.lora_A[network.ADAPTER].register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o))
     x = torch.randn(64, 16) + 5.0  # no zeros in the input
     model.train()
     model(x)

@@ -95,8 +95,8 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
 def failure_reason(exc: BaseException) -> str:
     """One plain line saying why the run failed."""
     from backend.trainer.data import DatasetError
-    from backend.trainer.lora import NoTargetsError
     from backend.trainer.models import ModelLoadError
+    from backend.trainer.network import NoTargetsError
     from backend.trainer.optim import OptimizerUnavailable
     from backend.trainer.state import StateError
     from backend.trainer.steplog import NonFiniteLoss

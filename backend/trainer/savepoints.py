@@ -21,7 +21,7 @@ from typing import Any
 from accelerate.utils import gather_object
 
 from backend import checkpoints as C
-from backend.trainer import evaluation, lora
+from backend.trainer import evaluation, export
 from backend.trainer.context import Progress, Setup
 from backend.trainer.distributed import gather_shares, share
 from backend.trainer.sampling import generate, write_samples
@@ -238,12 +238,12 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     """Write the kohya LoRA file atomically (tmp name, fsync, rename)."""
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
-    dtype = lora.DTYPES[cfg.saving.save_precision]
-    tensors = lora.kohya_state_dict(s.trained.export_groups(s.comps.is_sdxl), cfg.network.alpha, dtype)
+    dtype = export.DTYPES[cfg.saving.save_precision]
+    tensors = export.state_dict(s.trained.export_groups(s.comps.is_sdxl), dtype)
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        lora.save_export(str(tmp), tensors, export_metadata(sc, s, prog))
+        export.save_export(str(tmp), tensors, export_metadata(sc, s, prog))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -271,10 +271,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         d["img_count"] += 1
     res = cfg.dataset.resolution
     return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.network.rank),
-        "ss_network_alpha": str(cfg.network.alpha),
-        "ss_network_dropout": str(cfg.network.dropout),
+        **export.network_metadata(cfg.network),
         "ss_base_model_version": BASE_MODEL_VERSION[s.comps.family],
         "ss_v2": str(s.comps.family == "sd2"),
         "ss_v_parameterization": str(s.comps.v_prediction),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from backend.config import TrainingConfig
-from backend.trainer import lora
+from backend.trainer import export, network
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
@@ -50,20 +50,20 @@ class Trained:
     def attach(cls, cfg: TrainingConfig, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> Trained:
         """Inject the network into what the config trains, freeze the rest, set every mode.
 
-        The modules are changed in place (they are the loaded components); LoRA weights are fp32."""
+        The modules are changed in place (they are the loaded components); network weights are fp32."""
         net = cfg.network
         entries: list[TrainedModule] = []
         for m in (unet, *text_encoders):
             m.requires_grad_(False)
         if net.train_unet:
-            lora.inject(unet, net, net.target_modules, "unet")
+            network.inject(unet, net, net.target_modules, "unet", with_conv=True)
             entries.append(TrainedModule(UNET, UNET, 0, unet, unet))
         if net.train_text_encoder:
             for i, te in enumerate(text_encoders):
-                lora.inject(te, net, net.text_encoder_target_modules, "text encoder")
+                network.inject(te, net, net.text_encoder_target_modules, "text encoder")
                 entries.append(TrainedModule(f"{TEXT_ENCODER}_{i}", TEXT_ENCODER, i, te, te))
         for e in entries:
-            for p in lora.lora_parameters(e.module):
+            for p in network.network_parameters(e.module):
                 p.data = p.data.float()
         if cfg.training.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -122,11 +122,11 @@ class Trained:
 
     # ------------------------------------------------------------------------------ parameters and state
     def parameters(self, role: str | None = None) -> list[torch.nn.Parameter]:
-        return [p for e in self.entries if role in (None, e.role) for p in lora.lora_parameters(e.module)]
+        return [p for e in self.entries if role in (None, e.role) for p in network.network_parameters(e.module)]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, as `<key>.<peft name>` (detached fp32 CPU copies)."""
-        return {f"{e.key}.{k}": v for e in self.entries for k, v in lora.trainable_state(e.module).items()}
+        return {f"{e.key}.{k}": v for e in self.entries for k, v in network.trainable_state(e.module).items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore every trainable tensor; anything missing, extra or of another shape is a ValueError."""
@@ -136,7 +136,7 @@ class Trained:
             raise ValueError(f"the checkpoint holds tensors of {stray}, which this configuration does not train")
         for e in self.entries:
             prefix = e.key + "."
-            lora.load_trainable_state(e.module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            network.load_trainable_state(e.module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def fingerprints(self) -> list[tuple[str, str]]:
         """(state name, digest of its bytes) for every trainable tensor: equal on every rank of a
@@ -146,10 +146,10 @@ class Trained:
             out.append((name, hashlib.blake2b(t.numpy().tobytes(), digest_size=8).hexdigest()))
         return out
 
-    def export_groups(self, is_sdxl: bool) -> list[tuple[str, torch.nn.Module, bool]]:
-        """(kohya key prefix, module, is a text encoder) for each trained module, for the export."""
-        return [("lora_unet_" if e.role == UNET else lora.te_prefix(e.index, is_sdxl), e.module, e.role == TEXT_ENCODER)
-                for e in self.entries]
+    def export_groups(self, is_sdxl: bool) -> list[export.Group]:
+        """(kohya key prefix, module, is a text encoder, module name map) for each trained module."""
+        return [("lora_unet_" if e.role == UNET else export.te_prefix(e.index, is_sdxl), e.module, e.role == TEXT_ENCODER,
+                 str) for e in self.entries]
 
 
 def first_divergence(per_rank: list[list[tuple[str, str]]]) -> str | None:

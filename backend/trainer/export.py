@@ -1,0 +1,111 @@
+"""The exported network file: kohya/LyCORIS keys, as AUTOMATIC1111's and ComfyUI's loaders read them.
+
+Keys are `<stem>.<tensor>` with the stem `lora_unet_<module path with _>` (SDXL: the original LDM
+module names, as sd-scripts writes them, see backend.sdxl_names), `lora_te_text_model_<...>` (SD1/SD2)
+or `lora_te1_`/`lora_te2_` (SDXL's two encoders). Per type:
+  lora, locon  lora_down.weight, lora_up.weight, alpha            (conv: down (r,in,k,k), up (out,r,1,1))
+  dora         the same plus dora_scale, shape (1, in[, 1, 1])
+  loha         hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b[, hada_t1, hada_t2], alpha
+  lokr         lokr_w1 | lokr_w1_a+lokr_w1_b, lokr_w2 | lokr_w2_a+lokr_w2_b[, lokr_t2], alpha
+Alpha is a tensor per module because ComfyUI never reads file metadata. A LoKr module with both
+factors whole is applied with scale 1 by LyCORIS and ComfyUI (they have no rank to divide by): its
+alpha/rank is folded into lokr_w1, so every loader computes the trained update.
+
+`read_network_file` reads such a file back (Lathe's or sd-scripts', either SDXL naming) into the peft
+names of a network, undoing that fold: the start point of `network.network_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from backend.trainer.network import ADAPTER, network_modules
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_TENSORS = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
+LYCORIS_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                   "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+Group = tuple[str, torch.nn.Module, bool, Callable[[str], str]]  # (prefix, module, is a text encoder, module name map)
+
+
+def te_prefix(index: int, is_sdxl: bool) -> str:
+    return f"lora_te{index + 1}_" if is_sdxl else "lora_te_"
+
+
+def kohya_stem(prefix: str, module_name: str, text_encoder: bool) -> str:
+    """The kohya name of one module; transformers 5 dropped `text_model.` from CLIP names: put it back."""
+    if text_encoder and not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    return prefix + module_name.replace(".", "_")
+
+
+def _lokr_whole(m: torch.nn.Module) -> bool:
+    return ADAPTER in m.lokr_w1 and ADAPTER in m.lokr_w2
+
+
+def module_tensors(m: torch.nn.Module) -> tuple[dict[str, torch.Tensor], float]:
+    """One layer's tensors under their file names (fp32, detached) and its alpha."""
+    out: dict[str, torch.Tensor] = {}
+    if hasattr(m, "lora_A") and ADAPTER in m.lora_A:
+        for attr, key in LORA_TENSORS.items():
+            out[key] = getattr(m, attr)[ADAPTER].weight.detach().float()
+        if hasattr(m, "dora_scale"):
+            out["dora_scale"] = m.dora_scale.detach().float()
+        return out, float(m.lora_alpha[ADAPTER])
+    for attr in LYCORIS_TENSORS:
+        store = getattr(m, attr, None)
+        if store is not None and ADAPTER in store:
+            out[attr] = store[ADAPTER].detach().float()
+    if hasattr(m, "lokr_w1") and _lokr_whole(m):
+        out["lokr_w1"] = out["lokr_w1"] * m.scaling[ADAPTER]
+    return out, float(m.alpha[ADAPTER])
+
+
+def state_dict(groups: list[Group], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The export's tensors; `groups` are (key prefix, module, is a text encoder, name map), see
+    Trained.export_groups."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, model, is_te, rename in groups:
+        for name, m in network_modules(model):
+            stem = kohya_stem(prefix, rename(name), is_te)
+            tensors, alpha = module_tensors(m)
+            for key, t in tensors.items():
+                out[f"{stem}.{key}"] = t.to("cpu", dtype).contiguous()
+            out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return out
+
+
+def network_metadata(net: Any) -> dict[str, str]:
+    """`ss_network_*` as sd-scripts (networks.lora) and LyCORIS (lycoris.kohya) write them."""
+    meta = {"ss_network_dim": str(net.rank), "ss_network_alpha": str(net.alpha)}
+    if hasattr(net, "dropout"):
+        meta["ss_network_dropout"] = str(net.dropout)
+    args: dict[str, str] = {}
+    if getattr(net, "conv_rank", 0) > 0:
+        args |= {"conv_dim": str(net.conv_rank), "conv_alpha": str(net.conv_alpha)}
+    if net.type in ("lora", "locon"):
+        meta["ss_network_module"] = "networks.lora"
+    else:
+        meta["ss_network_module"] = "lycoris.kohya"
+        args = {"algo": {"loha": "loha", "lokr": "lokr", "dora": "lora"}[net.type], **args}
+        if net.type in ("loha", "lokr"):
+            args["use_tucker"] = str(net.use_tucker)
+        if net.type == "lokr":
+            args |= {"factor": str(net.lokr_factor), "decompose_both": str(net.decompose_both)}
+        if net.type == "dora":
+            args |= {"dora_wd": "True", "wd_on_output": "False"}
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    return meta
+
+
+def save_export(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write a network file; metadata values must be strings in safetensors."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None}
+    save_file(tensors, path, metadata=meta)
