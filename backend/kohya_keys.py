@@ -91,13 +91,9 @@ SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "mixed_precision": ("training.mixed_precision", to_str),
     "clip_skip": ("training.clip_skip", to_int),
     "min_snr_gamma": ("training.min_snr_gamma", off(to_float)),
-    "network_dim": ("network.rank", to_int),
-    "network_alpha": ("network.alpha", to_float),
-    "network_dropout": ("network.dropout", to_float),
     "enable_bucket": ("dataset.enable_bucket", to_bool),
     "min_bucket_reso": ("dataset.min_bucket_reso", to_int),
     "max_bucket_reso": ("dataset.max_bucket_reso", to_int),
-    "bucket_reso_steps": ("dataset.bucket_reso_steps", to_int),
     "shuffle_caption": ("dataset.shuffle_caption", to_bool),
     "keep_tokens": ("dataset.keep_tokens", to_int),
     "caption_dropout_rate": ("dataset.caption_dropout_rate", to_float),
@@ -119,13 +115,58 @@ SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_grad_norm": ("optimizer.max_grad_norm", off(to_float)),
 }
 
-NETWORK_TYPES = {  # kohya LoRA_type -> plain name, for the refusal message
-    "Kohya LoCon": "LoCon (LoRA on convolution layers too)", "LoCon": "LoCon (LyCORIS)",
-    "LyCORIS/LoCon": "LoCon (LyCORIS)", "LyCORIS/LoHa": "LoHa (LyCORIS Hadamard product)",
-    "LyCORIS/LoKr": "LoKr (LyCORIS Kronecker product)", "Kohya DyLoRA": "DyLoRA", "LyCORIS/DyLoRA": "DyLoRA",
-    "LoRA-FA": "LoRA-FA", "LyCORIS/iA3": "(IA)^3", "LyCORIS/GLoRA": "GLoRA", "LyCORIS/Diag-OFT": "Diag-OFT",
-    "LyCORIS/BOFT": "BOFT", "LyCORIS/Native Fine-Tuning": "LyCORIS native fine-tuning",
+# ------------------------------------------------------------------------------------------ networks
+LYCORIS = "lycoris.kohya"
+# kohya LoRA_type -> (the module kohya_ss trains it with, the Lathe network.type). The module decides
+# which GUI fields kohya_ss passes on (GUI_NETWORK_ARGS); dora_wd and conv_dim can still change the type.
+NETWORK_KINDS: dict[str, tuple[str, str]] = {
+    "Standard": ("networks.lora", "lora"),
+    "Kohya LoCon": ("networks.lora", "locon"),
+    "LoCon": (LYCORIS, "locon"), "LyCORIS/LoCon": (LYCORIS, "locon"),
+    "LyCORIS/LoHa": (LYCORIS, "loha"), "LyCORIS/LoKr": (LYCORIS, "lokr"),
+    "Kohya LoHa": ("networks.loha", "loha"), "Kohya LoKr": ("networks.lokr", "lokr"),
 }
+NETWORK_MODULES = {  # sd-scripts network_module (a config without LoRA_type) -> Lathe type
+    "networks.lora": "lora", LYCORIS: "locon", "networks.loha": "loha", "networks.lokr": "lokr",
+}
+LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}  # network_args algo=
+# What Lathe does not train: kohya LoRA_type or LyCORIS algo -> plain name, for the refusal.
+NOT_TRAINED = {
+    "Kohya DyLoRA": "DyLoRA", "LyCORIS/DyLoRA": "DyLoRA", "dylora": "DyLoRA", "LoRA-FA": "LoRA-FA",
+    "LyCORIS/iA3": "(IA)^3", "ia3": "(IA)^3", "LyCORIS/GLoRA": "GLoRA", "glora": "GLoRA",
+    "LyCORIS/Diag-OFT": "Diag-OFT", "diag-oft": "Diag-OFT", "LyCORIS/BOFT": "BOFT", "boft": "BOFT",
+    "LyCORIS/Native Fine-Tuning": "LyCORIS native fine-tuning", "full": "LyCORIS native fine-tuning",
+}
+OTHER_MODELS = {"Anima": "Anima", "Lumina": "Lumina", "HunyuanImage-2.1": "HunyuanImage-2.1"}
+LATHE_NETWORKS = ("LoRA (Standard), LoCon (Kohya LoCon, LyCORIS/LoCon), LoHa (LyCORIS/LoHa, Kohya LoHa), "
+                  "LoKr (LyCORIS/LoKr, Kohya LoKr) and DoRA (dora_wd on LyCORIS/LoCon)")
+LATHE_MODELS = "Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
+
+# The GUI fields that kohya_ss passes to each network module (as --network_args), besides network_dim,
+# network_alpha, network_dropout and network_weights, which every type gets. A field not listed here for
+# the config's type is not used by kohya_ss, so not carried (NOT_IMPORTED says why, without a warning).
+_LYCORIS_ARGS = "conv_dim conv_alpha use_tucker dora_wd LyCORIS_preset use_scalar bypass_mode train_norm rank_dropout_scale"
+GUI_NETWORK_ARGS: dict[tuple[str, str], set[str]] = {
+    ("networks.lora", "lora"): set(),
+    ("networks.lora", "locon"): {"conv_dim", "conv_alpha"},
+    (LYCORIS, "locon"): set(_LYCORIS_ARGS.split()),
+    (LYCORIS, "loha"): {*_LYCORIS_ARGS.split(), "use_cp"},  # use_cp: the older name of use_tucker
+    (LYCORIS, "lokr"): {*_LYCORIS_ARGS.split(), "use_cp", "factor", "decompose_both"},
+    ("networks.loha", "loha"): {"conv_dim", "conv_alpha", "use_tucker"},
+    ("networks.lokr", "lokr"): {"conv_dim", "conv_alpha", "use_tucker", "factor"},
+}
+# LyCORIS switches Lathe does not have: a warning when on.
+LYCORIS_UNSUPPORTED = {
+    "use_scalar": "a trained scalar in front of the update (LyCORIS use_scalar)",
+    "bypass_mode": "LyCORIS bypass mode (for 8-bit/4-bit base layers)",
+    "train_norm": "training the normalization layers (LyCORIS train_norm)",
+    "rank_dropout_scale": "rescaled rank dropout (LyCORIS rank_dropout_scale)",
+    "rs_lora": "rank-stabilized scaling (LyCORIS rs_lora)",
+    "full_matrix": "full-matrix LoKr factors (LyCORIS full_matrix)",
+    "unbalanced_factorization": "unbalanced LoKr factorization (LyCORIS unbalanced_factorization)",
+}
+NETWORK_ARG_NAMES = {"conv_dim", "conv_alpha", "dropout", "algo", "preset", "dora_wd", "wd_on_output", "use_tucker",
+                     "use_cp", "factor", "decompose_both"}  # network_args that map_network reads
 
 OPTIMIZERS = {  # kohya name (lower case) -> (Lathe type, the variant Lathe replaces with it)
     "adamw": ("AdamW", ""), "adamw8bit": ("AdamW8bit", ""), "pagedadamw": ("AdamW", "paged"),
@@ -189,12 +230,17 @@ NOT_IMPORTED = _table(
     ("not applicable: only used with loss_type huber or smooth_l1", False, "huber_c huber_scale huber_schedule"),
     ("not applicable: only used with ip_noise_gamma", False, "ip_noise_gamma_random_strength"),
     ("not applicable: only used with network_weights", False, "dim_from_weights"),
+    ("not applicable: LoRA_type decides kohya_ss's network module", False, "network_module"),
     ("not applicable: only used with dynamo_backend", False, "dynamo_mode dynamo_use_dynamic dynamo_use_fullgraph"),
-    ("not applicable: convolution ranks belong to LoCon/LyCORIS, not standard LoRA", False,
-     "conv_dim conv_alpha conv_dims conv_alphas"),
-    ("not applicable: a LyCORIS/DyLoRA setting, not used by standard LoRA", False,
-     "LyCORIS_preset factor use_cp use_tucker use_scalar decompose_both rank_dropout_scale constrain rescaled "
-     "train_norm train_on_input unit bypass_mode dora_wd"),
+    ("not applicable: kohya_ss passes conv_dim and conv_alpha only to LoCon, LoHa and LoKr networks", False,
+     "conv_dim conv_alpha"),
+    ("not applicable: kohya_ss does not pass it to this config's LoRA_type", False,
+     "LyCORIS_preset factor use_cp use_tucker use_scalar decompose_both rank_dropout_scale train_norm bypass_mode "
+     "dora_wd"),
+    ("not applicable: an (IA)^3 setting (kohya_ss passes train_on_input only to LyCORIS/iA3)", False,
+     "train_on_input"),
+    ("not applicable: a DyLoRA setting", False, "unit"),
+    ("not applicable: a Diag-OFT/BOFT setting", False, "constrain rescaled"),
     ("not applicable: a DreamBooth text-encoder learning rate (LoRA configs use text_encoder_lr)", False,
      "learning_rate_te learning_rate_te1 learning_rate_te2"),
     ("unsupported feature: regularization images (prior preservation)", True, "reg_data_dir"),
@@ -219,8 +265,7 @@ NOT_IMPORTED = _table(
      "rank_dropout module_dropout"),
     ("unsupported feature: block-wise ranks and learning rates", True,
      "block_dims block_alphas block_lr_zero_threshold down_lr_weight mid_lr_weight up_lr_weight "
-     "conv_block_dims conv_block_alphas"),
-    ("unsupported feature: starting from an existing LoRA file", True, "network_weights lora_network_weights"),
+     "conv_block_dims conv_block_alphas conv_dims conv_alphas"),
     ("unsupported feature: stopping text-encoder training part-way", True,
      "stop_text_encoder_training stop_text_encoder_training_pct"),
     ("unsupported feature: full fp16/bf16 training (Lathe keeps LoRA weights in fp32)", True, "full_fp16 full_bf16"),

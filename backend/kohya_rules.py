@@ -19,9 +19,10 @@ from backend.config import OPTIMIZER_TYPES, TrainingConfig
 from backend.config_keys import optimizer_classes
 from backend.kohya_keys import (
     BOOL_ARGS,
+    LATHE_MODELS,
     LIBRARY_DEFAULTS,
-    NETWORK_TYPES,
     NOT_ARGS,
+    OTHER_MODELS,
     OPTIMIZERS,
     SAMPLE_FLAGS,
     SAVE_PRECISION,
@@ -49,9 +50,11 @@ def refusal(m: Mapper) -> str | None:
     d = m.data
     lora_type = m.get("LoRA_type", to_str)
     if (lora_type or "").startswith("Flux") or m.get("flux1_checkbox", to_bool):
-        return "a Flux.1 config: Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
+        return f"a Flux.1 config: {LATHE_MODELS}"
     if m.get("sd3_checkbox", to_bool):
-        return "an SD3 config: Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
+        return f"an SD3 config: {LATHE_MODELS}"
+    if lora_type in OTHER_MODELS:
+        return f"LoRA_type {lora_type!r}: a LoRA for the {OTHER_MODELS[lora_type]} model: {LATHE_MODELS}"
     if "LoRA_type" not in d and "network_dim" not in d:
         if "num_vectors_per_token" in d or "token_string" in d:
             return "a Textual Inversion config: Lathe trains LoRAs only"
@@ -59,11 +62,6 @@ def refusal(m: Mapper) -> str | None:
             return "a fine-tuning config (it trains the whole model): Lathe trains LoRAs only"
         return ("a DreamBooth config (it trains the whole model; there is no LoRA_type or network_dim): "
                 "Lathe trains LoRAs only")
-    if lora_type not in (None, "Standard"):
-        kind = NETWORK_TYPES.get(lora_type, lora_type)
-        m.skip("LoRA_type", f"unsupported feature: {kind} networks")
-        return f"LoRA_type {lora_type!r}: {kind} networks are not supported; Lathe trains standard LoRA only"
-    m.mapped("LoRA_type", "network (standard LoRA)")
     return None
 
 
@@ -117,6 +115,15 @@ def map_dataset(m: Mapper) -> None:
             m.put(key, "dataset.resolution", side, note)
             if note:
                 m.warn(f"{key}: {note}")
+    steps = m.get("bucket_reso_steps", to_int)
+    if steps is not None and steps % 8 and 0 < steps < 512:
+        fixed = -(-steps // 8) * 8
+        m.put("bucket_reso_steps", "dataset.bucket_reso_steps", fixed, f"from {steps}: Lathe needs a multiple of 8")
+        m.warn(f"bucket_reso_steps: {steps} is not a multiple of 8, which Lathe needs; imported as {fixed} (current "
+               "sd-scripts refuses it too: with buckets it needs a multiple of 64 for SD 1.x/2.x, of 32 for SDXL)")
+    elif steps is not None:
+        m.put("bucket_reso_steps", "dataset.bucket_reso_steps", steps)
+    m.skip("bucket_reso_steps", "not applicable: empty in the kohya file, so Lathe's default is kept")
     if "caption_extension" in m.data:
         ext = m.get("caption_extension", to_str)
         if ext is None and "caption_extension" not in m.done:

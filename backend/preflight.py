@@ -28,6 +28,9 @@ def preflight(cfg: TrainingConfig) -> list[str]:
         out.append(f"dataset.validation_data_dir: folder {cfg.dataset.validation_data_dir} does not exist")
     if cfg.launch.accelerate_config_file:
         out += accelerate_config_problems(Path(cfg.launch.accelerate_config_file).expanduser())
+    weights = cfg.network.network_weights
+    if weights and not cfg.resume_from and not Path(weights).expanduser().is_file():
+        out.append(f"network.network_weights: file {weights} does not exist")
     if cfg.resume_from and not Path(cfg.resume_from).expanduser().is_dir():
         out.append(f"resume_from: checkpoint folder {cfg.resume_from} does not exist")
     return out

@@ -25,10 +25,14 @@ from backend.config import SCHEMA_VERSION, ConfigError, TrainingConfig, read_jso
 from backend.config_keys import (  # noqa: F401  (re-exported: callers use backend.presets)
     PRESET_META_KEYS,
     UNKNOWN_SETTING,
+    canonical_keys,
     closest_setting,
+    implied_type,
     optimizer_classes,
     setting_paths,
     sparse_overrides,
+    union_classes,
+    union_sections,
     unknown_key_lines,
 )
 
@@ -38,12 +42,16 @@ USER_DIR_ENV = "LATHE_PRESETS_DIR"
 
 # ------------------------------------------------------------------------------------ merging, --set
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Return base with `over` applied recursively (dicts merge, everything else replaces)."""
+    """Return base with `over` applied recursively (dicts merge, everything else replaces).
+
+    Switching the type of a discriminated section (network, optimizer) starts that section afresh from
+    `over`: another type's fields do not carry over. A section without `type` has its implied one
+    (a network is a lora), so `{"type": "lora"}` over an old network section keeps its fields.
+    """
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            # Switching optimizer type starts that section afresh: another type's fields do not carry over.
-            if k == "optimizer" and "type" in v and v["type"] != out[k].get("type"):
+            if k in union_sections() and "type" in v and v["type"] != out[k].get("type", implied_type(k)):
                 out[k] = dict(v)
             else:
                 out[k] = deep_merge(out[k], v)
@@ -144,7 +152,7 @@ def _validate_merged(merged: dict[str, Any]) -> TrainingConfig:
         cfg = validate_config(merged)
     except ConfigError as err:
         rest = [line for line in err.lines if not line.endswith(UNKNOWN_SETTING)]
-        raise ConfigError(unknown + rest) from None
+        raise ConfigError(unknown + rest or err.lines) from None
     if unknown:
         raise ConfigError(unknown)
     return cfg
@@ -156,10 +164,10 @@ def resolve(data: dict[str, Any], sets: list[str] | None = None) -> TrainingConf
     Older schema versions are migrated first; unknown keys are errors with a did-you-mean.
     """
     data = migrate(data)
-    body = {k: v for k, v in data.items() if k not in PRESET_META_KEYS}
+    body = canonical_keys({k: v for k, v in data.items() if k not in PRESET_META_KEYS})
     merged = _apply_exclusive(deep_merge(TrainingConfig().model_dump(mode="json"), body), body)
     for item in sets or []:
-        over = apply_sets({}, [item])
+        over = canonical_keys(apply_sets({}, [item]))
         merged = _apply_exclusive(deep_merge(merged, over), over)
     return _validate_merged(merged)
 

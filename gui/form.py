@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.config import SCHEMA_VERSION, ConfigError, TrainingConfig, config_warnings, validate_config
-from gui.schema import SECTIONS, FieldSpec, field_specs, number_text, spec_for_path, specs_by_key
+from backend.config_keys import union_sections
+from gui.schema import (
+    SECTIONS,
+    FieldSpec,
+    chosen_types,
+    field_specs,
+    number_text,
+    spec_for_path,
+    specs_by_key,
+)
 
 Form = dict[str, Any]
 GENERAL = "General"  # errors that belong to no single field
@@ -67,13 +76,19 @@ def _get(data: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+def config_types(cfg: TrainingConfig) -> dict[str, str]:
+    """The type of each discriminated section of `cfg`: {"network": "lora", "optimizer": "AdamW"}."""
+    return {s: getattr(cfg, s).type for s in union_sections()}
+
+
 def config_to_form(cfg: TrainingConfig) -> Form:
-    """Every form field's value for `cfg`. Fields of the other optimizers get their own defaults."""
+    """Every form field's value for `cfg`. The fields of the types not chosen (another network type,
+    another optimizer) get their own defaults."""
     data = cfg.model_dump(mode="python")
-    otype = cfg.optimizer.type
+    chosen = config_types(cfg)
     out: Form = {}
     for spec in field_specs():
-        if spec.optimizer is not None and spec.optimizer != otype:
+        if not spec.applies(chosen):
             out[spec.key] = spec.default
         else:
             out[spec.key] = _to_form_value(spec, _get(data, spec.path))
@@ -156,12 +171,14 @@ def _put(data: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def field_error(line: str, optimizer: str | None) -> FieldError:
-    """A validation line `path: message` as a FieldError naming the section and the field's label."""
+def field_error(line: str, chosen: Mapping[str, str] | None = None) -> FieldError:
+    """A validation line `path: message` as a FieldError naming the section and the field's label;
+    `chosen` gives the type of each discriminated section ({"network": "loha"}; default types otherwise),
+    so `network.conv_rank: ...` lands next to the loha network's field."""
     path, sep, message = line.partition(": ")
     if not sep or not re.fullmatch(r"[a-z_][A-Za-z0-9_.]*", path):
         return FieldError(GENERAL, "", line)
-    spec = spec_for_path(path, optimizer)
+    spec = spec_for_path(path, chosen)
     if spec is None:
         return FieldError(GENERAL, path, message)
     return FieldError(spec.section, spec.label, message, spec.key)
@@ -172,12 +189,11 @@ def form_to_config(values: Mapping[str, Any]) -> TrainingConfig:
 
     Missing keys take the field's default, so a partial mapping is a valid input.
     """
-    specs = specs_by_key()
-    otype = values.get("optimizer.type", specs["optimizer.type"].default)
+    chosen = chosen_types(values)
     data: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
     errors: list[FieldError] = []
     for spec in field_specs():
-        if spec.optimizer is not None and spec.optimizer != otype:
+        if not spec.applies(chosen):
             continue
         try:
             value = parse_value(spec, values.get(spec.key, spec.default))
@@ -189,7 +205,7 @@ def form_to_config(values: Mapping[str, Any]) -> TrainingConfig:
         cfg = validate_config(data)
     except ConfigError as e:
         bad = {err.key for err in errors}
-        errors += [fe for fe in (field_error(line, otype) for line in e.lines) if fe.key is None or fe.key not in bad]
+        errors += [fe for fe in (field_error(line, chosen) for line in e.lines) if fe.key is None or fe.key not in bad]
     if errors:
         raise FormError(errors)
     return cfg
@@ -197,7 +213,7 @@ def form_to_config(values: Mapping[str, Any]) -> TrainingConfig:
 
 def form_warnings(cfg: TrainingConfig) -> list[FieldError]:
     """Allowed but probably mistaken settings, placed like errors."""
-    return [field_error(line, cfg.optimizer.type) for line in config_warnings(cfg)]
+    return [field_error(line, config_types(cfg)) for line in config_warnings(cfg)]
 
 
 def by_section(errors: list[FieldError]) -> dict[str, list[FieldError]]:
@@ -227,13 +243,19 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def form_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """`Section › Label: old → new` for every field a load changed (the new optimizer's fields only)."""
-    otype = new.get("optimizer.type")
+    """`Section › Label: old → new` for every field a load changed (only the fields of the new network
+    type and optimizer)."""
+    chosen, before = chosen_types(new), chosen_types(old)
+    by_key = specs_by_key()
     lines = []
     for spec in field_specs():
-        if spec.optimizer is not None and spec.optimizer != otype:
+        if not spec.applies(chosen):
             continue
-        a, b = old.get(spec.key, spec.default), new.get(spec.key, spec.default)
+        # Compare with what the old form used: its own type's field of the same setting (lora's rank for
+        # a lora -> loha load), else this type's field (a setting the old type did not have).
+        was = f"{spec.union}.{before.get(spec.union)}.{spec.path.partition('.')[2]}" if spec.union else spec.key
+        was = was if was in by_key else spec.key
+        a, b = old.get(was, by_key[was].default), new.get(spec.key, spec.default)
         if not _same(a, b):
             lines.append(f"{spec.title}: {_show(spec, a)} → {_show(spec, b)}")
     return lines

@@ -2,14 +2,15 @@
 
 Every fact about a setting (type, default, bounds, choices, help text) is read from backend.config;
 this module only decides where a field goes on the page (section, folded "advanced" or not) and how
-it is edited (`kind`). One FieldSpec per form value; optimizer fields get one spec per optimizer
-type (`optimizer.Prodigy.d_coef`), so each optimizer shows only its own settings with its own
-defaults.
+it is edited (`kind`). One FieldSpec per form value; a discriminated section (network, optimizer:
+its `type` picks its fields) gets one spec per type and field (`network.loha.rank`,
+`optimizer.Prodigy.d_coef`), so each type shows only its own settings with its own defaults.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,8 +19,8 @@ import annotated_types as at
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from backend.config import OPTIMIZER_TYPES, TrainingConfig
-from backend.config_keys import optimizer_classes
+from backend.config import TrainingConfig
+from backend.config_keys import default_type, union_classes, union_sections
 
 SECTIONS = ("Model", "Dataset", "Network", "Optimizer", "Schedule", "Saving", "Sampling", "Launch")
 # config section (or top-level field) -> Setup section
@@ -33,7 +34,8 @@ SECTION_OF = {
 BASIC = {
     "model.pretrained_model", "model.family",
     "dataset.train_data_dir", "dataset.resolution", "dataset.enable_bucket", "dataset.validation_split",
-    "network.rank", "network.alpha", "network.train_unet", "network.train_text_encoder",
+    "network.rank", "network.alpha", "network.conv_rank", "network.conv_alpha", "network.train_unet",
+    "network.train_text_encoder",
     "optimizer.type", "optimizer.learning_rate", "optimizer.weight_decay", "optimizer.betas",
     "optimizer.d_coef", "optimizer.d0", "optimizer.growth_rate", "optimizer.use_bias_correction",
     "optimizer.safeguard_warmup", "optimizer.decouple", "optimizer.relative_step", "optimizer.momentum",
@@ -52,6 +54,8 @@ LABELS = {
     "rank": "Rank (network_dim)", "alpha": "Alpha (network_alpha)", "train_unet": "Train the UNet",
     "train_text_encoder": "Train the text encoder", "target_modules": "UNet target modules",
     "text_encoder_target_modules": "Text-encoder target modules", "type": "Type",
+    "network_weights": "Start from a LoRA file", "conv_rank": "Conv rank (conv_dim)", "conv_alpha": "Conv alpha",
+    "use_tucker": "Tucker decomposition", "lokr_factor": "LoKr factor", "decompose_both": "Decompose both factors",
     "unet_lr": "UNet learning rate", "text_encoder_lr": "Text-encoder learning rate",
     "max_train_epochs": "Epochs", "max_train_steps": "Steps (instead of epochs)", "train_batch_size": "Batch size",
     "gradient_accumulation_steps": "Gradient accumulation", "min_snr_gamma": "Min-SNR gamma",
@@ -78,8 +82,9 @@ Kind = Literal["text", "int", "float", "bool", "choice", "tristate", "lines", "p
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One form value. `key` names it in the form; `path` in the config (they differ only for
-    optimizer fields, whose key carries the optimizer type)."""
+    """One form value. `key` names it in the form; `path` in the config (they differ only for the
+    fields of a discriminated section, whose key carries the type: `network.loha.rank` is
+    `network.rank` of a loha network)."""
 
     key: str
     path: str
@@ -91,7 +96,12 @@ class FieldSpec:
     optional: bool = False  # empty means None
     choices: tuple[str, ...] = ()
     advanced: bool = False
-    optimizer: str | None = None  # shown only for this optimizer type
+    union: str | None = None  # the discriminated section this field belongs to ("network", "optimizer")
+    variant: str | None = None  # ...and the type it is shown for ("loha", "Prodigy")
+
+    def applies(self, chosen: Mapping[str, str]) -> bool:
+        """Whether this field is part of the config when each union has the type in `chosen`."""
+        return self.union is None or chosen.get(self.union) == self.variant
 
     @property
     def as_text(self) -> bool:
@@ -172,7 +182,8 @@ def _form_default(kind: Kind, value: Any, optional: bool = False) -> Any:
     return value
 
 
-def _spec(key: str, path: str, name: str, info: FieldInfo, optimizer: str | None = None) -> FieldSpec:
+def _spec(key: str, path: str, name: str, info: FieldInfo, union: str | None = None,
+          variant: str | None = None) -> FieldSpec:
     ann, optional = _unwrap_optional(info.annotation)
     kind, choices = _kind(ann)
     if kind == "bool" and optional:
@@ -186,23 +197,34 @@ def _spec(key: str, path: str, name: str, info: FieldInfo, optimizer: str | None
     if optional and kind in ("int", "float", "text") and "Empty" not in hint:
         hint += " Leave empty for none."
     help_text = " · ".join(x for x in (hint, rule, path) if x)
-    base = path if optimizer is None else f"optimizer.{name}"
     return FieldSpec(key, path, SECTION_OF[top], _label(name, path), help_text, kind, _form_default(kind, default, optional),
-                     optional, choices, base not in BASIC, optimizer)
+                     optional, choices, path not in BASIC, union, variant)
 
 
 def _section_fields(name: str, cls: type[BaseModel]) -> list[FieldSpec]:
     return [_spec(f"{name}.{f}", f"{name}.{f}", f, info) for f, info in cls.model_fields.items()]
 
 
-def _optimizer_fields() -> list[FieldSpec]:
-    out = [FieldSpec("optimizer.type", "optimizer.type", "Optimizer", "Optimizer",
-                     "Which optimizer trains the LoRA. Each one shows its own settings below. · optimizer.type",
-                     "choice", "AdamW", choices=tuple(OPTIMIZER_TYPES))]
-    for otype, cls in optimizer_classes().items():
+TYPE_FIELDS = {  # the type selector of each discriminated section: label, help
+    "network": ("Network type", "Which network is trained: lora (kohya's LoRA), locon (LoRA on the 3x3 convolutions "
+                "too), loha and lokr (LyCORIS's Hadamard and Kronecker products) or dora (LoRA with a learned "
+                "magnitude)."),
+    "optimizer": ("Optimizer", "Which optimizer trains the LoRA."),
+}
+
+
+def _union_fields(section: str) -> list[FieldSpec]:
+    """The type selector of a discriminated section, then every type's own fields."""
+    path = f"{section}.type"
+    label, hint = TYPE_FIELDS.get(section, (f"{section.capitalize()} type", ""))
+    classes = union_classes(section)
+    out = [FieldSpec(path, path, SECTION_OF[section], label,
+                     f"{hint} Each one shows its own settings below. · {path}".lstrip(),
+                     "choice", default_type(section), choices=tuple(classes))]
+    for kind, cls in classes.items():
         for f, info in cls.model_fields.items():
             if f != "type":
-                out.append(_spec(f"optimizer.{otype}.{f}", f"optimizer.{f}", f, info, otype))
+                out.append(_spec(f"{section}.{kind}.{f}", f"{section}.{f}", f, info, section, kind))
     return out
 
 
@@ -213,8 +235,8 @@ def field_specs() -> tuple[FieldSpec, ...]:
     for name, info in TrainingConfig.model_fields.items():
         if name == "schema_version":
             continue
-        if name == "optimizer":
-            out += _optimizer_fields()
+        if name in union_sections():
+            out += _union_fields(name)
             continue
         ann = info.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -229,12 +251,24 @@ def specs_by_key() -> dict[str, FieldSpec]:
     return {s.key: s for s in field_specs()}
 
 
-def spec_for_path(path: str, optimizer: str | None) -> FieldSpec | None:
-    """The field a config path (as in a validation message) belongs to, for the chosen optimizer."""
+def chosen_types(values: Mapping[str, Any]) -> dict[str, str]:
+    """The type of each discriminated section in a form: {"network": "loha", "optimizer": "Prodigy"}
+    (read as the form reads a choice: trimmed)."""
+    kinds = {s: values.get(f"{s}.type", default_type(s)) for s in union_sections()}
+    return {s: k.strip() if isinstance(k, str) else k for s, k in kinds.items()}
+
+
+def spec_for_path(path: str, chosen: Mapping[str, str] | None = None) -> FieldSpec | None:
+    """The field a config path (as in a validation message) belongs to, for the chosen types of the
+    discriminated sections (a section not in `chosen` has its default type)."""
     by_key = specs_by_key()
+    section, _, rest = path.partition(".")
     key = path
-    if path.startswith("optimizer.") and path != "optimizer.type":
-        key = f"optimizer.{optimizer}.{path.removeprefix('optimizer.')}"
+    if section in union_sections():
+        if not rest:
+            key = f"{section}.type"  # "network: unknown network type ..." belongs to the type selector
+        elif rest != "type":
+            key = f"{section}.{(chosen or {}).get(section, default_type(section))}.{rest}"
     while key:
         if key in by_key:
             return by_key[key]

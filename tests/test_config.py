@@ -23,6 +23,36 @@ def test_defaults_are_valid_and_prodigy_defaults():
     assert p.betas == (0.9, 0.999) and p.weight_decay == 0.0 and p.growth_rate is None
 
 
+def test_every_discriminated_section_is_found_with_its_types():
+    from backend.config import NETWORK_TYPES, OPTIMIZER_TYPES, LoHaNetwork, ProdigyConfig
+    from backend.config_keys import (
+        default_type,
+        implied_type,
+        optimizer_classes,
+        setting_paths,
+        union_classes,
+    )
+
+    assert list(union_classes("network")) == NETWORK_TYPES and list(optimizer_classes()) == OPTIMIZER_TYPES
+    assert union_classes("network")["loha"] is LoHaNetwork and optimizer_classes()["Prodigy"] is ProdigyConfig
+    assert union_classes("training") == {}
+    assert (default_type("network"), implied_type("network")) == ("lora", "lora")
+    assert (default_type("optimizer"), implied_type("optimizer")) == ("AdamW", None)  # an optimizer says its type
+    paths = setting_paths()
+    assert {"network.type", "network.dropout", "network.conv_rank", "network.lokr_factor", "network.use_tucker",
+            "optimizer.d_coef"} <= set(paths) and "network.init_weights" not in paths
+
+
+def test_network_types_have_their_own_defaults_and_rules():
+    loha = resolve({"network": {"type": "loha"}}).network
+    assert (loha.rank, loha.alpha, loha.conv_rank, loha.use_tucker) == (8, 8.0, 0, False)
+    assert errors({"network": {"type": "loha", "use_tucker": True}})[0].startswith(
+        "network.use_tucker: Tucker decomposition applies to the 3x3 convolutions")
+    assert errors({"network": {"type": "loha", "conv_rank": -1}}) == ["network.conv_rank: must be at least 0; got -1"]
+    assert errors({"network": {"type": "lokr", "lokr_factor": 0}}) == [
+        "network.lokr_factor: must be -1 (automatic) or a positive factor; got 0"]
+
+
 def test_exactly_one_of_epochs_or_steps():
     assert errors({"training": {"max_train_epochs": 3, "max_train_steps": 10}}) == [
         "training.max_train_epochs: set exactly one of max_train_epochs or max_train_steps (both are set; clear one)"]

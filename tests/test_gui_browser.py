@@ -137,7 +137,7 @@ def test_first_open_loads_the_demo_preset_and_fetches_nothing_from_outside(page,
 
 
 def test_an_invalid_value_is_shown_next_to_its_section_and_starts_nothing(page, server, tmp_path):
-    fill(page, "network.rank", 0)
+    fill(page, "network.lora.rank", 0)
     fill(page, "saving.save_every_n_epochs", "")
     page.click("#btn-validate")
     network = page.locator("#err-Network")
@@ -149,11 +149,26 @@ def test_an_invalid_value_is_shown_next_to_its_section_and_starts_nothing(page, 
     page.click("#btn-start-setup")
     page.wait_for_timeout(1500)
     assert versions(server) == [] and network.is_visible()
-    fill(page, "network.rank", 4)
+    fill(page, "network.lora.rank", 4)
     fill(page, "saving.save_every_n_epochs", 1)
     page.click("#btn-validate")
     wait_until(lambda: "Valid" in text_of(page, "#setup-summary"), 20)
     assert not network.is_visible()
+
+
+def test_the_network_type_shows_only_its_own_fields(page, server, tmp_path):
+    assert field(page, "network.lora.rank").is_visible() and not field(page, "network.loha.conv_rank").is_visible()
+    choose(page, "f-network-type", "loha")
+    conv = field(page, "network.loha.conv_rank")
+    conv.wait_for(state="visible")
+    assert not field(page, "network.lora.rank").is_visible()
+    assert field(page, "network.loha.rank").locator("input").input_value() == "8"  # LoHa's own default
+    fill(page, "network.loha.conv_rank", -1)
+    page.click("#btn-validate")
+    network = page.locator("#err-Network")
+    network.wait_for(state="visible")
+    assert "Conv rank (conv_dim): must be at least 0; got -1" in network.inner_text()
+    shot(page, tmp_path, "setup-loha", "#sec-Network")
 
 
 def test_show_command_and_presets_save_download_upload_delete(page, server, tmp_path):
@@ -161,7 +176,7 @@ def test_show_command_and_presets_save_download_upload_delete(page, server, tmp_
     command = page.locator("#command-preview textarea")
     wait_until(lambda: command.count() and "python -m backend train demo.json" in command.input_value(), 30)
     assert "-m backend.trainer --run-dir" in command.input_value()  # one process: the trainer itself
-    fill(page, "network.rank", 8)
+    fill(page, "network.lora.rank", 8)
     fill(page, "run_name", "mine")
     page.locator("#preset-name textarea, #preset-name input").first.fill("my preset")
     page.click("#btn-preset-save")
@@ -185,7 +200,7 @@ def test_show_command_and_presets_save_download_upload_delete(page, server, tmp_
         page.click("#btn-preset-upload")
     chooser.value.set_files(str(path))
     wait_until(lambda: "Loaded **" in status.inner_text() or "downloaded.json" in status.inner_text(), 30)
-    assert field(page, "network.rank").locator("input").input_value() == "8"
+    assert field(page, "network.lora.rank").locator("input").input_value() == "8"
     choose(page, "preset-choice", "my preset (user)")
     page.click("#btn-preset-delete")
     wait_until(lambda: "Deleted preset" in status.inner_text(), 30)
@@ -207,13 +222,13 @@ def test_import_a_kohya_config_shows_what_was_not_imported(page, tmp_path):
     wait_until(lambda: "Imported kohya_ss config" in status.inner_text(), 30)
     report = page.locator("#kohya-report textarea").input_value()
     assert "Not imported (" in report and "block_alphas" in report
-    assert field(page, "network.rank").locator("input").input_value() == "64"
+    assert field(page, "network.lora.rank").locator("input").input_value() == "64"
     assert "Network › Rank (network_dim): 4 → 64" in status.inner_text()
     shot(page, tmp_path, "kohya-import", "#presets")
     page.click("#btn-preset-load")  # back to the demo preset: every field is set again
     wait_until(lambda: "Loaded preset demo" in status.inner_text(), 30)
     assert "Rank (network_dim): 64 → 4" in status.inner_text()
-    assert field(page, "network.rank").locator("input").input_value() == "4"
+    assert field(page, "network.lora.rank").locator("input").input_value() == "4"
 
 
 def test_train_with_prodigy_watch_it_live_and_see_rotation(page, server, tmp_path):

@@ -27,7 +27,7 @@ from gui.form import (
 )
 from gui.preview import resume_command, resume_preview, saving_preview, train_command
 from gui.runner import plan_for
-from gui.schema import SECTIONS, FieldSpec, field_specs, specs_by_key
+from gui.schema import SECTIONS, FieldSpec, field_specs, spec_for_path, specs_by_key
 from tests.conftest import ENV, ROOT
 
 # A valid value different from the default, for fields where "default + something" would not do.
@@ -37,7 +37,7 @@ ALTERNATIVES: dict[str, Any] = {
     "launch.machine_rank": 1, "launch.num_machines": 2, "training.max_train_steps": "500", "network.train_unet": False,
     "dataset.validation_split": 0.25, "dataset.max_bucket_reso": 1032,
 }
-# Other fields a value needs to be valid (cross-field rules).
+# Other fields a value needs to be valid (cross-field rules), by config path.
 NEEDS: dict[str, dict[str, Any]] = {
     "launch.machine_rank": {"launch.num_machines": 2, "launch.num_processes": 2, "launch.main_process_ip": "10.0.0.1"},
     "launch.num_machines": {"launch.main_process_ip": "10.0.0.1", "launch.num_processes": 2},
@@ -46,13 +46,20 @@ NEEDS: dict[str, dict[str, Any]] = {
     "training.max_train_steps": {"training.max_train_epochs": ""},
     "network.train_unet": {"network.train_text_encoder": True},
     "scheduler.warmup_steps": {"scheduler.type": "constant_with_warmup"},  # constant has no warmup
+    "network.use_tucker": {"network.conv_rank": 4},  # Tucker decomposes the convolutions
 }
+TYPE_KEYS = {"network.type", "optimizer.type"}  # the type selectors of the discriminated sections
+
+
+def form_key(spec: FieldSpec, path: str) -> str:
+    """The form key of config `path` next to `spec`: `network.loha.conv_rank` beside a loha field."""
+    section, _, rest = path.partition(".")
+    return f"{section}.{spec.variant}.{rest}" if spec.union == section else path
 
 
 def alternative(spec: FieldSpec) -> Any:
-    base = spec.key if spec.optimizer is None else f"optimizer.{spec.key.split('.', 2)[2]}"
-    if base in ALTERNATIVES:
-        return ALTERNATIVES[base]
+    if spec.path in ALTERNATIVES:
+        return ALTERNATIVES[spec.path]
     d = spec.default
     if spec.kind == "bool":
         return not d
@@ -79,16 +86,13 @@ def test_every_field_round_trips_config_form_config(spec: FieldSpec):
     """Set one field to a non-default value on the form: it reaches the config, and config -> form ->
     config gives the same config back with the same value in that field."""
     form = default_form()
-    if spec.optimizer:
-        form["optimizer.type"] = spec.optimizer
-    if spec.key == "optimizer.type":
-        form[spec.key] = "Prodigy"
-    else:
-        base = spec.key if spec.optimizer is None else f"optimizer.{spec.key.split('.', 2)[2]}"
-        form.update(NEEDS.get(base, {}))
-        form[spec.key] = alternative(spec)
+    if spec.union:
+        form[f"{spec.union}.type"] = spec.variant
+    if spec.key not in TYPE_KEYS:
+        form.update({form_key(spec, p): v for p, v in NEEDS.get(spec.path, {}).items()})
+    form[spec.key] = alternative(spec)
     cfg = form_to_config(form)
-    default_cfg = TrainingConfig() if not spec.optimizer else form_to_config({"optimizer.type": spec.optimizer})
+    default_cfg = TrainingConfig() if not spec.union else form_to_config({f"{spec.union}.type": spec.variant})
     assert dump_at(cfg, spec.path) != dump_at(default_cfg, spec.path), "the form value did not reach the config"
     again = config_to_form(cfg)
     assert form_to_config(again) == cfg
@@ -105,13 +109,47 @@ def test_every_setting_has_a_field_and_a_section():
     from backend.config_keys import setting_paths
 
     paths = {s.path for s in field_specs()}
-    assert set(setting_paths()) - {"schema_version"} <= paths | {"optimizer.type"}
+    assert set(setting_paths()) - {"schema_version"} <= paths
     assert {s.section for s in field_specs()} == set(SECTIONS)
-    prodigy = {s.key.rsplit(".", 1)[1] for s in field_specs() if s.optimizer == "Prodigy"}
+    prodigy = {s.key.rsplit(".", 1)[1] for s in field_specs() if s.variant == "Prodigy"}
     assert {"d_coef", "d0", "growth_rate", "use_bias_correction", "safeguard_warmup", "decouple"} <= prodigy
-    assert not any(s.optimizer == "AdamW" and s.key.endswith("d_coef") for s in field_specs())
+    assert not any(s.variant == "AdamW" and s.key.endswith("d_coef") for s in field_specs())
     d_coef = specs_by_key()["optimizer.Prodigy.d_coef"]
     assert d_coef.default == 1.0 and "more than 0, at most 100" in d_coef.help and not d_coef.advanced
+    assert (d_coef.union, d_coef.variant, d_coef.path) == ("optimizer", "Prodigy", "optimizer.d_coef")
+
+
+def test_each_network_type_has_its_own_fields_and_defaults():
+    from backend.config import NETWORK_TYPES, OPTIMIZER_TYPES
+
+    by_key = specs_by_key()
+    network = [s for s in field_specs() if s.section == "Network"]
+    assert network[0].key == "network.type" and network[0].label == "Network type"
+    assert list(network[0].choices) == NETWORK_TYPES and network[0].default == "lora"
+    assert list(by_key["optimizer.type"].choices) == OPTIMIZER_TYPES and by_key["optimizer.type"].label == "Optimizer"
+    fields = {t: {s.key.rsplit(".", 1)[1] for s in network if s.variant == t} for t in NETWORK_TYPES}
+    assert "dropout" in fields["lora"] and "conv_rank" not in fields["lora"]
+    assert {"conv_rank", "use_tucker"} <= fields["loha"] and "dropout" not in fields["loha"]
+    assert {"lokr_factor", "decompose_both"} <= fields["lokr"] and "lokr_factor" not in fields["loha"]
+    assert (by_key["network.lora.rank"].default, by_key["network.loha.rank"].default) == (16, 8)
+    assert by_key["network.loha.rank"].path == "network.rank" and by_key["network.loha.rank"].union == "network"
+
+
+def test_the_form_holds_only_the_chosen_network_types_fields():
+    """A loha form gives a loha network from its loha fields; the lora fields' values are ignored,
+    and the form of that config shows the other types at their defaults."""
+    form = {**default_form(), "network.type": "loha", "network.loha.rank": 4, "network.loha.conv_rank": 2,
+            "network.lora.rank": 0, "network.lora.dropout": 0.5}
+    cfg = form_to_config(form)
+    assert (cfg.network.type, cfg.network.rank, cfg.network.conv_rank) == ("loha", 4, 2)
+    assert not hasattr(cfg.network, "dropout")
+    again = config_to_form(cfg)
+    assert (again["network.type"], again["network.loha.rank"], again["network.loha.conv_rank"]) == ("loha", 4, 2)
+    assert (again["network.lora.rank"], again["network.locon.conv_rank"]) == (16, 8)  # their own defaults
+    assert form_to_config(again) == cfg
+    changes = form_changes(default_form(), again)
+    assert "Network › Network type: lora → loha" in changes and "Network › Rank (network_dim): 16 → 4" in changes
+    assert not any("Dropout" in c for c in changes)  # lora's field is not part of a loha network
 
 
 # ------------------------------------------------------------------------------------ messages
@@ -123,7 +161,7 @@ def errors_of(**changes: Any) -> list[str]:
 
 
 def test_validation_messages_name_section_and_label():
-    assert errors_of(network__rank=0) == ["Network › Rank (network_dim): must be at least 1; got 0"]
+    assert errors_of(network__lora__rank=0) == ["Network › Rank (network_dim): must be at least 1; got 0"]
     assert errors_of(training__seed=1.5) == ["Schedule › Seed: must be a whole number; got 1.5"]
     assert errors_of(training__train_batch_size=None) == ["Schedule › Batch size: required: enter a number"]
     assert errors_of(saving__save_last_n_epochs="2") == [
@@ -144,7 +182,7 @@ def test_optimizer_errors_go_to_the_chosen_optimizers_field():
 
 
 def test_every_error_is_reported_at_once_and_grouped_by_section():
-    form = {**default_form(), "network.rank": 0, "dataset.resolution": 500, "sampling.steps": 0, "training.seed": "x"}
+    form = {**default_form(), "network.lora.rank": 0, "dataset.resolution": 500, "sampling.steps": 0, "training.seed": "x"}
     with pytest.raises(FormError) as info:
         form_to_config(form)
     grouped = by_section(info.value.errors)
@@ -155,21 +193,39 @@ def test_every_error_is_reported_at_once_and_grouped_by_section():
 
 
 def test_launch_problems_are_placed_like_validation_errors():
-    e = field_error("model.pretrained_model: /nowhere does not exist", "AdamW")
+    e = field_error("model.pretrained_model: /nowhere does not exist")
     assert (e.section, e.label, e.message) == ("Model", "Base model", "/nowhere does not exist")
-    e = field_error("another run is active in this output folder on the CPU: runs/x (running)", "AdamW")
+    e = field_error("another run is active in this output folder on the CPU: runs/x (running)", {"optimizer": "AdamW"})
     assert e.section == GENERAL and e.message.startswith("another run is active")
-    assert field_error("optimizer.text_encoder_lr: x", "Prodigy").key == "optimizer.Prodigy.text_encoder_lr"
+    assert field_error("optimizer.text_encoder_lr: x", {"optimizer": "Prodigy"}).key == "optimizer.Prodigy.text_encoder_lr"
+    assert field_error("optimizer.text_encoder_lr: x").key == "optimizer.AdamW.text_encoder_lr"  # the default type
+
+
+def test_network_errors_go_to_the_chosen_network_types_field():
+    lines = errors_of(network__type="loha", network__loha__conv_rank=-1)
+    assert lines == ["Network › Conv rank (conv_dim): must be at least 0; got -1"]
+    with pytest.raises(FormError) as info:
+        form_to_config({**default_form(), "network.type": "loha", "network.loha.conv_rank": -1})
+    assert [e.key for e in info.value.errors] == ["network.loha.conv_rank"]
+    # A validation line names the config path; the chosen type decides which field it lands next to.
+    assert field_error("network.conv_rank: must be at least 0", {"network": "loha"}).key == "network.loha.conv_rank"
+    assert field_error("network.conv_rank: x", {"network": "locon"}).key == "network.locon.conv_rank"
+    assert spec_for_path("network.rank", {"network": "lokr", "optimizer": "SGD"}).key == "network.lokr.rank"
+    assert field_error("network: unknown network type 'x'", {"network": "x"}).key == "network.type"
+    # A cross-field rule of the type (Tucker needs convolutions) names its field.
+    lines = errors_of(network__type="lokr", network__lokr__use_tucker=True)
+    assert len(lines) == 1 and lines[0].startswith("Network › Tucker decomposition: Tucker decomposition applies")
 
 
 def test_form_changes_say_what_a_load_changed():
     old = default_form()
     new = config_to_form(form_to_config({**old, "optimizer.type": "Prodigy", "optimizer.Prodigy.d_coef": 0.8,
-                                         "network.rank": 8}))
+                                         "network.lora.rank": 8}))
     changes = form_changes(old, new)
     assert "Optimizer › Optimizer: AdamW → Prodigy" in changes
     assert "Network › Rank (network_dim): 16 → 8" in changes
     assert "Optimizer › d_coef: 1 → 0.8" in changes
+    assert "Optimizer › Learning rate: 0.0001 → 1" in changes  # AdamW's rate before, Prodigy's now
     assert form_changes(new, new) == []
 
 

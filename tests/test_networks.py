@@ -202,3 +202,107 @@ def test_the_file_says_which_network_it_holds_as_lycoris_and_sd_scripts_write_it
     assert meta["ss_network_module"] == module
     assert meta["ss_network_dim"] == str(NETWORKS[kind]["rank"])
     assert (json.loads(meta["ss_network_args"]) if "ss_network_args" in meta else None) == args
+
+
+# ------------------------------------------------------------------------ network.network_weights
+def _file_weights(path: Path, modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    stems = _by_stem(load_file(str(path)))
+    return {s: file_weight(t, modules[s].get_base_layer().weight.detach().double()) for s, t in stems.items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr-whole", "lokr-both-tucker", "dora"])
+def test_a_network_started_from_a_file_applies_that_files_update(demo: Path, tmp_path: Path, family: str, kind: str):
+    """Written by one network, read by another of the same shape but another alpha (so every update
+    is rescaled on the way in): the second network's export applies what the file applies."""
+    cfg, comps, trained = _built(demo, family, NETWORKS[kind])
+    _randomize(trained)
+    first = tmp_path / "first.safetensors"
+    export.save_export(str(first), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32), {})
+    other = {**NETWORKS[kind], "alpha": NETWORKS[kind]["alpha"] * 3}
+    cfg2, comps2, trained2 = _built(demo, family, other)
+    assert trained2.start_from(str(first), comps2.is_sdxl) == []
+    second = tmp_path / "second.safetensors"
+    export.save_export(str(second), export.state_dict(trained2.export_groups(comps2.is_sdxl), torch.float32), {})
+    modules = _modules_by_stem(trained2, comps2.is_sdxl)
+    want, got = _file_weights(first, modules), _file_weights(second, modules)
+    for stem in want:
+        torch.testing.assert_close(got[stem], want[stem], atol=1e-6, rtol=1e-5, msg=stem)
+
+
+def test_an_sd_scripts_lora_file_starts_the_network_and_a_mismatch_names_the_module(demo: Path, tmp_path: Path):
+    """A LoRA written with sd-scripts' key names (SD1: lora_unet_<diffusers path>, lora_te_text_model_...),
+    no alpha for one module (sd-scripts then takes alpha = rank)."""
+    from safetensors.torch import save_file
+
+    cfg, comps, trained = _built(demo, "sd15", {"type": "lora", "rank": 4, "alpha": 1.0})
+    g = torch.Generator().manual_seed(3)
+    q = comps.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    te_q = comps.text_encoders[0].get_submodule("encoder.layers.0.self_attn.q_proj")  # transformers 5: no text_model.
+    unet_stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    te_stem = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    file = {
+        f"{unet_stem}.lora_down.weight": torch.randn(4, q.in_features, generator=g),
+        f"{unet_stem}.lora_up.weight": torch.randn(q.out_features, 4, generator=g),
+        f"{unet_stem}.alpha": torch.tensor(2.0),
+        f"{te_stem}.lora_down.weight": torch.randn(4, te_q.in_features, generator=g),
+        f"{te_stem}.lora_up.weight": torch.randn(te_q.out_features, 4, generator=g),
+    }
+    path = tmp_path / "sd_scripts.safetensors"
+    save_file(file, str(path))
+    fresh = trained.start_from(str(path), False)
+    assert unet_stem not in fresh and te_stem not in fresh and len(fresh) > 10
+    x = torch.randn(3, q.in_features, generator=g)
+    with trained.evaluating(), torch.no_grad():
+        want = file[f"{unet_stem}.lora_up.weight"] @ file[f"{unet_stem}.lora_down.weight"] * (2.0 / 4)
+        torch.testing.assert_close(q(x) - q.get_base_layer()(x), F.linear(x, want), atol=1e-5, rtol=1e-5)
+        xt = torch.randn(3, te_q.in_features, generator=g)
+        want_te = file[f"{te_stem}.lora_up.weight"] @ file[f"{te_stem}.lora_down.weight"]  # alpha = rank: scale 1
+        torch.testing.assert_close(te_q(xt) - te_q.get_base_layer()(xt), F.linear(xt, want_te), atol=1e-5, rtol=1e-5)
+
+    save_file({**file, f"{unet_stem}.lora_down.weight": torch.randn(8, q.in_features)}, str(path))
+    with pytest.raises(export.NetworkFileError, match=rf"{unet_stem}.lora_down.weight is \(8, .*\) in the file and \(4, "):
+        trained.start_from(str(path), False)
+    save_file({f"{unet_stem}.hada_w1_a": torch.randn(4, 4), f"{unet_stem}.hada_w1_b": torch.randn(4, 4)}, str(path))
+    with pytest.raises(export.NetworkFileError, match=rf"{unet_stem} holds hada_w1_a, hada_w1_b in the file"):
+        trained.start_from(str(path), False)
+    save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.randn(4, 4)}, str(path))
+    with pytest.raises(export.NetworkFileError, match="lora_unet_mid_block_resnets_0_conv1, a module this network"):
+        trained.start_from(str(path), False)
+    path.write_bytes(b"not a tensor file")
+    with pytest.raises(export.NetworkFileError, match="not a readable .safetensors file"):
+        trained.start_from(str(path), False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_diffusers_loads_a_locon_export_with_its_convolutions(demo: Path, tmp_path: Path, family: str):
+    """diffusers' load_lora_weights reads the kohya LoCon file (3x3 convolutions included) and, fused,
+    gives the weights the format says. (Its loader drops dora_scale, and it has no LoHa/LoKr reader
+    for these models: docs/networks.md.)"""
+    from diffusers import DiffusionPipeline
+
+    cfg, comps, trained = _built(demo, family, NETWORKS["locon"], text_encoder=False)
+    _randomize(trained)
+    path = tmp_path / "locon.safetensors"
+    export.save_export(str(path), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32),
+                       export.network_metadata(cfg.network))
+    stems = _by_stem(load_file(str(path)))
+    modules = _stem_names(trained, comps.is_sdxl)
+    pipe = DiffusionPipeline.from_pretrained(demo / FAMILIES[family], local_files_only=True)
+    before = {name: pipe.unet.get_submodule(name).weight.detach().clone() for name in modules.values()}
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.fuse_lora(lora_scale=1.0)
+    convs = 0
+    for stem, name in modules.items():
+        layer = pipe.unet.get_submodule(name)
+        after = (layer.base_layer if hasattr(layer, "base_layer") else layer).weight.detach()
+        convs += after.dim() == 4 and after.shape[-1] == 3
+        torch.testing.assert_close(after.double(), file_weight(stems[stem], before[name].double()), atol=1e-6, rtol=1e-5,
+                                   msg=stem)
+    assert convs > 0
+
+
+def _stem_names(trained: Trained, is_sdxl: bool) -> dict[str, str]:
+    """kohya stem -> diffusers module path, for the UNet's network modules."""
+    prefix, model, is_te, rename = trained.export_groups(is_sdxl)[0]
+    return {export.kohya_stem(prefix, rename(name), is_te): name for name, _ in network.network_modules(model)}

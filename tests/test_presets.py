@@ -129,6 +129,45 @@ def test_sparse_saving_of_another_optimizer_and_of_steps():
     assert resolve(sparse_overrides(cfg)) == cfg
 
 
+def test_a_loha_network_round_trips_through_save_load_and_the_sparse_form(tmp_path: Path):
+    cfg = resolve({"network": {"type": "loha", "rank": 4, "conv_rank": 2, "use_tucker": True}})
+    # LoHa's own defaults (rank 8, alpha 8) are not written; the type and what differs from them are.
+    assert sparse_overrides(cfg) == {"network": {"type": "loha", "rank": 4, "conv_rank": 2, "use_tucker": True}}
+    path = save_preset(cfg, "loha", user_dir=tmp_path).path
+    assert json.loads(path.read_text())["network"] == {"type": "loha", "rank": 4, "conv_rank": 2, "use_tucker": True}
+    again = read_preset(path).config
+    assert again == cfg and again.network.alpha == 8.0 and again.config_hash() == cfg.config_hash()
+    lokr = resolve({"network": {"type": "lokr", "lokr_factor": 4}})
+    assert sparse_overrides(lokr) == {"network": {"type": "lokr", "lokr_factor": 4}}
+    assert resolve(sparse_overrides(lokr)) == lokr
+
+
+def test_an_old_network_section_without_a_type_is_a_lora():
+    cfg = resolve({"network": {"rank": 8, "dropout": 0.1}})
+    assert (cfg.network.type, cfg.network.rank, cfg.network.dropout) == ("lora", 8, 0.1)
+    assert sparse_overrides(cfg) == {"network": {"rank": 8, "dropout": 0.1}}  # no type written for the default
+    assert cfg.config_hash() == resolve({"network": {"type": "lora", "rank": 8, "dropout": 0.1}}).config_hash()
+    # init_weights is the other name of network_weights, in a file and in --set.
+    assert resolve({"network": {"init_weights": "a.safetensors"}}).network.network_weights == "a.safetensors"
+    assert resolve({}, ["network.init_weights=b.safetensors"]).network.network_weights == "b.safetensors"
+    assert errors({"network": {"init_weights": "a", "network_weights": "b"}}) == [
+        "network.init_weights: another name for network.network_weights, which is set too; keep one"]
+
+
+def test_switching_a_sections_type_starts_it_afresh():
+    merged = presets.deep_merge({"network": {"type": "locon", "dropout": 0.1, "conv_rank": 4}},
+                                {"network": {"type": "loha", "rank": 4}})
+    assert merged == {"network": {"type": "loha", "rank": 4}}  # locon's dropout and conv_rank do not carry over
+    # The same type (a section without one is a lora) merges as any section does.
+    assert presets.deep_merge({"network": {"rank": 4}}, {"network": {"type": "lora"}}) == {
+        "network": {"rank": 4, "type": "lora"}}
+    assert presets.deep_merge({"optimizer": {"type": "Prodigy", "d_coef": 2}}, {"optimizer": {"type": "SGD"}}) == {
+        "optimizer": {"type": "SGD"}}
+    # So a preset's network type applies on top of the defaults' lora, and --set switches it.
+    cfg = resolve({"network": {"type": "locon", "dropout": 0.1}}, ["network.type=loha"])
+    assert cfg.network.type == "loha" and cfg.network.rank == 8
+
+
 def test_sparse_form_round_trips_many_configs():
     cases = [
         {"optimizer": {"type": "Lion", "betas": [0.95, 0.98]}},
@@ -160,6 +199,22 @@ def test_unknown_key_names_the_closest_valid_key():
 def test_a_field_of_another_optimizer_says_which():
     assert errors({"optimizer": {"d_coef": 2}}) == [
         "optimizer.d_coef: not a setting of the AdamW optimizer; it belongs to Prodigy (set optimizer.type)"]
+    assert errors({"optimizer": {"type": "SGD", "eps": 1e-8}}) == [
+        "optimizer.eps: not a setting of the SGD optimizer; it belongs to AdamW, AdamW8bit and Prodigy "
+        "(set optimizer.type)"]
+
+
+def test_a_field_of_another_network_type_says_which():
+    assert errors({"network": {"type": "loha", "dropout": 0.1}}) == [
+        "network.dropout: not a setting of the loha network; it belongs to lora, locon and dora (set network.type)"]
+    assert errors({"network": {"conv_rank": 4}}) == [  # no type: a lora
+        "network.conv_rank: not a setting of the lora network; it belongs to locon, loha, lokr and dora "
+        "(set network.type)"]
+    assert errors({"network": {"type": "lokr", "lokr_factr": 4}}) == [
+        "network.lokr_factr: unknown setting; did you mean network.lokr_factor?"]
+    assert errors({"network": {"type": "lohaa"}}) == [
+        "network: unknown network type 'lohaa'; choose one of lora, locon, loha, lokr, dora"]
+    assert presets.unknown_key_lines({"network": {"type": "dora", "init_weights": "x.safetensors"}}) == []
 
 
 def test_unknown_keys_and_other_errors_are_reported_together():

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import ENV, ROOT, events, run_cli, train
+from tests.conftest import ENV, ROOT, events, run_cli, step_losses, train
 
 pytestmark = pytest.mark.train
 
@@ -82,6 +82,24 @@ def test_kohya_export_loads_in_diffusers_with_its_alpha(demo_run, demo):
     expected = (alpha / down.shape[0]) * up @ down
     assert expected.abs().max() > 1e-3  # training moved the weights
     torch.testing.assert_close(after - before, expected, atol=1e-6, rtol=1e-3)
+
+
+def test_a_run_started_from_a_lora_file_begins_at_its_weights(demo_run, demo, tmp_path):
+    """network.network_weights: the demo's trained LoRA as the start of a new run (same seed, so the
+    same first batch, noise and timesteps): its first step's loss is the trained LoRA's, below the
+    fresh start's, and the new run's state began from the file, not from zero."""
+    start = demo_run / "exports" / "demo.safetensors"
+    proc, v = train(tmp_path, demo, run_name="again", network={"network_weights": str(start)},
+                    training={"max_train_steps": 2, "max_train_epochs": None},
+                    saving={"save_every_n_epochs": None, "save_last_n_epochs": None}, sampling={"prompts": []})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"network.network_weights: started from {start}" in (v / "train.log").read_text()
+    fresh, again = step_losses(demo_run), step_losses(v)
+    assert again[1] < fresh[1] * 0.9, (fresh[1], again[1])
+
+    bad = tmp_path / "missing.safetensors"
+    proc, _ = train(tmp_path, demo, run_name="bad", network={"network_weights": str(bad)})
+    assert proc.returncode != 0 and f"network.network_weights: file {bad} does not exist" in proc.stdout + proc.stderr
 
 
 def test_sdxl_with_text_encoders_trains_and_exports(demo, tmp_path):

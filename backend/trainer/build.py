@@ -71,6 +71,13 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     if device.type == "cuda":
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
     trained = Trained.attach(cfg, comps.unet, comps.text_encoders)
+    if cfg.network.network_weights and not cfg.resume_from:  # a resume restores its own state instead
+        fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.is_sdxl)
+        if io.is_main:
+            print(f"network.network_weights: started from {cfg.network.network_weights}", flush=True)
+        if fresh:
+            io.warn(f"network.network_weights: the file holds no weights for {len(fresh)} of the network's modules "
+                    f"(e.g. {fresh[0]}); they start fresh")
     if latents is not None:
         _place_latents(cfg, io, latents, device)
     groups = param_groups(cfg, trained.parameters(UNET), trained.parameters(TEXT_ENCODER))

@@ -109,3 +109,73 @@ def save_export(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str,
     """Write a network file; metadata values must be strings in safetensors."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None}
     save_file(tensors, path, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------- reading back
+PEFT_NAME = {"lora_down.weight": "lora_A.default.weight", "lora_up.weight": "lora_B.default.weight",
+             "dora_scale": "dora_scale", **{t: f"{t}.default" for t in LYCORIS_TENSORS}}
+FIRST_FACTOR = ("lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")  # the factor that carries a change of scale
+
+
+class NetworkFileError(ValueError):
+    """A network file that cannot start this network; the message names the first module that differs."""
+
+
+def _file_scale(t: dict[str, torch.Tensor]) -> float:
+    """The scale a loader applies to one module's update (see the module docstring)."""
+    rank = next((t[k].shape[0] for k in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b") if k in t), None)
+    if rank is None:
+        return 1.0  # LoKr with both factors whole
+    alpha = float(t["alpha"]) if "alpha" in t else float(rank)  # no alpha: sd-scripts and LyCORIS take alpha = rank
+    return alpha / rank
+
+
+def _module_scale(m: torch.nn.Module) -> float:
+    return float(m.scaling[ADAPTER])
+
+
+def read_network_file(path: str, groups: list[Group], alternatives: list[Group] | None = None,
+                      what: str = "network.network_weights") -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Read a kohya/LyCORIS file into the peft tensors of the modules of `groups`.
+
+    Returns ({group index as str: {peft parameter name: tensor}}, stems of network modules the file
+    does not hold), with each update rescaled so the module applies exactly what the file's loaders
+    apply. `alternatives` name the same modules another way (SDXL: diffusers names as well as LDM)."""
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one plain line
+        raise NetworkFileError(f"{what}: {path} is not a readable .safetensors file ({e})") from None
+    by_stem: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        stem, _, rest = key.partition(".")
+        by_stem.setdefault(stem, {})[rest] = t.float()
+    where: dict[str, tuple[int, str, torch.nn.Module]] = {}
+    for naming in [groups, *([alternatives] if alternatives else [])]:
+        for gi, (prefix, model, is_te, rename) in enumerate(naming):
+            for name, m in network_modules(model):
+                where.setdefault(kohya_stem(prefix, rename(name), is_te), (gi, name, m))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    seen: set[int] = set()
+    for stem, t in by_stem.items():
+        if stem not in where:
+            raise NetworkFileError(f"{what}: the file holds {stem}, a module this network does not have (check "
+                                   "network.type, target_modules, conv_rank and train_text_encoder)")
+        gi, name, m = where[stem]
+        seen.add(id(m))
+        tensors, _ = module_tensors(m)
+        want, got = set(tensors), set(t) - {"alpha"}
+        if want != got:
+            raise NetworkFileError(f"{what}: {stem} holds {', '.join(sorted(got))} in the file; this network has "
+                                   f"{', '.join(sorted(want))} there (the file is another network type or shape)")
+        ratio = _file_scale(t) / _module_scale(m)
+        for key in sorted(got):
+            if tensors[key].shape != t[key].shape:
+                raise NetworkFileError(f"{what}: {stem}.{key} is {tuple(t[key].shape)} in the file and "
+                                       f"{tuple(tensors[key].shape)} in this network (set network.rank/conv_rank "
+                                       "to the file's)")
+            value = t[key] * ratio if key in FIRST_FACTOR else t[key]
+            out.setdefault(str(gi), {})[f"{name}.{PEFT_NAME[key]}"] = value
+    fresh = [kohya_stem(p, r(n), te) for p, model, te, r in groups for n, m in network_modules(model) if id(m) not in seen]
+    return out, fresh

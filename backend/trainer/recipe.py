@@ -95,6 +95,7 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
 def failure_reason(exc: BaseException) -> str:
     """One plain line saying why the run failed."""
     from backend.trainer.data import DatasetError
+    from backend.trainer.export import NetworkFileError
     from backend.trainer.models import ModelLoadError
     from backend.trainer.network import NoTargetsError
     from backend.trainer.optim import OptimizerUnavailable
@@ -103,7 +104,7 @@ def failure_reason(exc: BaseException) -> str:
     from backend.trainer.trained import RanksDiverged
 
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, (DatasetError, ModelLoadError, NoTargetsError, OptimizerUnavailable, NonFiniteLoss, StateError,
+    if isinstance(exc, (DatasetError, ModelLoadError, NetworkFileError, NoTargetsError, OptimizerUnavailable, NonFiniteLoss, StateError,
                         RanksDiverged)):
         return msg
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:

@@ -35,7 +35,7 @@ import pandas as pd
 from backend import resources
 from gui.display import progress_html, resources_markdown, state_banner
 from gui.fields import command_box
-from gui.form import field_error
+from gui.form import config_types, field_error
 from gui.live import RunView
 from gui.page import Page, version_choices
 from gui.runner import ACTIVE_STATES, StartRefused, launched_command, reproduce_command
@@ -334,7 +334,7 @@ class RunTab:
         try:
             started = page.runner.start(cfg)
         except StartRefused as e:
-            errors = [field_error(line, cfg.optimizer.type) for line in e.lines]
+            errors = [field_error(line, config_types(cfg)) for line in e.lines]
             text = "✖ **Not started**:\n" + "\n".join(f"- {line}" for line in e.lines)
             return {**message_updates(page, errors, []), c["message"]: text}
         out = {**messages, **self.attach(str(started.version_dir), request), page.component("tabs"): gr.Tabs(selected="run")}

@@ -9,12 +9,13 @@ from typing import Any
 import gradio as gr
 
 from backend import launcher
-from backend.config import OPTIMIZER_TYPES, TrainingConfig
+from backend.config import TrainingConfig
+from backend.config_keys import union_sections
 from gui.fields import build_field, command_box
 from gui.form import GENERAL, FieldError, FormError, by_section, form_to_config, form_warnings
 from gui.page import Page
 from gui.preview import saving_preview, train_command, worker_commands_text
-from gui.schema import SECTIONS, FieldSpec, section_specs
+from gui.schema import SECTION_OF, SECTIONS, FieldSpec, section_specs
 from gui.tabs import presets
 
 PER_ROW = 3
@@ -37,16 +38,19 @@ def _fields(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
             _rows(page, advanced, values)
 
 
-def _optimizer_section(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
-    type_spec = next(s for s in specs if s.key == "optimizer.type")
-    page.form.add(type_spec.key, build_field(type_spec, values[type_spec.key]))
+def _union_section(page: Page, union: str, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+    """A discriminated section (network, optimizer): its type selector, then one column of fields per
+    type, of which only the chosen type's is shown."""
+    type_key = f"{union}.type"
+    type_spec = next(s for s in specs if s.key == type_key)
+    page.form.add(type_key, build_field(type_spec, values[type_key]))
     groups = {}
-    for otype in OPTIMIZER_TYPES:
-        with gr.Column(visible=values["optimizer.type"] == otype, elem_id=f"opt-{otype}") as col:
-            _fields(page, [s for s in specs if s.optimizer == otype], values)
-        groups[otype] = col
-    page.share("optimizer_groups", groups)
-    type_box = page.form.components["optimizer.type"]
+    for kind in type_spec.choices:
+        with gr.Column(visible=values[type_key] == kind, elem_id=f"{union}-{kind}") as col:
+            _fields(page, [s for s in specs if s.union == union and s.variant == kind], values)
+        groups[kind] = col
+    page.share(f"{union}_groups", groups)
+    type_box = page.form.components[type_key]
     type_box.change(lambda data: {col: gr.update(visible=data[type_box] == t) for t, col in groups.items()},
                     inputs={type_box}, outputs=list(groups.values()), show_progress="hidden")
 
@@ -56,10 +60,11 @@ def _section(page: Page, section: str, values: dict[str, Any]) -> None:
         page.shared.setdefault("section_errors", {})[section] = gr.Markdown(
             "", visible=False, elem_id=f"err-{section}", elem_classes=["lathe-errors"])
         specs = section_specs(section)
-        if section == "Optimizer":
-            _optimizer_section(page, specs, values)
-        else:
-            _fields(page, specs, values)
+        unions = [u for u in union_sections() if SECTION_OF[u] == section]
+        selectors = {f"{u}.type" for u in unions}
+        _fields(page, [s for s in specs if s.union is None and s.key not in selectors], values)
+        for union in unions:
+            _union_section(page, union, specs, values)
         if section == "Saving":
             page.share("saving_preview", gr.Markdown(_preview_text(values), elem_id="saving-preview",
                                                      elem_classes=["lathe-preview"]))
