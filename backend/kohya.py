@@ -2,10 +2,11 @@
 
 Every key of a kohya file is listed: in `mapped` (with the Lathe setting it became) or in `unmapped`
 (with the reason: unsupported feature, GUI-only setting, not applicable, secret). Values stored as
-strings ("1", "True") are coerced. A config for something Lathe does not train (LoCon, LoHa, LoKr,
-DreamBooth, Flux...) is refused with a plain reason; a setting that would change training but has no
-Lathe equivalent is a warning; a value Lathe cannot use (a typo in optimizer_args, a number out of
-range) is an error. Nothing here raises on bad input. Never imports torch.
+strings ("1", "True") are coerced. A config for something Lathe does not train (DyLoRA, (IA)^3, OFT,
+DreamBooth, Flux...) is refused with a plain reason; LoRA, LoCon, LoHa, LoKr and DoRA become the
+matching network.type. A setting that would change training but has no Lathe equivalent is a warning
+naming the value; a value Lathe cannot use (a typo in optimizer_args, a number out of range) is an
+error. Nothing here raises on bad input. Never imports torch.
 
 This module is the engine and the public API; backend.kohya_rules holds one mapping function per
 topic and backend.kohya_keys the key tables and value coercion.
@@ -162,6 +163,7 @@ def import_kohya(data: dict[str, Any], source_name: str = "") -> KohyaImport:
         return KohyaImport(refused=f"expected a JSON object of kohya_ss settings; got {type(data).__name__}")
     m = Mapper(data)
     m.res.refused = rules.refusal(m)
+    rules.map_network(m)
     family = rules.map_model(m)
     rules.map_dataset(m)
     rules.map_duration(m)

@@ -261,7 +261,8 @@ NOT_IMPORTED = _table(
     ("unsupported feature: input-perturbation noise", True, "ip_noise_gamma"),
     ("unsupported feature: random noise-offset strength", True, "noise_offset_random_strength"),
     ("unsupported feature: max-norm regularization", True, "scale_weight_norms"),
-    ("unsupported feature: rank and module dropout (network.dropout is kohya's network_dropout)", True,
+    ("unsupported feature: rank and module dropout (kohya's network_dropout is network.dropout, on lora, locon and "
+     "dora)", True,
      "rank_dropout module_dropout"),
     ("unsupported feature: block-wise ranks and learning rates", True,
      "block_dims block_alphas block_lr_zero_threshold down_lr_weight mid_lr_weight up_lr_weight "

@@ -1,6 +1,7 @@
 """Benchmark: Lathe's trainer against a bare reference loop and an uncached loop, interleaved.
 
     .venv/bin/python bench/train_speed.py [--rounds 3] [--json out.json] [--settings demo64,wide256]
+    .venv/bin/python bench/train_speed.py --networks lora,locon,loha,lokr,dora [--settings wide256]
 
 (a) reference: pre-encoded latents and text embeddings; UNet forward+backward; AdamW step. The upper
     bound for a given model, batch and resolution.
@@ -8,6 +9,9 @@
     encoder at every step (what a trainer without caching pays).
 (c) Lathe: the real CLI (`python -m backend train`), steady-state seconds per step read from its own
     `step` events.
+
+With --networks: Lathe alone, once per network type at the same rank (the conv types with
+conv_rank = rank), interleaved; reports each type's s/step over lora's.
 
 Each measurement is its own process; the kinds rotate order every round to cancel machine drift.
 Reports medians (min/max) of per-step times after warm-up, the ratios (a)/(c) and (b)/(c), peak
@@ -35,6 +39,13 @@ SETTINGS = {
     "wide256": ((64, 128, 256), 256, 2, 30, 6),
 }
 RANK, ALPHA, LR = 4, 4.0, 1e-3
+NETWORKS = {
+    "lora": {"type": "lora"},
+    "locon": {"type": "locon", "conv_rank": RANK, "conv_alpha": ALPHA},
+    "loha": {"type": "loha", "conv_rank": RANK, "conv_alpha": ALPHA},
+    "lokr": {"type": "lokr", "conv_rank": RANK, "conv_alpha": ALPHA},
+    "dora": {"type": "dora", "conv_rank": RANK, "conv_alpha": ALPHA},
+}
 
 
 def build_model(root: Path, name: str) -> Path:
@@ -130,19 +141,19 @@ def worker(kind: str, setting: str, root: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- Lathe (c)
-def run_lathe(setting: str, root: Path) -> dict:
+def run_lathe(setting: str, root: Path, network: dict | None = None) -> dict:
     _, res, batch, steps, warmup = SETTINGS[setting]
     base = build_model(root, setting)
     cfg = {
         "run_name": f"bench-{setting}", "output_dir": str(root / "runs"),
         "model": {"pretrained_model": str(base / "model")},
         "dataset": {"train_data_dir": str(base / "images"), "resolution": res, "enable_bucket": False},
-        "network": {"rank": RANK, "alpha": ALPHA},
+        "network": {**(network or {}), "rank": RANK, "alpha": ALPHA},
         "optimizer": {"type": "AdamW", "learning_rate": LR, "weight_decay": 0.0},
         "training": {"max_train_steps": steps, "train_batch_size": batch},
         "saving": {"save_state": False}, "logging": {"tensorboard": False}, "launch": {"device": "cpu"},
     }
-    path = root / f"{setting}.json"
+    path = root / f"{setting}-{(network or {}).get('type', 'lora')}.json"
     path.write_text(json.dumps(cfg))
     out = subprocess.run([sys.executable, "-m", "backend", "train", str(path)], cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
@@ -188,11 +199,23 @@ def bench(setting: str, rounds: int, root: Path) -> dict:
     return res
 
 
+def bench_networks(setting: str, rounds: int, root: Path, kinds: list[str]) -> dict:
+    raw: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+            raw[kind] += run_lathe(setting, root, NETWORKS[kind])["step_s"]
+    res = {k: summarize(v) for k, v in raw.items()}
+    for k in kinds:
+        res[k]["over_lora"] = res[k]["median_s"] / res["lora"]["median_s"] if "lora" in res else None
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--settings", default="demo64,wide256")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--networks", help="compare these network types (comma-separated) instead")
     ap.add_argument("--worker")
     ap.add_argument("--setting")
     ap.add_argument("--root", type=Path)
@@ -202,7 +225,16 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as t:
-        for setting in args.settings.split(","):
+        for setting in args.settings.split(",") if args.networks else []:
+            kinds = args.networks.split(",")
+            results[setting] = r = bench_networks(setting, args.rounds, Path(t), kinds)
+            print(f"{setting}: network types at rank {RANK}, {SETTINGS[setting][3]} steps x {args.rounds} rounds")
+            for kind in kinds:
+                v = r[kind]
+                ratio = f"{v['over_lora']:.3f}x lora" if v["over_lora"] else ""
+                print(f"  {kind:<6} {v['median_s'] * 1000:8.1f} ms/step (min {v['min_s'] * 1000:.1f}, "
+                      f"max {v['max_s'] * 1000:.1f})  {ratio}")
+        for setting in [] if args.networks else args.settings.split(","):
             results[setting] = r = bench(setting, args.rounds, Path(t))
             _, res, batch, steps, _ = SETTINGS[setting]
             print(f"{setting}: {res}px, batch {batch}, {steps} steps x {args.rounds} rounds")

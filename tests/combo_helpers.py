@@ -33,6 +33,8 @@ Combo = dict[str, Any]
 # campaign runs on CPUs.
 SPACE: pairwise.Space = {
     "model": ["sd15", "sd15-file", "sdxl", "sd2v"],
+    "network.type": ["lora", "locon", "loha", "lokr", "dora"],
+    "network.conv_rank": [0, 2],  # the ResNet blocks' 3x3 convolutions (locon always has them)
     "network.train_text_encoder": [False, True],
     "network.dropout": [0.0, 0.1],
     "network.alpha": [4.0, 2.0],  # rank stays 4: alpha == rank, and alpha != rank (scale 0.5)
@@ -68,8 +70,16 @@ CHECKS = ("straight_finished", "resume_finished", "family", "v_prediction", "los
           "exports_identical", "verify_all", "ranks_identical")
 
 
+NO_DROPOUT = {"loha", "lokr"}  # network types without kohya's network_dropout (a down projection's output)
+
+
 def valid(c: Combo) -> bool:
     """The constraints, over partial combinations (True while a rule's factors are unassigned)."""
+    kind, conv = c.get("network.type"), c.get("network.conv_rank")
+    if kind == "lora" and conv not in (None, 0) or kind == "locon" and conv == 0:
+        return False  # lora has no convolution layers; locon is LoRA with them
+    if kind in NO_DROPOUT and c.get("network.dropout", 0.0) > 0:
+        return False
     # sd-scripts refuses a constant schedule with warmup steps (Lathe makes it a validation error).
     return not (c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0)
 
@@ -115,6 +125,8 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
             s["dataset"].update(CAPTIONS[level])
         elif name == "optimizer.type":
             s["optimizer"] = {"type": level}  # another type starts from its own defaults
+        elif name in ("network.conv_rank", "network.dropout") and not level:
+            continue  # the default, and not a field of every network type
         else:
             sec, key = name.split(".", 1)
             s[sec][key] = level

@@ -4,7 +4,7 @@ to the straight run, `verify` passes for every checkpoint, ranks identical with 
 and v-prediction right). The long version is bench/combos.py (`--n 50`); both run
 tests/combo_helpers.py.
 
-These three stress the known weak spots; the pairwise list itself runs in bench/combos.py (its
+These stress the known weak spots, and train every network type once; the pairwise list itself runs in bench/combos.py (its
 generator is unit-tested in test_combo_helpers.py). Uncached latents with dropout and a resume in the
 middle of an epoch (with the text encoder trained): test_correctness_e2e.py's off-default run.
 """
@@ -20,12 +20,20 @@ from tests import combo_helpers as H
 pytestmark = pytest.mark.train
 
 CASES = [
-    # Text-encoder LoRA and LoRA dropout under DDP: every rank must end with the same tensors.
-    ("te-dropout-ddp", H.baseline(network__train_text_encoder=True, network__dropout=0.1, launch__num_processes=2)),
-    # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's v weighting.
-    ("sd2v-vpred", H.baseline(model="sd2v", training__min_snr_gamma=5.0)),
-    # SDXL's two text encoders trained, captions re-encoded every step (shuffled).
-    ("sdxl-te", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle")),
+    # Text-encoder DoRA (its magnitudes on the convolutions too) and dropout under DDP: every rank
+    # must end with the same tensors.
+    ("te-dropout-ddp-dora", H.baseline(network__type="dora", network__conv_rank=2, network__train_text_encoder=True,
+                                       network__dropout=0.1, launch__num_processes=2)),
+    # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's
+    # v weighting; a LoKr network.
+    ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr")),
+    # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
+    # convolution layers (LDM names in the export).
+    ("sdxl-te-loha", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle", network__type="loha",
+                                network__conv_rank=2)),
+    # LoCon (kohya's LoRA with the ResNet convolutions) from a single-file checkpoint, Prodigy.
+    ("file-locon-prodigy", H.baseline(model="sd15-file", network__type="locon", network__conv_rank=2,
+                                      optimizer__type="Prodigy")),
 ]
 
 

@@ -24,19 +24,21 @@ FILES = sorted(SAMPLES.glob("*.json"))
 CATEGORIES = ("unsupported feature", "GUI-only setting", "not applicable", "secret", "unknown kohya_ss setting",
               "not imported")
 
-# What each real sample must give: imported, or refused with a reason naming the feature.
+# What each real sample must give: imported (None), refused with a reason naming the feature, or an
+# error (nothing imported) naming the kohya key.
 EXPECTED = {
-    "SDXL - 1 image LoRA v1.0.json": "LoKr",
+    "SDXL - 1 image LoRA v1.0.json": "error: network_dim: must be at most 1024; got 100000",  # LoKr's "full" dim
     "SDXL - LoRA AI_Now ADamW v1.0.json": None,
     "SDXL - LoRA AI_Now prodigy v1.0.json": None,
     "SDXL - LoRA adafactor v1.0.json": None,
-    "SDXL-Standard-AdamW.json": "DreamBooth",
-    "Standard-AdamW.json": "DreamBooth",
-    "dreambooth-Prodigy.json": "DreamBooth",
-    "locon-Prodigy.json": "LoCon",
-    "loha-sd15.json": "LoHa",
+    "SDXL-Standard-AdamW.json": "refused: DreamBooth",
+    "Standard-AdamW.json": "refused: DreamBooth",
+    "dreambooth-Prodigy.json": "refused: DreamBooth",
+    "locon-Prodigy.json": None,
+    "loha-sd15.json": None,
     "sd15 - EDG_LoraOptiSettings.json": None,
 }
+REFUSED = [n for n, why in EXPECTED.items() if why and why.startswith("refused: ")]
 
 
 def sample(name: str) -> dict:
@@ -74,8 +76,11 @@ def test_every_sample_is_imported_or_refused_with_every_key_listed(path: Path):
         ok(result)
         assert result.config is not None and resolve(result.preset) == result.config
         assert result.preset["schema_version"] == 1 and result.preset["name"]
+    elif expected.startswith("refused: "):
+        assert result.refused and expected.removeprefix("refused: ") in result.refused
+        assert result.preset == {} and result.config is None
     else:
-        assert result.refused and expected in result.refused
+        assert not result.refused and any(e.startswith(expected.removeprefix("error: ")) for e in result.errors)
         assert result.preset == {} and result.config is None
     mapped = {k for k, _ in result.mapped}
     unmapped = {k for k, _ in result.unmapped}
@@ -139,13 +144,216 @@ def test_strings_are_coerced_in_an_sd15_config():
     assert any("512x650 is not square" in w for w in r.warnings)
 
 
-@pytest.mark.parametrize("name", [n for n, why in EXPECTED.items() if why], ids=lambda n: n[:-5])
+@pytest.mark.parametrize("name", REFUSED, ids=lambda n: n[:-5])
 def test_refusals_are_plain_and_still_list_every_key(name: str):
     r = import_kohya(sample(name), name)
     assert not r.ok and r.preset == {}
     report = "\n".join(r.report())
     assert f"Refused: {r.refused}" in report and "Traceback" not in report
     assert "Lathe trains" in r.refused
+
+
+# ------------------------------------------------------------------------------------------ networks
+LATHE_TRAINS = "Lathe trains LoRA (Standard), LoCon (Kohya LoCon, LyCORIS/LoCon), LoHa"
+
+
+def gui(base: str = "loha-sd15.json", **changes: object) -> dict:
+    """A real kohya_ss GUI config (LoRA tab) with some keys changed (None removes a key)."""
+    data = sample(base)
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    return data
+
+
+def reasons(r: KohyaImport) -> dict[str, str]:
+    return dict(r.unmapped)
+
+
+def warned(r: KohyaImport, key: str) -> list[str]:
+    return [w for w in r.warnings if w.startswith(f"{key}: ") or w.startswith(f"{key} ")]
+
+
+def test_kohya_locon_preset_keeps_every_network_value():
+    """kohya_ss's LoCon preset (networks.lora with conv_dim): every network value lands in Lathe's locon."""
+    r = ok(load_kohya_file(SAMPLES / "locon-Prodigy.json"))
+    n = r.config.network
+    assert (n.type, n.rank, n.alpha, n.conv_rank, n.conv_alpha, n.dropout) == ("locon", 16, 8.0, 16, 8.0, 0.1)
+    assert (n.train_unet, n.train_text_encoder, n.network_weights) == (True, True, None)  # lora_network_weights ""
+    assert resolve(r.preset) == r.config and r.preset["network"]["type"] == "locon"
+    imported = dict(r.mapped)
+    assert imported["LoRA_type"].startswith('network.type = "locon"')
+    assert imported["conv_dim"] == "network.conv_rank = 16" and imported["conv_alpha"] == "network.conv_alpha = 8.0"
+    assert imported["network_dropout"] == "network.dropout = 0.1"
+    # What kohya_ss used but Lathe does not carry: a warning naming the kohya key and the value.
+    for key in ("rank_dropout", "module_dropout"):
+        assert warned(r, key) == [f"{key}: {reasons(r)[key]}; the value 0.1 is not imported"]
+        assert reasons(r)[key].startswith("unsupported feature: rank and module dropout")
+    # LyCORIS fields that kohya_ss does not pass to networks.lora: listed, no warning (nothing is lost).
+    for key in ("use_cp", "factor", "decompose_both"):
+        assert reasons(r)[key] == "not applicable: kohya_ss does not pass it to this config's LoRA_type"
+        assert not warned(r, key)
+    assert warned(r, "bucket_reso_steps") and r.config.dataset.bucket_reso_steps == 8  # 1 in the file
+
+
+def test_lycoris_loha_preset_keeps_every_network_value():
+    r = ok(load_kohya_file(SAMPLES / "loha-sd15.json"))
+    n = r.config.network
+    assert (n.type, n.rank, n.alpha, n.conv_rank, n.conv_alpha, n.use_tucker) == ("loha", 32, 16.0, 8, 4.0, True)
+    assert not hasattr(n, "dropout") and n.network_weights is None
+    assert resolve(r.preset) == r.config
+    imported = dict(r.mapped)
+    assert imported["use_cp"].startswith("network.use_tucker = true (use_cp is the older name of use_tucker")
+    # Nothing of the network is lost: network_dropout is 0, and train_on_input belongs to (IA)^3 only.
+    assert reasons(r)["network_dropout"] == "not applicable: 0, no dropout"
+    assert reasons(r)["train_on_input"].startswith("not applicable: an (IA)^3 setting")
+    network_keys = ("network_", "conv_", "use_", "LoRA_type", "LyCORIS", "rank_dropout", "module_dropout", "train_on")
+    assert not [w for w in r.warnings if w.startswith(network_keys)], r.warnings
+
+
+def test_values_loha_cannot_hold_are_warnings():
+    r = ok(import_kohya(gui(network_dropout=0.2, rank_dropout=0.1, module_dropout="0.05", use_scalar=True,
+                            train_norm=True, LyCORIS_preset="attn-mlp")))
+    assert r.config.network.type == "loha"
+    assert warned(r, "network_dropout") == [
+        "network_dropout: unsupported feature: dropout on loha networks (Lathe's network.dropout is on lora, locon "
+        "and dora); the value 0.2 is not imported"]
+    assert warned(r, "rank_dropout")[0].endswith("the value 0.1 is not imported")
+    assert warned(r, "module_dropout")[0].endswith('the value "0.05" is not imported')
+    assert warned(r, "use_scalar")[0].startswith("use_scalar: unsupported feature: a trained scalar")
+    assert warned(r, "train_norm")[0].startswith("train_norm: unsupported feature: training the normalization layers")
+    assert warned(r, "LyCORIS_preset")[0].startswith("LyCORIS_preset: unsupported feature: LyCORIS module presets")
+
+
+def test_lycoris_lokr_imports(tmp_path: Path):
+    """A LoKr config as the kohya_ss GUI saves it, through the file API and the CLI's preset file."""
+    src = tmp_path / "lokr.json"
+    src.write_text(json.dumps(gui(
+        LoRA_type="LyCORIS/LoKr", network_dim=16, network_alpha=8, conv_dim=4, conv_alpha=2, factor=8,
+        decompose_both=True, use_tucker=True, use_cp=False, network_dropout=0, LyCORIS_preset="full",
+        network_weights="/loras/start.safetensors", lora_network_weights="", train_on_input=False)))
+    r = ok(load_kohya_file(src))
+    n = r.config.network
+    assert (n.type, n.rank, n.alpha, n.conv_rank, n.conv_alpha) == ("lokr", 16, 8.0, 4, 2.0)
+    assert (n.lokr_factor, n.decompose_both, n.use_tucker) == (8, True, True)
+    assert n.network_weights == "/loras/start.safetensors"
+    assert reasons(r)["lora_network_weights"] == "not applicable: network_weights takes precedence"
+    assert dict(r.mapped)["use_cp"] == "network.use_tucker = true (either one on turns it on)"
+    assert warned(r, "LyCORIS_preset")  # LyCORIS's full preset trains modules Lathe does not
+    dst = tmp_path / "preset.json"
+    assert import_kohya_file(src, dst) == 0
+    assert load_config_or_preset(dst).network == n
+    # factor -1 is automatic; kohya_ss's native LoKr (networks.lokr) has no decompose_both.
+    r = ok(import_kohya(gui(LoRA_type="Kohya LoKr", factor=-1, decompose_both=True, use_tucker=False, sdxl=True)))
+    assert (r.config.network.type, r.config.network.lokr_factor, r.config.network.decompose_both) == ("lokr", -1, False)
+    assert reasons(r)["decompose_both"].startswith("not applicable")
+    # LyCORIS's factor 0 is not a factor Lathe takes: an error naming kohya's key.
+    r = import_kohya(gui(LoRA_type="LyCORIS/LoKr", factor=0))
+    assert r.errors == ["factor: must be -1 (automatic) or a positive factor; got 0 (Lathe's network.lokr_factor)"]
+
+
+def test_lokr_full_dimension_is_an_error_with_a_way_out():
+    """The real SDXL LoKr sample uses LyCORIS's "full" dimension (100000); Lathe's ranks stop at 1024."""
+    r = load_kohya_file(SAMPLES / "SDXL - 1 image LoRA v1.0.json")
+    assert not r.ok and r.preset == {}
+    assert [e.split(" (")[0] for e in r.errors] == ["network_dim: must be at most 1024; got 100000",
+                                                    "conv_dim: must be at most 1024; got 100000"]
+    assert "1024 keeps every factor up to 2048 wide whole" in r.errors[0]
+    fixed = ok(import_kohya(gui("SDXL - 1 image LoRA v1.0.json", network_dim=1024, conv_dim=1024)))
+    n = fixed.config.network
+    assert (n.type, n.rank, n.alpha, n.conv_rank, n.lokr_factor, n.use_tucker) == ("lokr", 1024, 1.0, 1024, 6, False)
+
+
+def test_dora():
+    r = ok(import_kohya(gui(LoRA_type="LyCORIS/LoCon", dora_wd=True, conv_dim=0, conv_alpha=1, network_dropout=0.1,
+                            use_tucker=False)))
+    n = r.config.network
+    assert (n.type, n.rank, n.alpha, n.conv_rank, n.dropout) == ("dora", 32, 16.0, 0, 0.1)
+    assert dict(r.mapped)["dora_wd"] == 'network.type = "dora"'
+    assert reasons(r)["conv_alpha"] == "not applicable: conv_dim is 0 (no convolution layers)"
+    axis = warned(r, "dora_wd")
+    assert len(axis) == 1 and "wd_on_output is absent, so true" in axis[0] and "Lathe's dora normalizes on the input axis" in axis[0]
+    # With convolution layers; "LoCon" is the older GUI's name of LyCORIS/LoCon.
+    n = ok(import_kohya(gui(LoRA_type="LoCon", dora_wd="True", conv_dim=8, conv_alpha=4))).config.network
+    assert (n.type, n.conv_rank, n.conv_alpha) == ("dora", 8, 4.0)
+    # sd-scripts style: network_module and network_args; wd_on_output=False is Lathe's axis: no warning.
+    r = ok(import_kohya(standard(LoRA_type=None, network_module="lycoris.kohya",
+                                 network_args='"algo=lora" "dora_wd=True" "wd_on_output=False" conv_dim=4 conv_alpha=1')))
+    assert (r.config.network.type, r.config.network.conv_rank) == ("dora", 4)
+    assert not warned(r, "dora_wd")
+    r = import_kohya(standard(LoRA_type=None, network_module="lycoris.kohya", network_args=["dora_wd=True", "wd_on_output=True"]))
+    assert ok(r).config.network.type == "dora" and warned(r, "dora_wd") and "wd_on_output true" in warned(r, "dora_wd")[0]
+    # kohya_ss passes dora_wd only to LyCORIS: on Standard/Kohya LoCon it never trained a DoRA.
+    r = ok(import_kohya(standard(dora_wd=True)))
+    assert r.config.network.type == "lora" and reasons(r)["dora_wd"].startswith("not applicable")
+    # LyCORIS can decompose LoHa and LoKr too; Lathe's DoRA is a LoRA/LoCon.
+    r = import_kohya(gui(dora_wd=True))
+    assert r.refused and r.refused.startswith("LoRA_type 'LyCORIS/LoHa' with dora_wd: a weight-decomposed (DoRA) LoHa")
+    assert LATHE_TRAINS in r.refused and r.preset == {}
+
+
+@pytest.mark.parametrize("lora_type, name", [
+    ("LyCORIS/iA3", "(IA)^3"), ("LyCORIS/GLoRA", "GLoRA"), ("LyCORIS/BOFT", "BOFT"), ("LyCORIS/Diag-OFT", "Diag-OFT"),
+    ("Kohya DyLoRA", "DyLoRA"), ("LyCORIS/DyLoRA", "DyLoRA"), ("LoRA-FA", "LoRA-FA"),
+    ("LyCORIS/Native Fine-Tuning", "LyCORIS native fine-tuning"), ("Something New", "Something New"),
+])
+def test_networks_lathe_does_not_train_are_refused(lora_type: str, name: str):
+    r = import_kohya(gui(LoRA_type=lora_type))
+    assert r.refused == f"LoRA_type {lora_type!r}: {name} networks are not trained by Lathe; {LATHE_TRAINS} " \
+        "(LyCORIS/LoHa, Kohya LoHa), LoKr (LyCORIS/LoKr, Kohya LoKr) and DoRA (dora_wd on LyCORIS/LoCon)"
+    assert r.preset == {} and r.config is None
+    assert reasons(r)["LoRA_type"] == f"unsupported feature: {name} networks"
+    assert set(gui()) <= {k for k, _ in r.mapped} | set(reasons(r))
+    assert reasons(r)["conv_dim"] == "not imported: the config is refused"
+    # The same through sd-scripts' network_args
+    r = import_kohya(standard(LoRA_type=None, network_module="lycoris.kohya", network_args="algo=ia3 conv_dim=4"))
+    assert r.refused and r.refused.startswith("network_module 'lycoris.kohya' with network_args algo=ia3: (IA)^3")
+
+
+def test_which_lora_type_becomes_which_network():
+    n = ok(import_kohya(gui(LoRA_type="LyCORIS/LoCon", conv_dim=8, conv_alpha=0, use_tucker=False))).config.network
+    assert (n.type, n.conv_rank, n.conv_alpha) == ("locon", 8, 8.0)  # conv_alpha 0 = conv_dim, as in kohya_ss
+    r = ok(import_kohya(gui(LoRA_type="LyCORIS/LoCon", conv_dim=8, use_tucker=True)))
+    assert r.config.network.type == "locon" and warned(r, "use_tucker")[0].startswith(
+        "use_tucker: unsupported feature: Tucker decomposition on locon networks")
+    r = ok(import_kohya(gui("locon-Prodigy.json", conv_dim=0)))  # Kohya LoCon without convolutions is a LoRA
+    assert (r.config.network.type, r.config.network.dropout) == ("lora", 0.1)
+    assert reasons(r)["conv_dim"] == "not applicable: 0, no convolution layers"
+    n = ok(import_kohya(gui(LoRA_type="Kohya LoHa", conv_dim=0, use_tucker=True, sdxl=True))).config.network
+    assert (n.type, n.conv_rank, n.use_tucker) == ("loha", 0, False)  # Tucker needs 3x3 convolutions
+    n = ok(import_kohya(gui(network_alpha=0))).config.network
+    assert n.alpha == 32.0  # kohya_ss: alpha 0 means alpha = network_dim
+    # Standard: kohya_ss never passes conv_dim; with conv_dim in network_args it is kohya's LoCon.
+    r = ok(import_kohya(standard(conv_dim=8)))
+    assert r.config.network.type == "lora" and reasons(r)["conv_dim"].startswith("not applicable: kohya_ss passes conv_dim")
+    r = ok(import_kohya(standard(network_args='conv_dim="4" conv_alpha="2" rank_dropout=0.1 brand_new=1')))
+    n = r.config.network
+    assert (n.type, n.conv_rank, n.conv_alpha) == ("locon", 4, 2.0)
+    assert warned(r, "network_args rank_dropout")[0].endswith("the value \"0.1\" is not imported")
+    assert reasons(r)["network_args brand_new"].startswith("unknown kohya_ss setting") and warned(r, "network_args brand_new")
+    r = ok(import_kohya(standard(LoRA_type=None, network_module="networks.lokr", network_args=["factor=4", "conv_dim=2"])))
+    assert (r.config.network.type, r.config.network.lokr_factor, r.config.network.conv_rank) == ("lokr", 4, 2)
+    assert "network_module 'networks.oft'" in import_kohya(standard(LoRA_type=None, network_module="networks.oft")).refused
+    r = import_kohya(standard(network_args="conv_dim"))
+    assert r.errors == ["network_args: 'conv_dim' is not NAME=VALUE"]
+
+
+def test_network_weights():
+    r = ok(import_kohya(standard(lora_network_weights="/loras/old.safetensors", dim_from_weights=True)))
+    assert r.config.network.network_weights == "/loras/old.safetensors"
+    assert warned(r, "dim_from_weights")[0].startswith("dim_from_weights: unsupported feature: reading network_dim")
+    r = ok(import_kohya(standard(network_weights="", lora_network_weights=None)))
+    assert r.config.network.network_weights is None and dict(r.mapped)["network_weights"].startswith(
+        "network.network_weights = unset")
+
+
+def test_bucket_reso_steps_becomes_a_multiple_of_8():
+    r = ok(import_kohya(standard(bucket_reso_steps="12")))
+    assert r.config.dataset.bucket_reso_steps == 16 and warned(r, "bucket_reso_steps")
+    r = ok(import_kohya(standard(bucket_reso_steps=32)))
+    assert r.config.dataset.bucket_reso_steps == 32 and not warned(r, "bucket_reso_steps")
 
 
 # ------------------------------------------------------------------------------------ optimizer args
@@ -281,8 +489,8 @@ def test_bad_values_are_errors_naming_the_kohya_key():
     assert 'network_dim: expected a number; got "lots"' in r.errors
     assert 'gradient_checkpointing: expected true or false; got "maybe"' in r.errors
     assert ("network_dim", "not imported: its value is invalid (see the errors)") in r.unmapped
-    r = import_kohya(standard(bucket_reso_steps=1))
-    assert r.errors == ["bucket_reso_steps: must be a multiple of 8; got 1 (Lathe's dataset.bucket_reso_steps)"]
+    r = import_kohya(standard(bucket_reso_steps=1024))
+    assert r.errors == ["bucket_reso_steps: must be at most 512; got 1024 (Lathe's dataset.bucket_reso_steps)"]
     r = import_kohya(standard(lr_scheduler="cosine_with_min_lr"))
     assert r.errors[0].startswith("lr_scheduler: 'cosine_with_min_lr' is not available in Lathe")
 
@@ -317,10 +525,11 @@ def test_import_file_writes_a_loadable_preset(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_import_file_refuses_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    dst = tmp_path / "preset.json"
-    assert import_kohya_file(SAMPLES / "loha-sd15.json", dst) == 1
+    src, dst = tmp_path / "ia3.json", tmp_path / "preset.json"
+    src.write_text(json.dumps({**sample("loha-sd15.json"), "LoRA_type": "LyCORIS/iA3"}))
+    assert import_kohya_file(src, dst) == 1
     captured = capsys.readouterr()
-    assert "Refused: LoRA_type 'LyCORIS/LoHa'" in captured.out and "Nothing written" in captured.err
+    assert "Refused: LoRA_type 'LyCORIS/iA3': (IA)^3 networks" in captured.out and "Nothing written" in captured.err
     assert not dst.exists()
 
 

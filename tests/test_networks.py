@@ -277,8 +277,8 @@ def test_an_sd_scripts_lora_file_starts_the_network_and_a_mismatch_names_the_mod
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_diffusers_loads_a_locon_export_with_its_convolutions(demo: Path, tmp_path: Path, family: str):
     """diffusers' load_lora_weights reads the kohya LoCon file (3x3 convolutions included) and, fused,
-    gives the weights the format says. (Its loader drops dora_scale, and it has no LoHa/LoKr reader
-    for these models: docs/networks.md.)"""
+    gives the weights the format says. (Its loader drops dora_scale, and refuses LoHa/LoKr files for
+    these models: docs/networks.md.)"""
     from diffusers import DiffusionPipeline
 
     cfg, comps, trained = _built(demo, family, NETWORKS["locon"], text_encoder=False)
