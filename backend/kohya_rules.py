@@ -177,6 +177,7 @@ def _network_kind(m: Mapper, args: dict[str, str]) -> tuple[str, str, str, str] 
     lora_type, module = m.get("LoRA_type", to_str), m.get("network_module", to_str)
     if lora_type is None and module is not None:
         key, label, ltype = "network_module", f"network_module {module!r}", NETWORK_MODULES.get(module)
+        m.skip("LoRA_type", "not applicable: empty, so network_module decides")
         if ltype is None:
             m.skip(key, f"unsupported feature: the network module {module}")
             m.res.refused = f"{label}: not a network that Lathe trains; Lathe trains {LATHE_NETWORKS}"
@@ -200,7 +201,7 @@ def _network_kind(m: Mapper, args: dict[str, str]) -> tuple[str, str, str, str] 
             return None
         if a not in LYCORIS_ALGOS:
             m.error(f"network_args: algo={algo} is not a LyCORIS algorithm Lathe trains (lora, locon, loha, lokr)")
-        elif "LoRA_type" in m.data and LYCORIS_ALGOS[a] != ltype:
+        elif lora_type and LYCORIS_ALGOS[a] != ltype:
             m.error(f"network_args: algo={algo} is another network than {label}")
         else:
             ltype = LYCORIS_ALGOS[a]
@@ -210,7 +211,7 @@ def _network_kind(m: Mapper, args: dict[str, str]) -> tuple[str, str, str, str] 
 
 def _type_note(module: str, ltype: str, final: str) -> str:
     if final == "dora":
-        return "dora_wd: LoRA with DoRA's weight decomposition"
+        return "LyCORIS locon with dora_wd: LoRA with DoRA's weight decomposition"
     if ltype != final:
         return ("conv_dim in network_args: kohya's LoCon (networks.lora with convolution layers)" if final == "locon"
                 else "conv_dim is 0: no convolution layers, so a plain LoRA")
@@ -329,7 +330,7 @@ def _map_tucker(m: Mapper, net: _Net, final: str, live: int) -> None:
     for value, key, name in given:
         if value is None:
             net.empty(key)
-        elif _holds(final, "use_tucker") and on and not live:
+        elif on and not live:
             net.drop(key, name, value, "not applicable: Tucker decomposition applies to the 3x3 convolutions, and "
                      "conv_dim is 0")
         elif _holds(final, "use_tucker"):
@@ -404,7 +405,7 @@ def _map_weights(m: Mapper) -> None:
         if value:
             m.skip(key, f"not applicable: {chosen} takes precedence", warn=value != given[chosen or key])
         elif chosen:
-            m.skip(key, "not applicable: empty")
+            m.skip(key, f"not applicable: empty ({chosen} is set)")
         else:
             m.put(key, "network.network_weights", None, "empty: fresh weights")
 

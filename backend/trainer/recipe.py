@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from backend.config import TrainingConfig
 
@@ -67,7 +68,7 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
         io.status(total_steps=s.total_steps)
         if acc.is_main_process:
             print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
-                  f"{acc.num_processes} process(es) on {acc.device}", flush=True)
+                  f"{acc.num_processes} process(es) on {acc.device}; {network_summary(s)}", flush=True)
         state = run_training(s, prog, stop, sc)
         if state == "stopped":
             error = stop.reason
@@ -90,6 +91,14 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
     io.status(state=state, step=prog.global_step, error=error, exit_code=code, finished_at=time.time())
     io.close()
     return code
+
+
+def network_summary(s: Any) -> str:
+    """What trains, in one phrase: `lokr rank 8 (conv 4) on unet, text_encoder_0, 1234 tensors`."""
+    net = s.cfg.network
+    conv = f" (conv {net.conv_rank})" if getattr(net, "conv_rank", 0) else ""
+    return (f"{net.type} rank {net.rank}{conv} on {', '.join(e.key for e in s.trained.entries)}, "
+            f"{len(s.trained.parameters())} tensors")
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -51,7 +51,7 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
         trained.load_state_dict(tensors)
     except ValueError as e:
         return False, [*lines, f"shapes: {e}"]
-    lines.append(f"shapes: every tensor matches the network built from the config (rank {cfg.network.rank}; "
+    lines.append(f"shapes: every tensor matches the network built from the config ({cfg.network.type} rank {cfg.network.rank}; "
                  f"trained: {', '.join(e.key for e in trained.entries)})")
     return _recompute(comps, trained, cfg, manifest, lines)
 
