@@ -9,7 +9,8 @@ naming the value; a value Lathe cannot use (a typo in optimizer_args, a number o
 error. Nothing here raises on bad input. Never imports torch.
 
 This module is the engine and the public API; backend.kohya_rules holds one mapping function per
-topic and backend.kohya_keys the key tables and value coercion.
+topic (the network section in backend.kohya_network) and backend.kohya_keys the key tables and value
+coercion.
 """
 
 from __future__ import annotations

@@ -149,9 +149,10 @@ def add_dora(m: torch.nn.Module) -> None:
 
     def scale_input(module: torch.nn.Module, args: tuple) -> tuple:
         x, *rest = args
-        w = module.get_base_layer().weight.float() + lora_delta(module)
-        factor = module.dora_scale.flatten() / (column_norms(w).detach() + DORA_EPS)
-        if x.dim() == 4 and w.dim() == 4:
+        with torch.no_grad():  # the norm is a constant for the gradient: no graph for it
+            norm = column_norms(module.get_base_layer().weight.float() + lora_delta(module))
+        factor = module.dora_scale.flatten() / (norm + DORA_EPS)
+        if x.dim() == 4 and module.get_base_layer().weight.dim() == 4:
             factor = factor.view(1, -1, 1, 1)
         return (x * factor.to(x.dtype), *rest)
 
