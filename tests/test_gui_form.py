@@ -314,7 +314,7 @@ def test_resume_refuses_frozen_changes_and_finished_training_with_reasons(tmp_pa
     base = cfg.model_copy(update={"network": cfg.network.model_copy(update={"rank": 8})})
     _, plan, problems = plan_for(ck, base)
     assert not plan.ok and problems == plan.refused
-    assert problems[0].startswith("network.rank cannot change on resume (16 -> 8): the LoRA's shape")
+    assert problems[0].startswith("network.rank cannot change on resume (16 -> 8): the network's type, shape")
     assert "**Cannot resume:**" in resume_preview(plan)
     short = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_train_epochs": 1})})
     _, plan, problems = plan_for(ck, short)
