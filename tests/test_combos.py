@@ -4,9 +4,10 @@ to the straight run, `verify` passes for every checkpoint, ranks identical with 
 and v-prediction right). The long version is bench/combos.py (`--n 50`); both run
 tests/combo_helpers.py.
 
-These stress the known weak spots, and train every network type once; the pairwise list itself runs in bench/combos.py (its
-generator is unit-tested in test_combo_helpers.py). Uncached latents with dropout and a resume in the
-middle of an epoch (with the text encoder trained): test_correctness_e2e.py's off-default run.
+These stress the known weak spots and train DoRA, LoKr and LoHa; the pairwise list itself runs in
+bench/combos.py (its generator is unit-tested in test_combo_helpers.py). Uncached latents with
+dropout and a resume in the middle of an epoch (with the text encoder trained, as a LoCon):
+test_correctness_e2e.py's off-default run.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ CASES = [
     # convolution layers (LDM names in the export).
     ("sdxl-te-loha", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle", network__type="loha",
                                 network__conv_rank=2)),
-    # LoCon (kohya's LoRA with the ResNet convolutions) from a single-file checkpoint, Prodigy.
-    ("file-locon-prodigy", H.baseline(model="sd15-file", network__type="locon", network__conv_rank=2,
-                                      optimizer__type="Prodigy")),
 ]
 
 

@@ -1,6 +1,7 @@
 """End-to-end halves of the correctness review (issue 11): with the text encoder trained under
-network dropout, uncached latents and a validation split, every checkpoint verifies and a resume
-from the middle of an epoch is bit-identical; SDXL says that it ignores clip_skip."""
+network dropout (a LoCon: the ResNet convolutions too), uncached latents and a validation split,
+every checkpoint verifies and a resume from the middle of an epoch is bit-identical; SDXL says that
+it ignores clip_skip."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from tests.conftest import events, run_cli, step_losses, train
 pytestmark = pytest.mark.train
 
 OFF_DEFAULT = dict(
-    network={"train_text_encoder": True, "dropout": 0.3, "rank": 4, "alpha": 2},
+    network={"type": "locon", "conv_rank": 2, "conv_alpha": 1.0, "train_text_encoder": True, "dropout": 0.3,
+             "rank": 4, "alpha": 2},
     dataset={"cache_latents": False, "validation_split": 0.25},
     training={"max_train_steps": 9, "max_train_epochs": None, "clip_skip": 2},
     sampling={"prompts": ["a red circle"], "every_n_steps": None, "every_n_epochs": None, "steps": 2},
@@ -58,6 +60,7 @@ def test_mid_epoch_resume_with_dropout_and_uncached_latents_is_bit_exact(off_def
     fa, fb = (load_file(x / "exports" / "demo.safetensors") for x in (off_default_run, v))
     assert fa.keys() == fb.keys() and all(fa[k].equal(fb[k]) for k in fa)
     assert any(k.startswith("lora_te_text_model_") for k in fa)
+    assert any("resnets" in k and fa[k].dim() == 4 and fa[k].shape[-1] == 3 for k in fa)  # LoCon's 3x3 convolutions
 
 
 def test_export_metadata_records_kohya_meanings(off_default_run):
