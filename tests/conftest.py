@@ -26,6 +26,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_assets(tmp_path_factory.mktemp("assets") / "demo")
 
 
+@pytest.fixture(scope="session")
+def demo_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo preset trained to the end once (64 steps, 4 epochs): its version folder. Tests that
+    change it work on a copy."""
+    proc, vdir = train(tmp_path_factory.mktemp("demo-run"), demo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return vdir
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "backend", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout

@@ -16,14 +16,6 @@ from tests.conftest import ENV, ROOT, events, run_cli, step_losses, train
 pytestmark = pytest.mark.train
 
 
-@pytest.fixture(scope="module")
-def demo_run(demo, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo-run")
-    proc, vdir = train(tmp, demo)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return vdir
-
-
 def test_demo_run_writes_a_complete_version_folder(demo_run):
     v = demo_run
     assert v.name == "version_0" and v.parent.name == "demo"
