@@ -384,6 +384,67 @@ class TrainingSection(Section):
         description="Use the output of the n-th last text-encoder layer (2 for anime models). SDXL ignores it "
         "and always uses the penultimate layer, as sd-scripts does.",
     )
+    # Noise, timesteps and loss as sd-scripts has them (its names; see docs/training.md).
+    noise_offset_random_strength: bool = Field(
+        False, description="Draw each image's noise offset strength uniformly between 0 and noise_offset."
+    )
+    adaptive_noise_scale: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="Add this times each latent channel's absolute mean to noise_offset (needs noise_offset; "
+        "0.00375 typical, negative lowers it). Empty: off.",
+    )
+    multires_noise_iterations: int = Field(
+        0, ge=0, le=64, description="Multi-resolution (pyramid) noise with this many levels (6-10 typical). 0: off."
+    )
+    multires_noise_discount: float = Field(
+        0.3, ge=0.0, le=1.0, description="Multires noise: level i is weighted discount^i (0.3 default, 0.8 strong)."
+    )
+    ip_noise_gamma: float | None = Field(
+        None, gt=0, le=1.0,
+        description="Input-perturbation noise: the noisy latents get extra noise of this strength, the target "
+        "stays the plain noise (0.1 typical). Empty: off.",
+    )
+    ip_noise_gamma_random_strength: bool = Field(
+        False, description="Draw each image's input-perturbation strength uniformly between 0 and ip_noise_gamma."
+    )
+    min_timestep: int | None = Field(
+        None, ge=0, le=999, description="Smallest timestep trained (0-999). Empty: 0."
+    )
+    max_timestep: int | None = Field(
+        None, ge=1, le=1000, description="Timesteps trained are below this (1-1000). Empty: the whole schedule (1000)."
+    )
+    zero_terminal_snr: bool = Field(
+        False,
+        description="Rescale the noise schedule to zero terminal SNR (pure noise at the last timestep); meant for "
+        "v-prediction. Training, evaluation and samples use the rescaled schedule.",
+    )
+    loss_type: Literal["l2", "huber", "smooth_l1", "l1"] = Field(
+        "l2", description="Loss function: l2 (mean squared error), huber, smooth_l1 or l1."
+    )
+    huber_c: float = Field(
+        0.1, gt=0, le=1.0, description="Huber loss threshold c (huber and smooth_l1; the schedule may vary it by timestep)."
+    )
+    huber_scale: float = Field(
+        1.0, gt=0, le=10.0, description="Scales c in the exponential and constant Huber schedules."
+    )
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr", description="How c varies with the timestep: snr (by the noise level), exponential, or constant."
+    )
+    debiased_estimation_loss: bool = Field(
+        False, description="Weight each timestep's loss by 1/sqrt(SNR) (1/(SNR+1) with v-prediction): debiased estimation."
+    )
+    scale_v_pred_loss_like_noise_pred: bool = Field(
+        False, description="v-prediction models: scale the loss by SNR/(SNR+1), like a noise-prediction loss."
+    )
+    v_pred_like_loss: float | None = Field(
+        None, gt=0, le=10.0,
+        description="Noise-prediction models: add this times a v-prediction-like loss (loss * (SNR+1)/SNR). Empty: off.",
+    )
+    scale_weight_norms: float | None = Field(
+        None, gt=0, le=100.0,
+        description="Max-norm regularization: after each step, scale down every module whose update's norm is above "
+        "this (1 typical). Empty: off.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSection:
@@ -392,7 +453,25 @@ class TrainingSection(Section):
             raise ValueError(
                 f"max_train_epochs: set exactly one of max_train_epochs or max_train_steps ({which}; clear one)"
             )
+        if self.adaptive_noise_scale is not None and self.noise_offset == 0:
+            raise ValueError("adaptive_noise_scale: needs noise_offset above 0 (it is added to the noise offset, as in "
+                             "sd-scripts); set noise_offset or clear adaptive_noise_scale")
+        low = 0 if self.min_timestep is None else self.min_timestep
+        high = 1000 if self.max_timestep is None else self.max_timestep
+        if low >= high:
+            raise ValueError(f"min_timestep: must be below max_timestep ({low} >= {high}"
+                             f"{'' if self.max_timestep is not None else ', the whole schedule when max_timestep is empty'})")
         return self
+
+
+# The noise/timestep/loss options came after schema 1: at their defaults they leave config_hash alone.
+NOISE_AND_LOSS_FIELDS = (
+    "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
+    "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "zero_terminal_snr",
+    "loss_type", "huber_c", "huber_scale", "huber_schedule", "debiased_estimation_loss",
+    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "scale_weight_norms",
+)
+HASH_NEUTRAL_DEFAULTS["training"] = {name: TrainingSection.model_fields[name].default for name in NOISE_AND_LOSS_FIELDS}
 
 
 # -------------------------------------------------------------------------------------------- saving
@@ -532,6 +611,13 @@ class TrainingConfig(Section):
                     f"optimizer.text_encoder_lr: Prodigy needs one learning rate for UNet and text encoder (unet_lr {u} != "
                     f"text_encoder_lr {t}); scale the step with d_coef instead"
                 )
+        v_pred, t = self.model.v_parameterization, self.training
+        if v_pred is False and t.scale_v_pred_loss_like_noise_pred:
+            raise ValueError("training.scale_v_pred_loss_like_noise_pred: only for v-prediction, and "
+                             "model.v_parameterization is false (sd-scripts refuses the pair)")
+        if v_pred is True and t.v_pred_like_loss is not None:
+            raise ValueError("training.v_pred_like_loss: only for noise-prediction (epsilon) models, and "
+                             "model.v_parameterization is true (sd-scripts refuses the pair)")
         return self
 
     def config_hash(self) -> str:
@@ -572,6 +658,26 @@ def config_warnings(cfg: TrainingConfig) -> list[str]:
         out.append("training.clip_skip: ignored for SDXL, which always uses the penultimate layer (as sd-scripts does)")
     if cfg.dataset.shuffle_caption and cfg.dataset.keep_tokens == 0:
         out.append("dataset.keep_tokens: with shuffle_caption, keep_tokens=1 keeps a trigger word first")
+    return out + _noise_and_loss_warnings(cfg.training, cfg.model.v_parameterization)
+
+
+def _noise_and_loss_warnings(t: TrainingSection, v_pred: bool | None) -> list[str]:
+    """Noise and loss settings that do nothing in combination with the others."""
+    out = []
+    defaults = TrainingSection.model_fields
+    if t.loss_type not in ("huber", "smooth_l1"):
+        for name in ("huber_c", "huber_scale", "huber_schedule"):
+            if getattr(t, name) != defaults[name].default:
+                out.append(f"training.{name}: only used with loss_type huber or smooth_l1 (loss_type is {t.loss_type})")
+    if t.noise_offset_random_strength and t.noise_offset == 0:
+        out.append("training.noise_offset_random_strength: has no effect while noise_offset is 0")
+    if t.ip_noise_gamma_random_strength and t.ip_noise_gamma is None:
+        out.append("training.ip_noise_gamma_random_strength: has no effect while ip_noise_gamma is empty")
+    if t.multires_noise_iterations == 0 and t.multires_noise_discount != defaults["multires_noise_discount"].default:
+        out.append("training.multires_noise_discount: has no effect while multires_noise_iterations is 0")
+    if t.zero_terminal_snr and v_pred is False:
+        out.append("training.zero_terminal_snr: meant for v-prediction; with noise prediction the last timestep "
+                   "teaches nothing (sd-scripts warns the same)")
     return out
 
 

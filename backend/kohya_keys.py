@@ -227,8 +227,6 @@ NOT_IMPORTED = _table(
     ("not applicable: Lathe's final save follows saving.save_state", False, "save_state_on_train_end"),
     ("not applicable: sample images use the model's own scheduler", False, "sample_sampler"),
     ("not applicable: only used with regularization images", False, "prior_loss_weight"),
-    ("not applicable: only used with loss_type huber or smooth_l1", False, "huber_c huber_scale huber_schedule"),
-    ("not applicable: only used with ip_noise_gamma", False, "ip_noise_gamma_random_strength"),
     ("not applicable: only used with network_weights", False, "dim_from_weights"),
     ("not applicable: LoRA_type decides kohya_ss's network module", False, "network_module"),
     ("not applicable: only used with dynamo_backend", False, "dynamo_mode dynamo_use_dynamic dynamo_use_fullgraph"),
@@ -254,13 +252,6 @@ NOT_IMPORTED = _table(
     ("unsupported feature: weighted captions", True, "weighted_captions"),
     ("unsupported feature: disabling token padding", True, "no_token_padding"),
     ("unsupported feature: masked loss", True, "masked_loss"),
-    ("unsupported feature: loss types other than l2 (mean squared error)", True, "loss_type"),
-    ("unsupported feature: debiased estimation loss", True, "debiased_estimation_loss"),
-    ("unsupported feature: v-prediction loss scaling", True, "scale_v_pred_loss_like_noise_pred v_pred_like_loss"),
-    ("unsupported feature: restricting the timestep range", True, "min_timestep max_timestep"),
-    ("unsupported feature: input-perturbation noise", True, "ip_noise_gamma"),
-    ("unsupported feature: random noise-offset strength", True, "noise_offset_random_strength"),
-    ("unsupported feature: max-norm regularization", True, "scale_weight_norms"),
     ("unsupported feature: rank and module dropout (kohya's network_dropout is network.dropout, on lora, locon and "
      "dora)", True,
      "rank_dropout module_dropout"),
@@ -292,8 +283,7 @@ _PREFIXES = (
     ("metadata_", "not applicable: Lathe writes its own metadata into exported LoRA files"),
 )
 _SECRET_NAME = re.compile(r"(?:^|_)(?:token|api_?key|secret|password|passwd|credentials?)$", re.I)
-_NEUTRAL = {"max_token_length": 75, "max_timestep": 1000, "loss_type": "l2", "save_model_as": "safetensors",
-            "dynamo_backend": "no"}
+_NEUTRAL = {"max_token_length": 75, "save_model_as": "safetensors", "dynamo_backend": "no"}
 UNKNOWN = "unknown kohya_ss setting: this importer does not know it"
 
 

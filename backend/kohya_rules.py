@@ -31,16 +31,15 @@ from backend.kohya_keys import (
     SIMPLE,
     UNSET,
     UNSUPPORTED_ARGS,
-    is_set,
     off,
     real,
-    show,
     to_bool,
     to_float,
     to_int,
     to_str,
 )
 from backend.kohya_network import map_network as map_network  # re-exported for backend.kohya
+from backend.kohya_noise import map_noise as map_noise  # re-exported for backend.kohya
 
 if TYPE_CHECKING:
     from backend.kohya import Mapper
@@ -306,30 +305,6 @@ def check_combinations(m: Mapper, family: str | None) -> None:
     if family == "sdxl" and clip_skip > 1:
         m.warn(f"clip_skip: {clip_skip} has no effect on SDXL, in sd-scripts as in Lathe (SDXL always uses the "
                "penultimate text-encoder layer)")
-
-
-def map_noise(m: Mapper) -> None:
-    kind = (m.get("noise_offset_type", to_str) or "Original").lower()
-    multires = "unsupported feature: multi-resolution noise (Lathe has the Original noise offset)"
-    if kind == "original":
-        if "noise_offset_type" in m.data:
-            m.mapped("noise_offset_type", "training.noise_offset (type Original)")
-        offset = m.get("noise_offset", off(to_float))
-        if offset is not None:
-            m.put("noise_offset", "training.noise_offset", offset if real(offset) else 0.0)
-        m.skip("adaptive_noise_scale", "unsupported feature: adaptive noise scale", is_set("adaptive_noise_scale", m.data.get("adaptive_noise_scale")))
-        for key in ("multires_noise_iterations", "multires_noise_discount"):
-            m.skip(key, "not applicable: only used when noise_offset_type is Multires")
-    elif kind == "multires":
-        m.skip("noise_offset_type", multires)
-        m.skip("multires_noise_iterations", multires, is_set("multires_noise_iterations", m.data.get("multires_noise_iterations")))
-        m.skip("multires_noise_discount", "not applicable: part of multi-resolution noise")
-        for key in ("noise_offset", "adaptive_noise_scale"):
-            m.skip(key, "not applicable: kohya_ss ignores it when noise_offset_type is Multires")
-    else:
-        m.error(f"noise_offset_type: expected Original or Multires; got {show(m.data['noise_offset_type'])}")
-        for key in ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount"):
-            m.skip(key, "not imported: noise_offset_type is not understood (see the errors)")
 
 
 def map_saving(m: Mapper) -> None:

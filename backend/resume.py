@@ -20,6 +20,7 @@ FROZEN = {
     "model.pretrained_model": "the base model the LoRA was trained on",
     "model.family": "the base model the LoRA was trained on",
     "model.v_parameterization": "the prediction target the LoRA learned",
+    "training.zero_terminal_snr": "the noise schedule the LoRA learned",
     "network": "the network's type, shape and placement (rank, alpha, targets)",
     "optimizer.type": "the optimizer state belongs to one optimizer",
     "dataset.train_data_dir": "the data order and position depend on the dataset",

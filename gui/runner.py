@@ -39,6 +39,15 @@ class Started:
     version_dir: Path
 
 
+def start_problems(cfg: TrainingConfig) -> list[str]:
+    """Why `cfg` cannot start (`path: message` lines), or []: the preflight and, for a resume, the
+    resume plan's refusals. Validate shows exactly these and Start refuses on exactly these."""
+    problems = preflight(cfg)
+    if cfg.resume_from and not problems:
+        problems = [f"resume_from: {r}" for r in plan_resume(cfg.resume_from, launcher.absolutize(cfg)).refused]
+    return problems
+
+
 def resume_config(checkpoint: Path, base: TrainingConfig | None = None) -> TrainingConfig:
     """The config of a resume from `checkpoint`: the checkpoint's own settings (base None), or
     `base` (the Setup tab's settings); in both cases with resume_from set and paths absolute."""
@@ -95,9 +104,7 @@ class Runner:
 
     def start(self, cfg: TrainingConfig) -> Started:
         """Preflight, then launch; StartRefused (nothing created) when it cannot start."""
-        problems = preflight(cfg)
-        if cfg.resume_from and not problems:
-            problems = [f"resume_from: {r}" for r in plan_resume(cfg.resume_from, launcher.absolutize(cfg)).refused]
+        problems = start_problems(cfg)
         if problems:
             raise StartRefused(problems)
         try:

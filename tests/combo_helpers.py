@@ -48,6 +48,20 @@ SPACE: pairwise.Space = {
     "training.clip_skip": [1, 2],
     "training.noise_offset": [0.0, 0.05],
     "training.min_snr_gamma": [None, 5.0],
+    # Noise, timesteps and loss as sd-scripts has them (docs/training.md).
+    "training.noise_offset_random_strength": [False, True],
+    "training.adaptive_noise_scale": [None, 0.01],
+    "training.multires_noise_iterations": [0, 4],
+    "training.ip_noise_gamma": [None, 0.1],
+    "training.ip_noise_gamma_random_strength": [False, True],
+    "training.min_timestep": [None, 100],
+    "training.max_timestep": [None, 900],
+    "training.loss_type": ["l2", "huber", "smooth_l1", "l1"],
+    "training.huber_schedule": ["snr", "exponential", "constant"],
+    "training.debiased_estimation_loss": [False, True],
+    "training.zero_terminal_snr": [False, True],
+    "training.scale_weight_norms": [None, 0.02],  # small enough that the demo's layers reach it
+    "v_pred_loss": ["none", "scale_like_noise", "like_loss"],
     "model.v_parameterization": [None, True],
     "optimizer.type": ["AdamW", "Prodigy", "Lion", "Adafactor", "SGD"],
     "scheduler.type": ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"],
@@ -62,6 +76,11 @@ CAPTIONS: dict[str, dict[str, Any]] = {
     "shuffle": {"shuffle_caption": True, "keep_tokens": 1},
     "dropout": {"caption_dropout_rate": 0.2},
     "all": {"shuffle_caption": True, "keep_tokens": 1, "caption_dropout_rate": 0.2},
+}
+V_PRED_LOSS: dict[str, dict[str, Any]] = {  # sd-scripts' v-prediction loss scalings, each for one prediction type
+    "none": {},
+    "scale_like_noise": {"scale_v_pred_loss_like_noise_pred": True},  # v-prediction only
+    "like_loss": {"v_pred_like_loss": 0.1},  # noise prediction only
 }
 RESUME_STEPS = (4, 3, 5)  # the step save point: the first of these that is not an epoch boundary
 STEPS_AFTER_RESUME = 2
@@ -81,7 +100,29 @@ def valid(c: Combo) -> bool:
     if kind in NO_DROPOUT and c.get("network.dropout", 0.0) > 0:
         return False
     # sd-scripts refuses a constant schedule with warmup steps (Lathe makes it a validation error).
-    return not (c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0)
+    if c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0:
+        return False
+    return _noise_and_loss_valid(c)
+
+
+def _noise_and_loss_valid(c: Combo) -> bool:
+    """adaptive_noise_scale needs a noise offset (sd-scripts refuses it without); a random strength, a
+    Huber schedule other than the default only where they do something; the v-prediction scalings
+    only for their prediction type."""
+    if c.get("training.adaptive_noise_scale") is not None and c.get("training.noise_offset") == 0.0:
+        return False
+    if c.get("training.noise_offset_random_strength") and c.get("training.noise_offset") == 0.0:
+        return False
+    if c.get("training.ip_noise_gamma_random_strength") and "training.ip_noise_gamma" in c and c["training.ip_noise_gamma"] is None:
+        return False
+    if c.get("training.huber_schedule", "snr") != "snr" and c.get("training.loss_type") in ("l2", "l1"):
+        return False
+    scaling, model, setting = c.get("v_pred_loss"), c.get("model"), c.get("model.v_parameterization", "?")
+    if scaling == "like_loss":  # v-prediction when the model's scheduler or the setting says so
+        return model not in SCHEDULER_V_PREDICTION and setting is not True
+    if scaling == "scale_like_noise":
+        return not (model is not None and model not in SCHEDULER_V_PREDICTION and setting is None)
+    return True
 
 
 def combinations(n: int, seed: int = 0) -> list[tuple[str, Combo]]:
@@ -123,6 +164,8 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
             s["model"].update(pretrained_model=str(demo_dir / MODELS[level]), family="auto")
         elif name == "captions":
             s["dataset"].update(CAPTIONS[level])
+        elif name == "v_pred_loss":
+            s["training"].update(V_PRED_LOSS[level])
         elif name == "optimizer.type":
             s["optimizer"] = {"type": level}  # another type starts from its own defaults
         elif name in ("network.conv_rank", "network.dropout") and not level:

@@ -184,11 +184,9 @@ def test_show_command_and_presets_save_download_upload_delete(page, server, tmp_
     wait_until(lambda: "Saved preset" in status.inner_text(), 30)
     saved = json.loads((server.output_dir.parent / "user-presets" / "my preset.json").read_text())
     assert saved["network"]["rank"] == 8 and saved["run_name"] == "mine"
-    page.click("#btn-preset-download")
-    link = page.locator("#preset-file a").first
-    link.wait_for()
     with page.expect_download() as download:
-        link.click()
+        page.click("#btn-preset-download")  # one click, and the file is named after the preset
+    assert download.value.suggested_filename == "my preset.json"
     path = tmp_path / "downloaded.json"
     download.value.save_as(path)
     assert json.loads(path.read_text())["network"]["rank"] == 8
@@ -208,6 +206,46 @@ def test_show_command_and_presets_save_download_upload_delete(page, server, tmp_
     choose(page, "preset-choice", "demo (shipped)")
     page.click("#btn-preset-delete")
     wait_until(lambda: "shipped preset (read-only)" in status.inner_text(), 30)
+
+
+def preset_listed(pg, label: str) -> bool:
+    """Whether the preset dropdown offers `label` (opens it, looks, closes it)."""
+    pg.locator("#preset-choice input").first.click()
+    found = pg.get_by_role("option", name=label, exact=True).count() > 0
+    pg.keyboard.press("Escape")
+    return found
+
+
+def test_a_saved_preset_is_listed_after_a_reload_and_in_a_new_browser_context(page, browser, server):
+    page.locator("#preset-name textarea, #preset-name input").first.fill("kept preset")
+    page.click("#btn-preset-save")
+    wait_until(lambda: "Saved preset" in text_of(page, "#preset-status"), 30)
+    try:
+        page.reload()
+        field(page, "run_name").locator("input").wait_for()
+        wait_until(lambda: preset_listed(page, "kept preset (user)"), 20, what="the preset listed after a reload")
+        other = browser.new_context().new_page()
+        open_app(other, server)
+        wait_until(lambda: preset_listed(other, "kept preset (user)"), 20, what="the preset listed in a new context")
+        other.context.close()
+    finally:
+        (server.output_dir.parent / "user-presets" / "kept preset.json").unlink(missing_ok=True)
+
+
+def test_validate_shows_a_missing_folder_and_a_family_mismatch_and_start_refuses_them(page, server, tmp_path):
+    before = versions(server)
+    missing = tmp_path / "no-such-folder"
+    fill(page, "dataset.train_data_dir", missing)
+    choose(page, "f-model-family", "sdxl")
+    page.click("#btn-validate")
+    dataset = page.locator("#err-Dataset")
+    dataset.wait_for(state="visible")
+    assert f"Image folder: folder {missing} does not exist" in dataset.inner_text()
+    assert "Model family: set to sdxl, but demo/model is an SD 1.x model" in text_of(page, "#err-Model")
+    assert "2 problems to fix in Model, Dataset" in text_of(page, "#setup-summary")
+    page.click("#btn-start-setup")
+    page.wait_for_timeout(1500)
+    assert versions(server) == before and dataset.is_visible()
 
 
 def test_import_a_kohya_config_shows_what_was_not_imported(page, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from backend.checkpoints import write_manifest
 from backend.config import TrainingConfig
-from backend.presets import list_presets, read_preset
+from backend.presets import list_presets, read_preset, resolve
 from gui.form import (
     GENERAL,
     FormError,
@@ -28,10 +28,11 @@ from gui.form import (
 from gui.preview import resume_command, resume_preview, saving_preview, train_command
 from gui.runner import plan_for
 from gui.schema import SECTIONS, FieldSpec, field_specs, spec_for_path, specs_by_key
-from tests.conftest import ENV, ROOT
+from tests.conftest import ENV, ROOT, demo_config
 
 # A valid value different from the default, for fields where "default + something" would not do.
 ALTERNATIVES: dict[str, Any] = {
+    "training.adaptive_noise_scale": "0.01", "training.ip_noise_gamma": "0.1",
     "optimizer.growth_rate": "1.02", "optimizer.beta3": "0.5", "optimizer.betas": "0.8, 0.95",
     "dataset.caption_extension": ".caption", "launch.gpu_ids": "0,1", "launch.main_process_ip": "10.0.0.1",
     "launch.machine_rank": 1, "launch.num_machines": 2, "training.max_train_steps": "500", "network.train_unet": False,
@@ -39,6 +40,7 @@ ALTERNATIVES: dict[str, Any] = {
 }
 # Other fields a value needs to be valid (cross-field rules), by config path.
 NEEDS: dict[str, dict[str, Any]] = {
+    "training.adaptive_noise_scale": {"training.noise_offset": 0.05},
     "launch.machine_rank": {"launch.num_machines": 2, "launch.num_processes": 2, "launch.main_process_ip": "10.0.0.1"},
     "launch.num_machines": {"launch.main_process_ip": "10.0.0.1", "launch.num_processes": 2},
     "saving.save_last_n_epochs": {"saving.save_every_n_epochs": "1"},
@@ -201,6 +203,26 @@ def test_launch_problems_are_placed_like_validation_errors():
     assert field_error("optimizer.text_encoder_lr: x").key == "optimizer.AdamW.text_encoder_lr"  # the default type
 
 
+def test_validate_makes_the_start_checks_and_start_refuses_what_it_shows(demo, tmp_path):
+    """Validate runs the very checks Start makes (gui.runner.start_problems) and places each next to
+    its field; Start refuses on the same lines and creates nothing."""
+    from gui.runner import Runner, StartRefused, start_problems
+    from gui.tabs.setup import check_form
+
+    good = config_to_form(resolve(demo_config(demo, tmp_path / "runs")))
+    assert check_form(good).errors == []
+    checked = check_form({**good, "dataset.train_data_dir": str(tmp_path / "none"), "model.family": "sdxl"})
+    assert checked.cfg is not None  # a valid config: only the launch checks fail
+    assert [(e.section, e.label, e.key) for e in checked.errors] == [
+        ("Model", "Model family", "model.family"), ("Dataset", "Image folder", "dataset.train_data_dir")]
+    assert "is an SD 1.x model" in checked.errors[0].message and "does not exist" in checked.errors[1].message
+    with pytest.raises(StartRefused) as refused:
+        Runner(tmp_path / "runs").start(checked.cfg)
+    assert refused.value.lines == start_problems(checked.cfg)
+    assert [field_error(line) for line in refused.value.lines] == checked.errors
+    assert not (tmp_path / "runs").exists()
+
+
 def test_network_errors_go_to_the_chosen_network_types_field():
     lines = errors_of(network__type="loha", network__loha__conv_rank=-1)
     assert lines == ["Network › Conv rank (conv_dim): must be at least 0; got -1"]
@@ -279,6 +301,7 @@ def fake_checkpoint(tmp: Path, **training: Any) -> tuple[Path, TrainingConfig]:
     (tmp / "model").mkdir(exist_ok=True)
     (tmp / "model" / "model_index.json").write_text("{}")
     (tmp / "images").mkdir(exist_ok=True)
+    (tmp / "images" / "a.png").write_bytes(b"")  # the preflight wants an image; nothing here decodes it
     cfg = cfg_with(model={"pretrained_model": str(tmp / "model")}, dataset={"train_data_dir": str(tmp / "images")},
                    training={"max_train_epochs": 4, **training})
     cfg = TrainingConfig.model_validate({**cfg.model_dump(mode="json"), "output_dir": str(tmp / "runs")})

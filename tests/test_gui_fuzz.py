@@ -141,6 +141,7 @@ def checkpoint(ui):
     (root / "model").mkdir(exist_ok=True)
     (root / "model" / "model_index.json").write_text("{}")
     (root / "images").mkdir(exist_ok=True)
+    (root / "images" / "a.png").write_bytes(b"")  # the preflight wants an image; nothing here decodes it
     cfg = TrainingConfig.model_validate({"output_dir": str(ui.output_dir), "model": {"pretrained_model": str(root / "model")},
                                          "dataset": {"train_data_dir": str(root / "images")},
                                          "training": {"max_train_epochs": 4}})

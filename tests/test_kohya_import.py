@@ -105,8 +105,9 @@ def test_standard_adamw_sdxl_keeps_its_values():
     assert (c.dataset.max_bucket_reso, c.dataset.cache_latents_to_disk) == (2048, True)
     assert c.scheduler.type == "constant"
     assert "trigger: lxndrn woman" in r.preset["description"]
+    assert (c.training.adaptive_noise_scale, c.training.min_timestep, c.training.max_timestep) == (0.00375, 100, 900)
     # Active kohya features Lathe lacks are warnings, naming the key.
-    for key in ("min_timestep", "max_timestep", "adaptive_noise_scale", "bucket_no_upscale"):
+    for key in ("bucket_no_upscale",):
         assert any(w.startswith(f"{key}: unsupported feature") for w in r.warnings), key
 
 
@@ -519,7 +520,7 @@ def test_import_file_writes_a_loadable_preset(tmp_path: Path, capsys: pytest.Cap
     assert import_kohya_file(SAMPLES / "SDXL - LoRA AI_Now prodigy v1.0.json", dst) == 0
     out = capsys.readouterr().out
     assert "imported" in out.splitlines()[0] and f"Wrote {dst}" in out
-    assert "Not imported (" in out and "scale_weight_norms: unsupported feature" in out
+    assert "Not imported (" in out and "scale_weight_norms -> training.scale_weight_norms = 5.0" in out
     cfg = load_config_or_preset(dst)
     assert cfg.optimizer.type == "Prodigy" and cfg.optimizer.d0 == 1e-4
 

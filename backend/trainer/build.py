@@ -18,6 +18,8 @@ from backend.trainer import evaluation, models
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.context import Setup
 from backend.trainer.distributed import every_rank, global_batch
+from backend.trainer.loss import check_loss_settings
+from backend.trainer.noise import timestep_range
 from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
 from backend.trainer.run_io import RunIO
 from backend.trainer.trained import TEXT_ENCODER, UNET, Trained
@@ -39,6 +41,11 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     torch.manual_seed(cfg.training.seed + acc.process_index)
     comps = models.load_components(cfg)  # looked up on the module: benchmarks substitute random weights
     wdtype = weight_dtype_for(cfg, device)
+    check_loss_settings(cfg.training, comps.v_prediction)
+    timestep_range(cfg.training, comps.noise_scheduler.config.num_train_timesteps)
+    if cfg.training.zero_terminal_snr and not comps.v_prediction:
+        io.warn("training.zero_terminal_snr: the model is trained with noise prediction (epsilon), where a zero "
+                "terminal SNR is not meant to be used (sd-scripts warns the same); v-prediction is")
     if comps.is_sdxl and cfg.training.clip_skip > 1:
         io.warn(f"training.clip_skip: {cfg.training.clip_skip} is ignored for SDXL, which always uses the "
                 "penultimate text-encoder layer (as sd-scripts does)")

@@ -1,5 +1,9 @@
 """Deterministic evaluation loss: fixed images, fixed noise, fixed timesteps.
 
+The loss is the training's definition (loss_type, the Huber schedule, the timestep weights, the
+noise schedule with zero_terminal_snr) at fixed fractions of the timesteps training draws from; the
+noise is plain Gaussian (no offset, multires or input perturbation), so it measures denoising alone.
+
 Used for the validation loss (best checkpoint) when a validation set exists, and otherwise as a
 reference loss on a fixed training batch. Stored in each checkpoint's manifest; `verify` recomputes
 it by running the model again.
@@ -19,6 +23,7 @@ from backend.trainer.caching import encode_pixels
 from backend.trainer.distributed import split_work
 from backend.trainer.loss import diffusion_loss
 from backend.trainer.models import Components, sdxl_time_ids
+from backend.trainer.noise import timestep_range
 from backend.trainer.trained import Trained
 
 TIMESTEP_FRACTIONS = (0.1, 0.35, 0.6, 0.85)
@@ -81,10 +86,18 @@ def sample_losses(comps: Components, trained: Trained, text: Any, samples: list[
                 for smp in samples]
 
 
+def eval_timesteps(training: Any, num_timesteps: int) -> list[int]:
+    """The fixed timesteps: TIMESTEP_FRACTIONS of the range training draws from (the whole schedule
+    unless training.min_timestep / max_timestep narrow it)."""
+    low, high = timestep_range(training, num_timesteps)
+    if (low, high) == (0, num_timesteps):
+        return [int(f * num_timesteps) for f in TIMESTEP_FRACTIONS]
+    return [low + int(f * (high - low)) for f in TIMESTEP_FRACTIONS]
+
+
 def _sample_loss(comps: Components, unet: Any, text: Any, smp: EvalSample, seed: int, device: torch.device,
                  weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
-    n_t = comps.noise_scheduler.config.num_train_timesteps
-    steps = torch.tensor([int(f * n_t) for f in TIMESTEP_FRACTIONS], device=device)
+    steps = torch.tensor(eval_timesteps(training, comps.noise_scheduler.config.num_train_timesteps), device=device)
     k = len(steps)
     lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
     rng = np.random.default_rng([seed, 7919, smp.index])

@@ -20,8 +20,10 @@ from tqdm import tqdm
 from backend.trainer import data as D
 from backend.trainer.caching import PixelBatches, encode_pixels
 from backend.trainer.context import Progress, Setup
-from backend.trainer.loss import diffusion_loss, draw_noise, mix_seed, sample_generator, seed_micro_step
+from backend.trainer.loss import diffusion_loss, mix_seed, sample_generator, seed_micro_step
+from backend.trainer.max_norm import apply_max_norm
 from backend.trainer.models import sdxl_time_ids
+from backend.trainer.noise import draw_noise
 from backend.trainer.savepoints import SaveContext, after_epoch, after_step, boundary_due
 from backend.trainer.steplog import StepLog
 from backend.trainer.stopping import StopWatch
@@ -76,28 +78,34 @@ def optimizer_step(optimizer: Any, lr_scheduler: Any) -> bool:
     return not skipped
 
 
-def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int, epoch: int) -> tuple[torch.Tensor, bool]:
+def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int,
+               epoch: int) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """One optimizer step over `chunk`, this rank's micro-batches of a global batch: (this rank's
-    share of the step's loss, stepped). The mean of the shares over the ranks is the step's loss."""
-    acc, total = s.acc, torch.zeros((), device=s.acc.device)
-    unet, seed = s.trained.unet_runner(), s.cfg.training.seed
+    share of the step's loss, stepped, the max-norm figures or None). The mean of the shares over the
+    ranks is the step's loss."""
+    acc, total, ts = s.acc, torch.zeros((), device=s.acc.device), s.cfg.training
+    unet, seed = s.trained.unet_runner(), ts.seed
     n_timesteps = s.comps.noise_scheduler.config.num_train_timesteps
     for micro, (b, pixels) in enumerate(chunk):
         seed_micro_step(seed, step, micro, acc.process_index)
         lat, ctx, added = batch_tensors(s, b, pixels)
         gens = [sample_generator(seed, epoch, smp.index, acc.device) for smp in b.samples]
-        noise, t = draw_noise(lat, gens, s.cfg.training.noise_offset, n_timesteps)
+        noise, t, input_noise = draw_noise(lat, gens, ts, n_timesteps)
         # Every trained module skips its all-reduce until the last micro-batch of the step.
         with s.trained.no_sync(acc, active=micro < len(chunk) - 1):
             with acc.autocast():
                 per_sample = diffusion_loss(unet, s.comps.noise_scheduler, lat, ctx, added, noise, t,
-                                            s.comps.v_prediction, s.cfg.training, s.weight_dtype)
+                                            s.comps.v_prediction, ts, s.weight_dtype, input_noise)
                 loss = per_sample.sum() * b.share
             acc.backward(loss)
         total = total + loss.detach()
     if s.cfg.optimizer.max_grad_norm is not None:
         acc.clip_grad_norm_(s.trained.parameters(), s.cfg.optimizer.max_grad_norm)
-    return total, optimizer_step(s.optimizer, s.lr_scheduler)
+    stepped = optimizer_step(s.optimizer, s.lr_scheduler)
+    norms = None
+    if ts.scale_weight_norms is not None:  # sd-scripts: after every optimizer step, on the weights it left
+        norms = apply_max_norm([e.module for e in s.trained.entries], ts.scale_weight_norms, s.cfg.network.type)
+    return total, stepped, norms
 
 
 def run_training(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext) -> str:
@@ -126,14 +134,14 @@ def _loop(s: Setup, prog: Progress, stop: StopWatch, sc: SaveContext, bar: Any) 
             t0 = time.perf_counter()
             chunk = [next(it) for _ in mine[prog.batch_in_epoch]]
             t1 = time.perf_counter()
-            loss, stepped = train_step(s, chunk, prog.global_step, prog.epoch)
+            loss, stepped, norms = train_step(s, chunk, prog.global_step, prog.epoch)
             io.data_wait_s += t1 - t0
             io.busy_s += time.perf_counter() - t1
             prog.global_step += 1
             prog.batch_in_epoch += 1
             io.step = prog.global_step
             bar.update(1)
-            log.record(loss, stepped)
+            log.record(loss, stepped, norms)
             if stop.requested():
                 log.flush()
                 return "stopped"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from backend.config import TrainingConfig
+from backend.model_family import family_from_unet_config  # one rule, shared with preflight
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 
@@ -38,16 +39,6 @@ class Components:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
-def family_from_unet_config(cfg: dict[str, Any]) -> str:
-    """SDXL has size/crop ('text_time') conditioning; SD2 has linear projections in its transformers
-    (SD1's are 1x1 convolutions) and a 1024-wide context; anything else is SD1."""
-    if cfg.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if cfg.get("cross_attention_dim") == 1024 or cfg.get("use_linear_projection"):
-        return "sd2"
-    return "sd15"
 
 
 def resolve_v_prediction(setting: bool | None, scheduler_says: bool, file_marker: bool = False) -> bool:
@@ -80,6 +71,8 @@ def load_components(cfg: TrainingConfig) -> Components:
     comps.v_prediction = resolve_v_prediction(cfg.model.v_parameterization, comps.v_prediction, marker)
     # The scheduler carries the decision, so every scheduler built from its config (sampling) agrees.
     comps.noise_scheduler.register_to_config(prediction_type="v_prediction" if comps.v_prediction else "epsilon")
+    if cfg.training.zero_terminal_snr:
+        comps.noise_scheduler = zero_terminal_snr_scheduler(comps.noise_scheduler)
     for m in (comps.unet, comps.vae, *comps.text_encoders):
         m.requires_grad_(False)
         m.eval()
@@ -135,6 +128,21 @@ def _training_scheduler(sched: Any) -> Any:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(sched.config)
+
+
+def zero_terminal_snr_scheduler(sched: Any) -> Any:
+    """The training scheduler with its betas rescaled to zero terminal SNR (training.zero_terminal_snr):
+    diffusers' `rescale_betas_zero_snr`, the same arithmetic as sd-scripts'
+    fix_noise_scheduler_betas_for_zero_terminal_snr (arXiv 2305.08891, algorithm 1). The flag is in
+    the scheduler's config, so the sampler built from it (sampling.py) has the same schedule; the
+    evaluation and `verify` load the model through load_components and so get it too.
+    `snr_alphas_cumprod` keeps the schedule before the rescale: sd-scripts computes the SNR its loss
+    weights read (all_snr) before it fixes the betas (loss.snr_alphas_cumprod)."""
+    from diffusers import DDPMScheduler
+
+    fixed = DDPMScheduler.from_config(sched.config, rescale_betas_zero_snr=True)
+    fixed.snr_alphas_cumprod = sched.alphas_cumprod
+    return fixed
 
 
 # ------------------------------------------------------------------------------------ text encoding

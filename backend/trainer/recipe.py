@@ -105,6 +105,7 @@ def failure_reason(exc: BaseException) -> str:
     """One plain line saying why the run failed."""
     from backend.trainer.data import DatasetError
     from backend.trainer.export import NetworkFileError
+    from backend.trainer.loss import LossSettingError
     from backend.trainer.models import ModelLoadError
     from backend.trainer.network import NoTargetsError
     from backend.trainer.optim import OptimizerUnavailable
@@ -114,7 +115,7 @@ def failure_reason(exc: BaseException) -> str:
 
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, (DatasetError, ModelLoadError, NetworkFileError, NoTargetsError, OptimizerUnavailable, NonFiniteLoss, StateError,
-                        RanksDiverged)):
+                        RanksDiverged, LossSettingError)):
         return msg
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"disk full while writing {getattr(exc, 'filename', None) or 'a file'}: free space in the output folder and resume from the last checkpoint"

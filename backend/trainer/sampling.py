@@ -23,7 +23,8 @@ from backend.trainer.models import Components
 def _pipeline(comps: Components, unet: Any) -> Any:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    sched = DDIMScheduler.from_config(comps.noise_scheduler.config)  # carries models.resolve_v_prediction's decision
+    # The training scheduler's config carries models.resolve_v_prediction's decision and zero terminal SNR.
+    sched = DDIMScheduler.from_config(comps.noise_scheduler.config)
     tes = comps.text_encoders
     if comps.is_sdxl:
         return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=tes[0], text_encoder_2=tes[1],

@@ -261,6 +261,30 @@ def optimizer_description(cfg: Any) -> str:
     return f"{cls}({args})"
 
 
+def noise_and_loss_metadata(t: Any) -> dict[str, str]:
+    """The noise, timestep and loss keys sd-scripts' train_network.py writes, with its values: an
+    option that is off is "None" there (Lathe's 0 multires iterations too); the timestep range is
+    `modelspec.timestep_range` "min,max" when either bound is set (library/sai_model_spec.py)."""
+    meta = {
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(t.multires_noise_discount),
+        "ss_adaptive_noise_scale": str(t.adaptive_noise_scale),
+        "ss_zero_terminal_snr": str(t.zero_terminal_snr),
+        "ss_scale_weight_norms": str(t.scale_weight_norms),
+        "ss_ip_noise_gamma": str(t.ip_noise_gamma),
+        "ss_debiased_estimation": str(t.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": str(t.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_huber_scale": str(t.huber_scale),
+        "ss_huber_c": str(t.huber_c),
+    }
+    if t.min_timestep is not None or t.max_timestep is not None:
+        meta["modelspec.timestep_range"] = f"{t.min_timestep or 0},{1000 if t.max_timestep is None else t.max_timestep}"
+    return meta
+
+
 def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]:
     """kohya `ss_*` metadata (for people and A1111's info panel) plus modelspec fields."""
     cfg = s.cfg
@@ -297,6 +321,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_clip_skip": str(cfg.training.clip_skip),
         "ss_noise_offset": str(cfg.training.noise_offset),
         "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
+        **noise_and_loss_metadata(cfg.training),
         "ss_caption_dropout_rate": str(cfg.dataset.caption_dropout_rate),
         "ss_shuffle_caption": str(cfg.dataset.shuffle_caption),
         "ss_keep_tokens": str(cfg.dataset.keep_tokens),

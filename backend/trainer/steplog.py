@@ -56,6 +56,7 @@ class _Pending:
     d: float | None
     dt: float
     when: float
+    norms: torch.Tensor | None = None  # max-norm regularization: [keys scaled, mean norm, max norm]
 
 
 class StepLog:
@@ -67,14 +68,15 @@ class StepLog:
         self.rate: float | None = None  # smoothed seconds per step, for the ETA
         self._last = time.perf_counter()
 
-    def record(self, loss: torch.Tensor, stepped: bool = True) -> None:
-        """Note the step just taken; flush when a batch of `log_every_n_steps` is complete."""
+    def record(self, loss: torch.Tensor, stepped: bool = True, norms: torch.Tensor | None = None) -> None:
+        """Note the step just taken; flush when a batch of `log_every_n_steps` is complete. `norms`:
+        what max-norm regularization did (max_norm.apply_max_norm), the same on every rank."""
         now = time.perf_counter()
         dt, self._last = now - self._last, now
         self.rate = dt if self.rate is None else 0.8 * self.rate + 0.2 * dt
         p = self.prog
         self.pending.append(_Pending(p.global_step, p.epoch + 1, loss.detach(), stepped, self.s.lr_scheduler.get_last_lr()[0],
-                                     prodigy_d(self.s.optimizer), dt, time.time()))
+                                     prodigy_d(self.s.optimizer), dt, time.time(), norms))
         if p.global_step % self.every == 0 or p.global_step >= self.s.total_steps:
             self.flush()
 
@@ -86,9 +88,10 @@ class StepLog:
             # A step's loss is over the whole global batch (design contract), and every rank then
             # sees the same values, so a non-finite loss stops all of them at once.
             losses = self.s.acc.reduce(losses, reduction="mean")
-        values = losses.tolist()  # the one host sync
+        values = losses.tolist()  # the one host sync (and one more for the max-norm figures when on)
+        norms = _norm_fields([x.norms for x in self.pending])
         io, prog = self.s.io, self.prog
-        for x, value in zip(self.pending, values, strict=True):
+        for x, value, norm in zip(self.pending, values, norms, strict=True):
             reason = self.overflows.check(x.step, value, x.stepped)
             if reason:
                 self.pending.clear()
@@ -101,9 +104,25 @@ class StepLog:
                 prog.epoch_loss_sum += value
                 prog.epoch_loss_count += 1
                 prog.last_loss = value
-                io.scalars(x.step, {"loss": value, "lr": x.lr, "prodigy_d": x.d})
+                io.scalars(x.step, {"loss": value, "lr": x.lr, "prodigy_d": x.d, **norm})
             eta = (self.rate or 0.0) * (self.s.total_steps - x.step)
             io.emit("step", when=x.when, step=x.step, epoch=x.epoch, loss=value if finite else None, lr=x.lr, d=x.d,
                     samples_per_s=round(self.images_per_step / max(x.dt, 1e-9), 3), eta_s=round(eta, 1),
-                    **({} if x.stepped else {"skipped": True}))
+                    **norm, **({} if x.stepped else {"skipped": True}))
         self.pending.clear()
+
+
+def _norm_fields(pending: list[torch.Tensor | None]) -> list[dict[str, float | int]]:
+    """The `step` event fields of max-norm regularization (training.scale_weight_norms), per step:
+    keys_scaled (layers scaled down, sd-scripts' "Keys Scaled"), average_key_norm (its "Average key
+    norm") and max_key_norm; {} for steps without it."""
+    rows = [x for x in pending if x is not None]
+    values = iter(torch.stack(rows).tolist() if rows else [])
+    out: list[dict[str, float | int]] = []
+    for x in pending:
+        if x is None:
+            out.append({})
+        else:
+            scaled, mean, top = next(values)
+            out.append({"keys_scaled": int(scaled), "average_key_norm": mean, "max_key_norm": top})
+    return out

@@ -4,6 +4,7 @@ advanced fields folded away, Validate / Show command, and the saving preview."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -12,9 +13,19 @@ from backend import launcher
 from backend.config import TrainingConfig
 from backend.config_keys import union_sections
 from gui.fields import build_field, command_box
-from gui.form import GENERAL, FieldError, FormError, by_section, form_to_config, form_warnings
+from gui.form import (
+    GENERAL,
+    FieldError,
+    FormError,
+    by_section,
+    config_types,
+    field_error,
+    form_to_config,
+    form_warnings,
+)
 from gui.page import Page
 from gui.preview import saving_preview, train_command, worker_commands_text
+from gui.runner import start_problems
 from gui.schema import SECTION_OF, SECTIONS, FieldSpec, section_specs
 from gui.tabs import presets
 
@@ -94,15 +105,37 @@ def message_updates(page: Page, errors: list[FieldError], warnings: list[FieldEr
     return out
 
 
-def validate_values(page: Page, values: dict[str, Any]) -> tuple[TrainingConfig | None, dict]:
-    """(config or None, message updates) for the form's values."""
+@dataclass(frozen=True)
+class Checked:
+    """What Validate found: the config (None when the form does not validate), the problems that keep
+    it from starting (field errors, then the launch checks Start makes), and warnings."""
+
+    cfg: TrainingConfig | None
+    errors: list[FieldError]
+    warnings: list[FieldError]
+
+
+def check_form(values: dict[str, Any]) -> Checked:
+    """The form's validation, then, for a valid config, `start_problems`: the very checks Start makes."""
     try:
         cfg = form_to_config(values)
     except FormError as e:
-        return None, message_updates(page, e.errors, [])
-    warnings = form_warnings(cfg)
-    ok = "✔ **Valid.** " + ("Warnings are shown next to their sections." if warnings else "Ready to start.")
-    return cfg, message_updates(page, [], warnings, ok)
+        return Checked(None, e.errors, [])
+    chosen = config_types(cfg)
+    return Checked(cfg, [field_error(line, chosen) for line in start_problems(cfg)], form_warnings(cfg))
+
+
+def checked_messages(page: Page, checked: Checked) -> dict:
+    ok = "✔ **Valid.** Model, image folders, output folder, disk space and devices checked: ready to start."
+    if checked.warnings:
+        ok += " Warnings are shown next to their sections."
+    return message_updates(page, checked.errors, checked.warnings, ok)
+
+
+def validate_values(page: Page, values: dict[str, Any]) -> tuple[TrainingConfig | None, dict]:
+    """(config or None, message updates): the config only when nothing keeps it from starting."""
+    checked = check_form(values)
+    return (None if checked.errors else checked.cfg), checked_messages(page, checked)
 
 
 def _preview_text(values: dict[str, Any]) -> str:
@@ -142,8 +175,9 @@ def _wire(page: Page, validate: gr.Button, show: gr.Button, command: gr.Textbox)
     validate.click(on_validate, inputs=form.inputs, outputs=outputs)
 
     def on_show(data: dict) -> dict:
-        cfg, messages = validate_values(page, form.values(data))
-        if cfg is None:
+        checked = check_form(form.values(data))
+        messages, cfg = checked_messages(page, checked), checked.cfg
+        if cfg is None:  # a valid config still shows its command when only the launch checks fail
             return {**messages, command: gr.update(visible=False)}
         full = launcher.absolutize(cfg)
         text = (f"# Reproduce with the CLI (from the Lathe folder):\n{train_command(full)}\n\n"
