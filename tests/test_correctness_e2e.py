@@ -1,7 +1,8 @@
 """End-to-end halves of the correctness review (issue 11): with the text encoder trained under
-network dropout (a LoCon: the ResNet convolutions too), uncached latents and a validation split,
-every checkpoint verifies and a resume from the middle of an epoch is bit-identical; SDXL says that
-it ignores clip_skip."""
+network dropout (a LoCon: the ResNet convolutions too), uncached latents, a validation split and
+sd-scripts' noise/loss options (multires, adaptive and input-perturbation noise with random
+strengths, a timestep range, debiased Huber loss, max-norm), every checkpoint verifies and a resume
+from the middle of an epoch is bit-identical; SDXL says that it ignores clip_skip."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ OFF_DEFAULT = dict(
     network={"type": "locon", "conv_rank": 2, "conv_alpha": 1.0, "train_text_encoder": True, "dropout": 0.3,
              "rank": 4, "alpha": 2},
     dataset={"cache_latents": False, "validation_split": 0.25},
-    training={"max_train_steps": 9, "max_train_epochs": None, "clip_skip": 2},
+    # sd-scripts' noise, timestep and loss options, all on (docs/training.md; each formula is
+    # unit-tested in test_loss_options.py): they ride on this run's verify and exact resume.
+    training={"max_train_steps": 9, "max_train_epochs": None, "clip_skip": 2, "noise_offset": 0.05,
+              "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01, "multires_noise_iterations": 4,
+              "multires_noise_discount": 0.5, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
+              "min_timestep": 50, "max_timestep": 950, "debiased_estimation_loss": True, "loss_type": "huber",
+              "huber_schedule": "snr", "scale_weight_norms": 0.01},
     sampling={"prompts": ["a red circle"], "every_n_steps": None, "every_n_epochs": None, "steps": 2},
     saving={"save_every_n_steps": 4, "save_every_n_epochs": None, "save_last_n_epochs": None},
 )
@@ -61,6 +68,28 @@ def test_mid_epoch_resume_with_dropout_and_uncached_latents_is_bit_exact(off_def
     assert fa.keys() == fb.keys() and all(fa[k].equal(fb[k]) for k in fa)
     assert any(k.startswith("lora_te_text_model_") for k in fa)
     assert any("resnets" in k and fa[k].dim() == 4 and fa[k].shape[-1] == 3 for k in fa)  # LoCon's 3x3 convolutions
+    norms = {e["step"]: (e["keys_scaled"], e["average_key_norm"]) for e in events(v, "step")}
+    assert norms == {e["step"]: (e["keys_scaled"], e["average_key_norm"]) for e in events(off_default_run, "step")
+                     if e["step"] > 4}
+
+
+def test_the_noise_and_loss_options_are_in_the_step_events_and_the_export(off_default_run):
+    from safetensors import safe_open
+
+    steps = events(off_default_run, "step")
+    assert all(isinstance(e["keys_scaled"], int) and e["average_key_norm"] > 0 for e in steps)
+    assert any(e["keys_scaled"] > 0 for e in steps) and all(e["max_key_norm"] <= 0.01 * (1 + 1e-5) for e in steps)
+    meta = safe_open(str(off_default_run / "exports" / "demo.safetensors"), "pt").metadata()
+    assert {k: meta[k] for k in ("ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale",
+                                 "ss_ip_noise_gamma", "ss_debiased_estimation", "ss_zero_terminal_snr", "ss_loss_type",
+                                 "ss_huber_c", "ss_huber_schedule", "ss_scale_weight_norms",
+                                 "ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength",
+                                 "modelspec.timestep_range")} == {
+        "ss_multires_noise_iterations": "4", "ss_multires_noise_discount": "0.5", "ss_adaptive_noise_scale": "0.01",
+        "ss_ip_noise_gamma": "0.1", "ss_debiased_estimation": "True", "ss_zero_terminal_snr": "False",
+        "ss_loss_type": "huber", "ss_huber_c": "0.1", "ss_huber_schedule": "snr", "ss_scale_weight_norms": "0.01",
+        "ss_noise_offset_random_strength": "True", "ss_ip_noise_gamma_random_strength": "True",
+        "modelspec.timestep_range": "50,950"}
 
 
 def test_export_metadata_records_kohya_meanings(off_default_run):

@@ -12,10 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from backend import checkpoints as C
 from backend.config import (
     NOISE_AND_LOSS_FIELDS,
     ConfigError,
@@ -34,7 +31,6 @@ from backend.trainer import network
 from backend.trainer import noise as N
 from backend.trainer.evaluation import eval_timesteps
 from backend.trainer.models import zero_terminal_snr_scheduler
-from tests.conftest import events, run_cli, step_losses, train
 
 
 def ts(**kw) -> TrainingSection:
@@ -460,49 +456,5 @@ def test_kohya_keys_become_the_options():
     assert any(e.startswith("adaptive_noise_scale: needs noise_offset above 0") for e in bad.errors), bad.errors
 
 
-# ------------------------------------------------------------------------------------- a real run
-RUN = dict(
-    dataset={"validation_split": 0.25},
-    training={"max_train_steps": 6, "max_train_epochs": None, "train_batch_size": 2, "noise_offset": 0.05,
-              "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01, "multires_noise_iterations": 4,
-              "multires_noise_discount": 0.5, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
-              "min_timestep": 50, "max_timestep": 950, "debiased_estimation_loss": True, "loss_type": "huber",
-              "huber_schedule": "snr", "scale_weight_norms": 0.05},
-    sampling={"prompts": []},
-    saving={"save_every_n_steps": 3, "save_every_n_epochs": None, "save_last_n_epochs": None},
-)
-
-
-@pytest.mark.train
-def test_a_run_with_the_options_on_records_them_and_resumes_bit_exactly(demo, tmp_path):
-    proc, v = train(tmp_path, demo, **RUN)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    steps = events(v, "step")
-    assert [e["step"] for e in steps] == list(range(1, 7)) and all(math.isfinite(e["loss"]) for e in steps)
-    assert all(isinstance(e["keys_scaled"], int) and e["average_key_norm"] > 0 for e in steps)
-    assert any(e["keys_scaled"] > 0 for e in steps) and all(e["max_key_norm"] <= 0.05 * (1 + 1e-5) for e in steps)
-    meta = safe_open(str(v / "exports" / "demo.safetensors"), "pt").metadata()
-    assert {k: meta[k] for k in ("ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale",
-                                 "ss_ip_noise_gamma", "ss_debiased_estimation", "ss_zero_terminal_snr", "ss_loss_type",
-                                 "ss_huber_c", "ss_huber_schedule", "ss_scale_weight_norms",
-                                 "ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength",
-                                 "modelspec.timestep_range")} == {
-        "ss_multires_noise_iterations": "4", "ss_multires_noise_discount": "0.5", "ss_adaptive_noise_scale": "0.01",
-        "ss_ip_noise_gamma": "0.1", "ss_debiased_estimation": "True", "ss_zero_terminal_snr": "False",
-        "ss_loss_type": "huber", "ss_huber_c": "0.1", "ss_huber_schedule": "snr", "ss_scale_weight_norms": "0.05",
-        "ss_noise_offset_random_strength": "True", "ss_ip_noise_gamma_random_strength": "True",
-        "modelspec.timestep_range": "50,950"}
-    ck = v / "checkpoints" / "step-00000003"
-    manifest = C.read_manifest(ck)
-    assert 0 < manifest["batch_in_epoch"] < manifest["steps_per_epoch"]  # the middle of an epoch
-    out = run_cli("verify", str(ck))  # the stored val loss is reproduced with the same loss definition
-    assert out.returncode == 0 and "difference 0.00e+00" in out.stdout, out.stdout + out.stderr
-    proc = run_cli("resume", str(ck))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    resumed = sorted(v.parent.glob("version_*"))[-1]
-    a, b = step_losses(v), step_losses(resumed)
-    assert sorted(b) == [4, 5, 6] and [a[k] for k in b] == [b[k] for k in b]
-    norms = {e["step"]: (e["keys_scaled"], e["average_key_norm"]) for e in events(resumed, "step")}
-    assert norms == {e["step"]: (e["keys_scaled"], e["average_key_norm"]) for e in steps if e["step"] > 3}
-    fa, fb = (load_file(x / "exports" / "demo.safetensors") for x in (v, resumed))
-    assert fa.keys() == fb.keys() and all(fa[k].equal(fb[k]) for k in fa)
+# A real run with these options on (verify, a mid-epoch resume bit-exact, the step events' max-norm
+# figures, the export's ss_ keys): test_correctness_e2e.py's off-default run.
