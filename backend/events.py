@@ -44,6 +44,18 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 class EventWriter:
     """Appends events to events.jsonl, one flushed line each (thread-safe).
 
@@ -55,6 +67,8 @@ class EventWriter:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if _ends_mid_line(self.path):
+            self._fh.write("\n")  # a line cut short by a killed writer: end it, so ours stays whole
         self.write_error: OSError | None = None
         self._queue: queue.SimpleQueue[str | None] | None = None
         self._thread: threading.Thread | None = None
@@ -124,6 +138,28 @@ def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]]
         if isinstance(obj, dict) and "event" in obj:
             events.append(obj)
     return events, offset + end + 1
+
+
+def last_step(path: str | Path, window: int = 1 << 16) -> int | None:
+    """The step of the last `step` event in the final `window` bytes of events.jsonl (None if none
+    is there): what a dead trainer last reported, newer than its last heartbeat in status.json."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(max(0, p.stat().st_size - window))
+            data = fh.read()
+    except OSError:
+        return None
+    for raw in reversed(data.splitlines()):
+        if b'"step"' not in raw:
+            continue
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # the first line of the window may be cut, the last one half written
+        if isinstance(obj, dict) and obj.get("event") == "step" and isinstance(obj.get("step"), int):
+            return obj["step"]
+    return None
 
 
 def read_text_from(path: str | Path, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[str, int]:

@@ -25,7 +25,7 @@ import yaml
 
 from backend import process_tree
 from backend.config import TrainingConfig
-from backend.events import EventWriter
+from backend.events import EventWriter, last_step
 
 VERSION_RE = re.compile(r"^version_(\d+)$")
 STATES = ("starting", "running", "stopping", "finished", "stopped", "failed")
@@ -206,8 +206,8 @@ not_final = _not_final  # public name for other modules' conditional updates
 
 def close_run(version_dir: str | Path, state: str, exit_code: int | None, reason: str | None) -> dict[str, Any]:
     """Write a final state the trainer could not write (it is dead), and the run_finished event it
-    would have written, so status.json and events.jsonl both end with the truth. Keeps a final
-    state the trainer did write."""
+    would have written, so status.json and events.jsonl both end with the truth (the step too: the
+    last step event, newer than the last heartbeat). Keeps a final state the trainer did write."""
     v = Path(version_dir)
     wrote: list[bool] = []
 
@@ -215,7 +215,9 @@ def close_run(version_dir: str | Path, state: str, exit_code: int | None, reason
         wrote.append(_not_final(current))
         return wrote[-1]
 
-    status = update_status(v, when=when, state=state, exit_code=exit_code, error=reason, finished_at=time.time())
+    reported = last_step(v / "events.jsonl")  # the heartbeat's step in status.json lags the step events
+    steps = {"step": reported} if reported is not None and reported > int(read_status(v).get("step") or 0) else {}
+    status = update_status(v, when=when, state=state, exit_code=exit_code, error=reason, finished_at=time.time(), **steps)
     if wrote and wrote[-1]:
         with contextlib.suppress(OSError):
             writer = EventWriter(v / "events.jsonl")

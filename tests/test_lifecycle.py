@@ -155,6 +155,7 @@ def test_sigkill_from_outside_is_reconciled_as_failed_with_the_log_tail(demo, tm
         status = runs.read_status(v)
         assert status["state"] == "failed" and status["exit_code"] == -9 and launched.proc.returncode == 137
         assert "SIGKILL" in status["error"] and "out-of-memory killer" in status["error"]
+        assert status["step"] == events(v, "step")[-1]["step"]  # the last step reported, not the last heartbeat's
     finally:
         finish(launched.proc, v)
     proc = run_cli("runs", str(out), "--json")
@@ -270,3 +271,26 @@ def test_lifecycle_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_dead_runs_status_ends_at_its_last_reported_step_not_its_last_heartbeat(tmp_path):
+    """The heartbeat writes the step to status.json every few seconds; the step events are newer.
+    A trainer killed between the two: its status and `runs` say the last step it reported (issue 17's
+    "23 vs 31")."""
+    from backend.events import EventWriter, read_events
+
+    v = runs.create_version_dir(tmp_path / "runs", "demo")
+    runs.new_status(v, total_steps=64)
+    runs.update_status(v, state="running", step=23, heartbeat_at=time.time())
+    writer = EventWriter(v / "events.jsonl")
+    for step in range(1, 32):
+        writer.emit("step", step=step, loss=0.1)
+    writer.close()
+    with open(v / "events.jsonl", "a") as fh:
+        fh.write('{"event": "step", "step": 32, "lo')  # a line cut short by the kill
+    status = runs.finalize(v, -9)
+    assert status["state"] == "failed" and status["step"] == 31
+    (info,) = runs.list_runs(tmp_path / "runs")
+    assert info.step == 31 and info.state == "failed"
+    evs, _ = read_events(v / "events.jsonl")  # (skips the cut line; the run_finished after it is whole)
+    assert evs[-1]["event"] == "run_finished" and evs[-1]["step"] == 31 and evs[-2]["step"] == 31
