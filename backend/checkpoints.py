@@ -383,7 +383,8 @@ def list_checkpoints(path: str | Path, hashes: bool = True) -> list[dict[str, An
             m = read_manifest(folder) or {}
             out.append({
                 "name": folder.name, "kind": parsed[0], "path": str(folder), "version": vdir.name,
-                "step": m.get("step"), "epoch": m.get("epoch"), "loss": m.get("loss"), "val_loss": m.get("val_loss"),
+                "step": m.get("step"), "epoch": m.get("epoch"), "batch_in_epoch": m.get("batch_in_epoch"),
+                "steps_per_epoch": m.get("steps_per_epoch"), "loss": m.get("loss"), "val_loss": m.get("val_loss"),
                 "bytes": sum(f.get("bytes", 0) for f in m.get("files", {}).values()) if m else None,
                 "created": m.get("created"), "status": status, "problems": problems,
             })

@@ -412,14 +412,20 @@ def test_delete_removes_a_checkpoint_and_its_lora_file_and_knows_its_export(tmp_
 
     v = tmp_path / "demo" / "version_0"
     (v / "exports").mkdir(parents=True)
-    for name, export in (("epoch-000002", "demo-000002.safetensors"), ("final", "demo.safetensors")):
+    saves = (("epoch-000002", "demo-000002.safetensors", 32, 2, 0), ("step-00000034", "demo-step00000034.safetensors", 34, 2, 2),
+             ("final", "demo.safetensors", 34, 2, 2))
+    for name, export, step, epoch, batch in saves:
         (v / "checkpoints" / name).mkdir(parents=True)
         (v / "checkpoints" / name / "lora.safetensors").write_bytes(b"x" * 10)
-        write_manifest(v / "checkpoints" / name, {"run_name": "demo", "step": 32, "epoch": 2, "loss": 0.5})
+        write_manifest(v / "checkpoints" / name, {"run_name": "demo", "step": step, "epoch": epoch, "loss": 0.5,
+                                                  "batch_in_epoch": batch, "steps_per_epoch": 16, "created": step})
         (v / "exports" / export).write_bytes(b"lora")
     (v / "status.json").write_text(json.dumps({"state": "finished"}))
     rows, _ = checkpoint_rows(v)
-    assert [r[0] for r in rows] == ["epoch-000002", "final"] and rows[0][8] == "valid" and rows[0][4] == "0.5000"
+    assert [r[0] for r in rows] == ["epoch-000002", "step-00000034", "final"] and rows[0][8] == "valid"
+    assert rows[0][4] == "0.5000"
+    # The epoch as the Run tab counts it: the end of epoch 2, then 2 of epoch 3's 16 steps (not "2").
+    assert [r[3] for r in rows] == ["2", "3 (2/16)", "3 (2/16)"]
     assert export_path(v / "checkpoints" / "final") == v / "exports" / "demo.safetensors"
     assert delete_checkpoint(v / "checkpoints" / "epoch-000002").startswith("Deleted checkpoint **epoch-000002**")
     assert not (v / "checkpoints" / "epoch-000002").exists() and not (v / "exports" / "demo-000002.safetensors").exists()
