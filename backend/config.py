@@ -307,8 +307,10 @@ class ProdigyConfig(OptimizerBase):
     growth_rate: float | None = Field(
         None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
     )
-    use_bias_correction: bool = Field(False, description="Adam-style bias correction (recommended for diffusion LoRAs).")
-    safeguard_warmup: bool = Field(False, description="Avoid a too-large estimate during warmup (recommended with warmup).")
+    use_bias_correction: bool = Field(False, description="Adam-style bias correction. Off by default, as in prodigyopt and sd-scripts; many diffusion-LoRA "
+        "recipes turn it on.")
+    safeguard_warmup: bool = Field(False, description="Keep the step-size estimate from growing too fast during warmup. Off by default, as in prodigyopt; "
+        "turn it on with scheduler.warmup_steps > 0 (a warning says so).")
     decouple: bool = Field(True, description="AdamW-style decoupled weight decay.")
 
 
