@@ -342,9 +342,9 @@ def test_reload_mid_run_reattaches_then_stop_and_resume(page, server, tmp_path):
     wait_until(lambda: run_state(page)[1] >= 3, 90, what="a few steps")
     v = versions(server)[-1]
 
-    page.reload()  # the new page finds the running job by itself
-    field(page, "run_name").locator("input").wait_for()
-    tab(page, "Run")
+    page.reload()  # the new page finds the running job by itself, and opens the Run tab for it
+    wait_until(lambda: page.get_by_role("tab", name="Run", exact=True).get_attribute("aria-selected") == "true", 30,
+               what="the Run tab opened by the reload")
     wait_until(lambda: v.name in text_of(page, "#run-banner") and run_state(page)[0] == "running", 30)
     before = run_state(page)[1]
     wait_until(lambda: run_state(page)[1] > before, 60, what="progress after the reload")

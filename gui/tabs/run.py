@@ -319,8 +319,12 @@ class RunTab:
         return current.path if current is not None and version is None else None
 
     def on_load(self, data: dict, request: gr.Request | None = None) -> dict:
+        """A page (re)load follows the run to show, and opens the Run tab when that run is going."""
         current = self.page.runner.current()
-        return self.attach(current.path if current else None, request)
+        out = self.attach(current.path if current else None, request)
+        if current is not None and current.state in ACTIVE_STATES:
+            out[self.page.component("tabs")] = gr.Tabs(selected="run")
+        return out
 
     def on_choice(self, data: dict, request: gr.Request | None = None) -> dict:
         return self.attach(self.page.inside(data[self.c["choice"]]), request)
@@ -368,7 +372,8 @@ class RunTab:
         live = self.live_outputs
         self.streamed(c["timer"].tick(self.on_watch, inputs={c["follow"]}, outputs=[c["follow"]],
                                       show_progress="hidden", concurrency_limit=None, queue=False))
-        self.streamed(blocks.load(self.on_load, inputs={c["follow"]}, outputs=live, show_progress="hidden"))
+        self.streamed(blocks.load(self.on_load, inputs={c["follow"]}, outputs=[*live, page.component("tabs")],
+                                  show_progress="hidden"))
         blocks.unload(self.on_unload)
         self.streamed(c["choice"].input(self.on_choice, inputs={c["choice"]}, outputs=live, show_progress="hidden"))
         setup_outputs = [*page.component("section_errors").values(), page.component("setup_summary")]
