@@ -121,6 +121,20 @@ def box(pg, selector: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ tests
+def help_text_contrast(page) -> float:
+    """WCAG contrast ratio of a field's help text against the page background."""
+    return page.evaluate("""() => {
+        const lum = (c) => { const [r, g, b] = c.match(/[\\d.]+/g).slice(0, 3).map(Number).map(v => v / 255)
+            .map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+        const info = document.querySelector('.info-text');
+        let el = info, bg = 'rgba(0, 0, 0, 0)';
+        while (el && (bg === 'rgba(0, 0, 0, 0)' || bg === 'transparent')) { bg = getComputedStyle(el).backgroundColor; el = el.parentElement; }
+        if (bg === 'rgba(0, 0, 0, 0)') bg = 'rgb(255, 255, 255)';
+        const [a, b] = [lum(getComputedStyle(info).color), lum(bg)].sort((x, y) => y - x);
+        return (a + 0.05) / (b + 0.05);
+    }""")
+
+
 def test_first_open_loads_the_demo_preset_and_fetches_nothing_from_outside(page, server, tmp_path):
     assert field(page, "run_name").locator("input").input_value() == "demo"
     assert field(page, "model.pretrained_model").locator("input").input_value() == "demo/model"
@@ -129,6 +143,7 @@ def test_first_open_loads_the_demo_preset_and_fetches_nothing_from_outside(page,
     assert "epochs 3 and 4, plus final" in text_of(page, "#saving-preview")
     assert not field(page, "optimizer.Prodigy.d_coef").is_visible()  # AdamW: Prodigy's fields are hidden
     assert not field(page, "dataset.caption_extension").is_visible()  # advanced: folded away
+    assert help_text_contrast(page) >= 7.0  # help text readable (WCAG AAA), not Gradio's light grey
     shot(page, tmp_path, "setup", full=False)
     assert page.external == []
     # Only the output folder is served: not the code, not the demo assets next to it.
