@@ -356,6 +356,9 @@ def test_reload_mid_run_reattaches_then_stop_and_resume(page, server, tmp_path):
     watch_to(page, ("running",))
     wait_until(lambda: run_state(page)[1] >= 3, 90, what="a few steps")
     v = versions(server)[-1]
+    # While it runs, Stop is the highlighted button, not Start.
+    wait_until(lambda: "primary" in (page.locator("#btn-stop").get_attribute("class") or ""), 20, what="Stop highlighted")
+    assert "primary" not in (page.locator("#btn-start").get_attribute("class") or "")
 
     page.reload()  # the new page finds the running job by itself, and opens the Run tab for it
     wait_until(lambda: page.get_by_role("tab", name="Run", exact=True).get_attribute("aria-selected") == "true", 30,

@@ -102,8 +102,8 @@ class RunTab:
             c["choice"] = gr.Dropdown([], label="Showing run", elem_id="run-choice", interactive=True)
             c["banner"] = gr.HTML(state_banner(None), elem_id="run-banner")
             with gr.Row():
-                page.shared.setdefault("start_buttons", []).append(
-                    gr.Button("Start training", variant="primary", elem_id="btn-start"))
+                c["start"] = gr.Button("Start training", variant="primary", elem_id="btn-start")
+                page.shared.setdefault("start_buttons", []).append(c["start"])
                 c["stop"] = gr.Button("Stop (save and end)", elem_id="btn-stop", interactive=False)
                 c["kill"] = gr.Button("Kill", variant="stop", elem_id="btn-kill", interactive=False)
             with gr.Row(visible=False, elem_id="kill-confirm") as c["confirm"]:
@@ -141,7 +141,7 @@ class RunTab:
 
     @property
     def live_outputs(self) -> list[Any]:
-        names = ("follow", "choice", "banner", "stop", "kill", "progress", "loss", "lr", "d", "samples", "activity",
+        names = ("follow", "choice", "banner", "start", "stop", "kill", "progress", "loss", "lr", "d", "samples", "activity",
                  "resources", "log", "reproduce", "launched")
         return [self.c[n] for n in names]
 
@@ -178,8 +178,10 @@ class RunTab:
             out.update(self._choices(state, version, force=True, fresh=True))  # its label shows the state
         state["run_state"] = run_state
         if "status" in changed:
-            out.update({c["banner"]: state_banner(view), c["stop"]: gr.update(interactive=going),
-                        c["kill"]: gr.update(interactive=going)})
+            # While a run goes, Stop is the highlighted action, not Start.
+            out.update({c["banner"]: state_banner(view), c["kill"]: gr.update(interactive=going),
+                        c["stop"]: gr.update(interactive=going, variant="primary" if going else "secondary"),
+                        c["start"]: gr.update(variant="secondary" if going else "primary")})
         if "progress" in changed:
             out[c["progress"]] = progress_html(view)
         if view is not None:
