@@ -245,6 +245,18 @@ def check_files(folder: Path, manifest: dict[str, Any], hashes: bool = True) -> 
     return problems
 
 
+def epoch_label(manifest: dict[str, Any]) -> str:
+    """A save's epoch as the Run tab and the step events count it: a save at an epoch's end says that
+    epoch ("3"); a save inside an epoch says the epoch in progress and how far ("4 (2/16)"), not the
+    epochs completed (the manifest's `epoch`)."""
+    epoch, batch, per = manifest.get("epoch"), manifest.get("batch_in_epoch"), manifest.get("steps_per_epoch")
+    if epoch is None:
+        return ""
+    if batch and per:
+        return f"{epoch + 1} ({batch}/{per})"
+    return str(epoch)
+
+
 def checkpoint_status(folder: Path, config_hash: str | None = None, hashes: bool = True) -> tuple[str, list[str]]:
     """(status, problems): incomplete (no valid manifest), corrupt (files differ), config-mismatch, valid."""
     manifest = read_manifest(folder)

@@ -101,7 +101,7 @@ class ResumePlan:
         return not self.refused
 
     def describe(self) -> list[str]:
-        lines = [f"resume from {self.checkpoint} (step {self.manifest.get('step')}, epoch {self.manifest.get('epoch')})"]
+        lines = [f"resume from {self.checkpoint} (step {self.manifest.get('step')}, epoch {C.epoch_label(self.manifest)})"]
         lines += [f"  refused: {r}" for r in self.refused]
         if self.layout and not self.refused:
             old, new = self.layout

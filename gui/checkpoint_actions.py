@@ -25,17 +25,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
-def epoch_text(c: dict[str, Any]) -> str:
-    """The epoch as the Run tab counts it: a save at an epoch's end says that epoch ("3"); a save
-    inside an epoch says the epoch in progress and how far ("4 (2/16)"), not the epochs completed."""
-    epoch, batch, per = c.get("epoch"), c.get("batch_in_epoch"), c.get("steps_per_epoch")
-    if epoch is None:
-        return ""
-    if batch and per:
-        return f"{epoch + 1} ({batch}/{per})"
-    return str(epoch)
-
-
 def checkpoint_rows(version_dir: str | Path) -> tuple[list[list[str]], list[dict[str, Any]]]:
     """Table rows (oldest first) and the checkpoint dicts behind them. Hashes are not checked here
     (sizes are): Verify does the deep check."""
@@ -46,7 +35,7 @@ def checkpoint_rows(version_dir: str | Path) -> tuple[list[list[str]], list[dict
         marks = " ".join(m for m, on in (("last", c is last), ("best", c is top)) if on)
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["created"])) if c["created"] else ""
         size = f"{c['bytes'] / 1e6:.1f} MB" if c["bytes"] else ""
-        rows.append([c["name"], c["kind"], _fmt(c["step"]), epoch_text(c), _fmt(c["loss"]), _fmt(c["val_loss"]),
+        rows.append([c["name"], c["kind"], _fmt(c["step"]), C.epoch_label(c), _fmt(c["loss"]), _fmt(c["val_loss"]),
                      saved, size, c["status"], marks])
     return rows, cks
 

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from backend import checkpoints as C
 from backend import launcher
 from backend.config import TrainingConfig
 from backend.config_keys import sparse_overrides
@@ -136,7 +137,7 @@ def frozen_summary() -> str:
 def resume_preview(plan: ResumePlan) -> str:
     """Markdown: where the resume starts, what differs from the checkpoint, or why it is refused."""
     m = plan.manifest
-    where = f"step {m.get('step', '?')}, epoch {m.get('epoch', '?')}"
+    where = f"step {m.get('step', '?')}, epoch {C.epoch_label(m) or '?'}"
     ck = plan.checkpoint
     name = "/".join(p.name for p in (ck.parent.parent.parent, ck.parent.parent, ck) if p.name)
     blocks = [f"**Resume from `{name}`** ({where})."]

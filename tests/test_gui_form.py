@@ -309,7 +309,7 @@ def fake_checkpoint(tmp: Path, **training: Any) -> tuple[Path, TrainingConfig]:
     ck.mkdir(parents=True)
     (ck / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     write_manifest(ck, {"run_name": "lora", "kind": "stop", "step": 20, "epoch": 1, "steps_per_epoch": 16,
-                        "config_hash": cfg.config_hash()})
+                        "batch_in_epoch": 4, "config_hash": cfg.config_hash()})
     return ck, cfg
 
 
@@ -318,7 +318,7 @@ def test_resume_with_the_checkpoints_settings_changes_nothing(tmp_path):
     cfg, plan, problems = plan_for(ck)
     assert problems == [] and plan.changed == [] and cfg.resume_from == str(ck)
     text = resume_preview(plan)
-    assert "Resume from `lora/version_0/stop-00000020`** (step 20, epoch 1)" in text
+    assert "Resume from `lora/version_0/stop-00000020`** (step 20, epoch 2 (4/16))" in text  # as the Run tab counts
     assert "No setting differs" in text
     assert resume_command(ck, plan.changed) == f"python -m backend resume {ck}"
 

@@ -72,7 +72,7 @@ class CheckpointsTab:
             c["path"] = gr.Textbox(label="LoRA file", visible=False, interactive=False, buttons=["copy"],
                                    elem_id="ckpt-export-path")
             c["result"] = gr.Markdown("", elem_id="ckpt-result")
-            with gr.Group(elem_id="resume-box"):
+            with gr.Column(variant="panel", elem_id="resume-box"):  # a card with room inside (a Group packs it tight)
                 gr.Markdown("### Resume")
                 c["source"] = gr.Radio(SOURCES, value="checkpoint", label="Resume with", elem_id="resume-source")
                 c["plan"] = gr.Markdown("Choose a checkpoint to see what a resume would do.", elem_id="resume-plan")
