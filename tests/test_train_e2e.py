@@ -60,6 +60,27 @@ def test_kohya_export_loads_in_diffusers_with_its_alpha(demo_run, demo):
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_steps"] == "64" and meta["ss_optimizer"].startswith("torch.optim.AdamW(")
     assert json.loads(meta["ss_dataset_dirs"])["5_shape"] == {"n_repeats": 5, "img_count": 12}
+    # What A1111's LoRA panel shows, as sd-scripts counts it: tags per folder (a caption's comma-separated
+    # parts, lower-cased, once per image; class words for an image without a caption file), buckets
+    # (counted with repeats), batch figures, modelspec resolution and date.
+    want: dict[str, dict[str, int]] = {}
+    for folder in sorted((demo / "images").iterdir()):
+        counts = want.setdefault(folder.name, {})
+        for img in sorted(folder.glob("*.png")):
+            cap = img.with_suffix(".txt")
+            caption = cap.read_text().strip() if cap.exists() else folder.name.split("_", 1)[1]
+            for tag in (t.strip().lower() for t in caption.split(",")):
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+    assert json.loads(meta["ss_tag_frequency"]) == want and want["2_yellow star"] == {"yellow star": 2}
+    buckets = json.loads(meta["ss_bucket_info"])
+    assert sum(b["count"] for b in buckets["buckets"].values()) == 12 * 5 + 2 * 2
+    assert all(len(b["resolution"]) == 2 and b["resolution"][0] % 32 == 0 for b in buckets["buckets"].values())
+    assert 0 <= buckets["mean_img_ar_error"] < 1
+    assert (meta["ss_total_batch_size"], meta["ss_num_batches_per_epoch"], meta["modelspec.resolution"]) == ("4", "16", "64x64")
+    import datetime
+
+    assert datetime.datetime.fromisoformat(meta["modelspec.date"]).year >= 2026
 
     pipe = StableDiffusionPipeline.from_pretrained(demo / "model", safety_checker=None, local_files_only=True)
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

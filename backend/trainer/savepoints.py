@@ -24,6 +24,7 @@ from backend import checkpoints as C
 from backend.trainer import evaluation, export
 from backend.trainer.context import Progress, Setup
 from backend.trainer.distributed import gather_shares, share
+from backend.trainer.metadata import dataset_metadata
 from backend.trainer.sampling import generate, write_samples
 from backend.trainer.state import rng_state, write_state
 from backend.trainer.trained import RanksDiverged, first_divergence
@@ -322,6 +323,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_noise_offset": str(cfg.training.noise_offset),
         "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
         **noise_and_loss_metadata(cfg.training),
+        **dataset_metadata(s),
         "ss_caption_dropout_rate": str(cfg.dataset.caption_dropout_rate),
         "ss_shuffle_caption": str(cfg.dataset.shuffle_caption),
         "ss_keep_tokens": str(cfg.dataset.keep_tokens),
