@@ -224,10 +224,18 @@ def test_show_command_and_presets_save_download_upload_delete(page, server, tmp_
 
 
 def preset_listed(pg, label: str) -> bool:
-    """Whether the preset dropdown offers `label` (opens it, looks, closes it)."""
+    """Whether the preset dropdown offers `label` (opens it, looks, closes it and lets go of it: a
+    dropdown that keeps the focus does not open again on the next click)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     pg.locator("#preset-choice input").first.click()
-    found = pg.get_by_role("option", name=label, exact=True).count() > 0
+    try:
+        pg.get_by_role("option", name=label, exact=True).wait_for(timeout=1500)
+        found = True
+    except PlaywrightTimeout:
+        found = False
     pg.keyboard.press("Escape")
+    pg.evaluate("document.activeElement && document.activeElement.blur()")
     return found
 
 
