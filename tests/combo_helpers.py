@@ -35,6 +35,9 @@ SPACE: pairwise.Space = {
     "model": ["sd15", "sd15-file", "sdxl", "sd2v"],
     "network.type": ["lora", "locon", "loha", "lokr", "dora"],
     "network.conv_rank": [0, 2],  # the ResNet blocks' 3x3 convolutions (locon always has them)
+    "network.use_tucker": [False, True],  # loha, lokr with conv_rank
+    "network.lokr_factor": [-1, 4],
+    "network.decompose_both": [False, True],
     "network.train_text_encoder": [False, True],
     "network.dropout": [0.0, 0.1],
     "network.alpha": [4.0, 2.0],  # rank stays 4: alpha == rank, and alpha != rank (scale 0.5)
@@ -98,6 +101,13 @@ def valid(c: Combo) -> bool:
     if kind == "lora" and conv not in (None, 0) or kind == "locon" and conv == 0:
         return False  # lora has no convolution layers; locon is LoRA with them
     if kind in NO_DROPOUT and c.get("network.dropout", 0.0) > 0:
+        return False
+    lycoris_only = c.get("network.use_tucker") or c.get("network.decompose_both") or c.get("network.lokr_factor", -1) != -1
+    if lycoris_only and c.get("network.dropout", 0.0) > 0:
+        return False  # these need loha or lokr, which have no dropout
+    if c.get("network.use_tucker") and (kind not in (None, "loha", "lokr") or conv == 0):
+        return False  # Tucker applies to LoHa's/LoKr's convolutions
+    if kind not in (None, "lokr") and (c.get("network.lokr_factor", -1) != -1 or c.get("network.decompose_both")):
         return False
     # sd-scripts refuses a constant schedule with warmup steps (Lathe makes it a validation error).
     if c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0:
@@ -168,7 +178,8 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
             s["training"].update(V_PRED_LOSS[level])
         elif name == "optimizer.type":
             s["optimizer"] = {"type": level}  # another type starts from its own defaults
-        elif name in ("network.conv_rank", "network.dropout") and not level:
+        elif name in ("network.conv_rank", "network.dropout", "network.use_tucker", "network.decompose_both",
+                      "network.lokr_factor") and level in (0, False, -1):
             continue  # the default, and not a field of every network type
         else:
             sec, key = name.split(".", 1)

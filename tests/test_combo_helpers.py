@@ -95,7 +95,7 @@ def test_each_config_validates_with_a_mid_epoch_step_save(demo: Path, tmp_path, 
     for name, level in combo.items():
         if name.count(".") == 1 and name != "optimizer.type":
             sec, key = name.split(".")
-            assert getattr(getattr(cfg, sec), key, 0) == level, name  # 0: not a field of this network type
+            assert getattr(getattr(cfg, sec), key, H.SPACE[name][0]) == level, name  # not a field of this type: its default level
     assert cfg.optimizer.type == combo["optimizer.type"] and cfg.scheduler.type == combo["scheduler.type"]
     assert cfg.network.rank == 4
 

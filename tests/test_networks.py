@@ -65,6 +65,12 @@ def _randomize(trained: Trained, seed: int = 0) -> None:
                     p.copy_(p * (1 + 0.1 * noise) if name.endswith("dora_scale") else 0.2 * noise)
 
 
+def _export(path: Path, cfg, comps, trained: Trained) -> None:
+    """Write the network's file as the trainer's save points do (fp32)."""
+    export.save_export(str(path), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32),
+                       export.network_metadata(cfg.network))
+
+
 # ------------------------------------------------------------------------ the formulas, from the format
 def _rank_of(t: dict[str, torch.Tensor], *names: str) -> int | None:
     for n in names:
@@ -135,8 +141,7 @@ def test_the_exported_file_applies_the_update_the_module_applies(demo: Path, tmp
     cfg, comps, trained = _built(demo, family, NETWORKS[kind])
     _randomize(trained)
     path = tmp_path / "net.safetensors"
-    export.save_export(str(path), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32),
-                       export.network_metadata(cfg.network))
+    _export(path, cfg, comps, trained)
     stems = _by_stem(load_file(str(path)))
     modules = _modules_by_stem(trained, comps.is_sdxl)
     assert set(stems) == set(modules) and stems
@@ -298,8 +303,7 @@ def test_diffusers_loads_a_locon_export_with_its_convolutions(demo: Path, tmp_pa
     cfg, comps, trained = _built(demo, family, NETWORKS["locon"], text_encoder=False)
     _randomize(trained)
     path = tmp_path / "locon.safetensors"
-    export.save_export(str(path), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32),
-                       export.network_metadata(cfg.network))
+    _export(path, cfg, comps, trained)
     stems = _by_stem(load_file(str(path)))
     modules = _stem_names(trained, comps.is_sdxl)
     pipe = DiffusionPipeline.from_pretrained(demo / FAMILIES[family], local_files_only=True)
