@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AliasChoices,
     BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -28,6 +27,13 @@ from pydantic import (
     model_validator,
 )
 
+from backend.config_base import Section
+from backend.config_dataset import (  # noqa: F401 (DatasetConfig and SubsetConfig are re-exported)
+    DATASET_HASH_NEUTRAL,
+    DatasetConfig,
+    SubsetConfig,
+    dataset_warnings,
+)
 from backend.config_messages import (  # noqa: F401 (the type lists are re-exported)
     NETWORK_TYPES,
     OPTIMIZER_TYPES,
@@ -40,23 +46,6 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 
 UNET_TARGETS_DEFAULT = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_TARGETS_DEFAULT = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-class Section(BaseModel):
-    """Base for every section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_nul(cls, v: Any) -> Any:
-        """No text field may hold a NUL character: paths with one cannot be opened (the OS refuses
-        them) and no name or prompt needs one."""
-        if isinstance(v, str) and "\x00" in v:
-            raise ValueError("must not contain a NUL character (\\x00)")
-        if isinstance(v, list) and any(isinstance(x, str) and "\x00" in x for x in v):
-            raise ValueError("must not contain a NUL character (\\x00)")
-        return v
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -75,58 +64,6 @@ class ModelConfig(Section):
         description="Train with v-prediction (SD2.x 768 models). Empty: read it from the model's "
         "scheduler config (diffusers folder) or assume epsilon (single file).",
     )
-
-
-# ------------------------------------------------------------------------------------------- dataset
-class DatasetConfig(Section):
-    train_data_dir: str = Field(
-        "demo/images",
-        min_length=1,
-        description="Image folder. kohya layout: sub-folders named '<repeats>_<class words>' holding "
-        "images and caption files; or a flat folder with metadata.jsonl ({\"file_name\", \"text\"}).",
-    )
-    caption_extension: str = Field(".txt", description="Extension of caption files, e.g. .txt or .caption.")
-    resolution: int = Field(512, ge=32, le=4096, multiple_of=8, description="Training resolution (side of the square area).")
-    enable_bucket: bool = Field(True, description="Aspect-ratio bucketing: keep each image's shape instead of cropping to a square.")
-    min_bucket_reso: int = Field(256, ge=32, le=4096, multiple_of=8, description="Smallest bucket side in pixels.")
-    max_bucket_reso: int = Field(1024, ge=32, le=8192, multiple_of=8, description="Largest bucket side in pixels.")
-    bucket_reso_steps: int = Field(64, ge=8, le=512, multiple_of=8, description="Bucket sides are multiples of this.")
-    random_flip: bool = Field(False, description="Randomly mirror images left-right (both versions are cached).")
-    shuffle_caption: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
-    keep_tokens: int = Field(0, ge=0, le=75, description="With shuffle_caption: keep this many leading tags in place.")
-    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training an image with an empty caption.")
-    cache_latents: bool = Field(True, description="Encode every image with the VAE once before training (much faster).")
-    cache_latents_to_disk: bool = Field(
-        False, description="Also keep the latent cache on disk (in <output_dir>/.cache) so later runs skip encoding."
-    )
-    latent_cache_gpu_mb: int | None = Field(
-        None, ge=0, le=10_000_000,
-        description="Keep the latent cache in GPU memory up to this many MB (empty: a quarter of the free GPU "
-        "memory after the model is loaded; 0: never); a larger cache stays in pinned CPU memory and each batch is "
-        "copied without blocking.",
-    )
-    validation_split: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Fraction of images held out for validation loss (0 = none)."
-    )
-    validation_data_dir: str | None = Field(None, description="A separate validation image folder (instead of validation_split).")
-    num_workers: int = Field(0, ge=0, le=64, description="Data loader worker processes (used when latents are not cached).")
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _ext(cls, v: str) -> str:
-        if not re.fullmatch(r"\.[A-Za-z0-9_.-]{1,20}", v):
-            raise ValueError(f"must start with '.' followed by letters or digits, e.g. .txt; got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> DatasetConfig:
-        if self.min_bucket_reso > self.max_bucket_reso:
-            raise ValueError(
-                f"min_bucket_reso: must not be larger than max_bucket_reso ({self.min_bucket_reso} > {self.max_bucket_reso})"
-            )
-        if self.validation_split > 0 and self.validation_data_dir:
-            raise ValueError("validation_data_dir: set either validation_split or validation_data_dir, not both")
-        return self
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -259,7 +196,7 @@ NetworkConfig = Annotated[
     | Annotated[LoKrNetwork, Tag("lokr")] | Annotated[DoRANetwork, Tag("dora")],
     Discriminator(_network_tag),
 ]
-HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None}}  # added after schema 1, see config_hash
+HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None}, "dataset": DATASET_HASH_NEUTRAL}  # added after schema 1, see config_hash
 
 
 # ----------------------------------------------------------------------------------------- optimizer
@@ -442,6 +379,11 @@ class TrainingSection(Section):
         None, gt=0, le=10.0,
         description="Noise-prediction models: add this times a v-prediction-like loss (loss * (SNR+1)/SNR). Empty: off.",
     )
+    prior_loss_weight: float = Field(
+        1.0, ge=0.0, le=100.0,
+        description="Loss weight of regularization images (dataset.reg_data_dir, subsets with is_reg) against the "
+        "training images' 1.0, as in sd-scripts.",
+    )
     scale_weight_norms: float | None = Field(
         None, gt=0, le=100.0,
         description="Max-norm regularization: after each step, scale down every module whose update's norm is above "
@@ -471,7 +413,7 @@ NOISE_AND_LOSS_FIELDS = (
     "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
     "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "zero_terminal_snr",
     "loss_type", "huber_c", "huber_scale", "huber_schedule", "debiased_estimation_loss",
-    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "scale_weight_norms",
+    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "scale_weight_norms", "prior_loss_weight",
 )
 HASH_NEUTRAL_DEFAULTS["training"] = {name: TrainingSection.model_fields[name].default for name in NOISE_AND_LOSS_FIELDS}
 
@@ -658,9 +600,9 @@ def config_warnings(cfg: TrainingConfig) -> list[str]:
         out.append("training.mixed_precision: ignored on CPU (training runs in fp32)")
     if cfg.model.family == "sdxl" and cfg.training.clip_skip > 1:
         out.append("training.clip_skip: ignored for SDXL, which always uses the penultimate layer (as sd-scripts does)")
-    if cfg.dataset.shuffle_caption and cfg.dataset.keep_tokens == 0:
-        out.append("dataset.keep_tokens: with shuffle_caption, keep_tokens=1 keeps a trigger word first")
-    return out + _noise_and_loss_warnings(cfg.training, cfg.model.v_parameterization)
+    if cfg.training.prior_loss_weight != 1.0 and not (cfg.dataset.reg_data_dir or any(s.is_reg for s in cfg.dataset.subsets)):
+        out.append("training.prior_loss_weight: only weights regularization images, and the dataset has none")
+    return out + dataset_warnings(cfg.dataset) + _noise_and_loss_warnings(cfg.training, cfg.model.v_parameterization)
 
 
 def _noise_and_loss_warnings(t: TrainingSection, v_pred: bool | None) -> list[str]:

@@ -158,15 +158,16 @@ def _finish(m: Mapper, name: str, description: str) -> None:
     m.res.warnings += [f"{path}: looks like a secret; not written into the preset" for path in removed]
 
 
-def import_kohya(data: dict[str, Any], source_name: str = "") -> KohyaImport:
-    """Convert one kohya_ss GUI config (a parsed JSON object) into a Lathe preset and a report."""
+def import_kohya(data: dict[str, Any], source_name: str = "", base_dir: Path | None = None) -> KohyaImport:
+    """Convert one kohya_ss GUI config (a parsed JSON object) into a Lathe preset and a report.
+    `base_dir` is where a relative dataset_config path is looked for (the config file's folder)."""
     if not isinstance(data, dict):
         return KohyaImport(refused=f"expected a JSON object of kohya_ss settings; got {type(data).__name__}")
     m = Mapper(data)
     m.res.refused = rules.refusal(m)
     rules.map_network(m)
     family = rules.map_model(m)
-    rules.map_dataset(m)
+    rules.map_dataset(m, base_dir)
     rules.map_duration(m)
     otype = rules.map_optimizer(m)
     rules.map_learning_rates(m, family)
@@ -191,7 +192,7 @@ def import_kohya(data: dict[str, Any], source_name: str = "") -> KohyaImport:
 def load_kohya_file(path: str | Path) -> KohyaImport:
     """Read and convert a kohya_ss config file; ConfigError when it is not readable JSON."""
     p = Path(path)
-    return import_kohya(read_json_object(p), p.name)
+    return import_kohya(read_json_object(p), p.name, p.parent)
 
 
 def import_kohya_file(src: str | Path, dst: str | Path) -> int:

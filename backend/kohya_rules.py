@@ -14,10 +14,12 @@ import json
 import math
 import re
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.config import OPTIMIZER_TYPES, TrainingConfig
 from backend.config_keys import optimizer_classes
+from backend.kohya_dataset import map_dataset_folders
 from backend.kohya_keys import (
     BOOL_ARGS,
     LATHE_MODELS,
@@ -78,6 +80,8 @@ def map_model(m: Mapper) -> str | None:
         ("pretrained_model_name_or_path", "model.pretrained_model", "base model", defaults.model.pretrained_model),
         ("train_data_dir", "dataset.train_data_dir", "image folder", defaults.dataset.train_data_dir),
     ):
+        if key == "train_data_dir" and m.get("dataset_config", to_str):
+            continue  # the dataset TOML names the folders (backend.kohya_dataset)
         value = m.get(key, to_str)
         if value:
             m.put(key, path, value)
@@ -102,7 +106,7 @@ def map_model(m: Mapper) -> str | None:
     return family
 
 
-def map_dataset(m: Mapper) -> None:
+def map_dataset(m: Mapper, base_dir: Path | None = None) -> None:
     key = "max_resolution" if "max_resolution" in m.data else "resolution"
     raw = m.get(key, to_str)
     if raw:
@@ -117,14 +121,10 @@ def map_dataset(m: Mapper) -> None:
             if note:
                 m.warn(f"{key}: {note}")
     steps = m.get("bucket_reso_steps", to_int)
-    if steps is not None and steps % 8 and 0 < steps < 512:
-        fixed = -(-steps // 8) * 8
-        m.put("bucket_reso_steps", "dataset.bucket_reso_steps", fixed, f"from {steps}: Lathe needs a multiple of 8")
-        m.warn(f"bucket_reso_steps: {steps} is not a multiple of 8, which Lathe needs; imported as {fixed} (current "
-               "sd-scripts refuses it too: with buckets it needs a multiple of 64 for SD 1.x/2.x, of 32 for SDXL)")
-    elif steps is not None:
+    if steps is not None:  # one not a multiple of 8 is rounded up by the trainer (config_warnings names the value)
         m.put("bucket_reso_steps", "dataset.bucket_reso_steps", steps)
     m.skip("bucket_reso_steps", "not applicable: empty in the kohya file, so Lathe's default is kept")
+    map_dataset_folders(m, base_dir)
     if "caption_extension" in m.data:
         ext = m.get("caption_extension", to_str)
         if ext is None and "caption_extension" not in m.done:

@@ -30,8 +30,17 @@ def preflight(cfg: TrainingConfig) -> list[str]:
     """`path: message` lines for everything that would make the launch fail at once."""
     out = model_problems(cfg.model)
     ds = cfg.dataset
-    images = image_count(Path(ds.train_data_dir).expanduser())
-    out += image_folder_problems("dataset.train_data_dir", Path(ds.train_data_dir).expanduser(), images)
+    images = 0
+    for field, folder in (("dataset.train_data_dir", ds.train_data_dir), ("dataset.reg_data_dir", ds.reg_data_dir)):
+        if folder:
+            found = image_count(Path(folder).expanduser())
+            out += image_folder_problems(field, Path(folder).expanduser(), found)
+            images += found or 0
+    for i, sub in enumerate(ds.subsets):
+        folder = Path(sub.image_dir).expanduser()
+        found = images_in(folder) if folder.is_dir() else None
+        out += subset_folder_problems(f"dataset.subsets.{i}.image_dir", folder, found)
+        images += found or 0
     if ds.validation_data_dir:
         folder = Path(ds.validation_data_dir).expanduser()
         out += image_folder_problems("dataset.validation_data_dir", folder, image_count(folder))
@@ -76,11 +85,6 @@ def image_count(folder: Path) -> int | None:
     Counted by file extension: an unreadable image still counts (the trainer skips it with a warning)."""
     if not folder.is_dir():
         return None
-
-    def images_in(d: Path) -> int:
-        return sum(1 for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-                   and p.is_file())
-
     try:
         subdirs = [p for p in folder.iterdir() if p.is_dir() and REPEATS_RE.match(p.name)]
         if subdirs:
@@ -88,6 +92,28 @@ def image_count(folder: Path) -> int | None:
         return images_in(folder)
     except OSError:
         return 0
+
+
+def images_in(folder: Path) -> int:
+    """The images directly in a folder (by extension)."""
+    try:
+        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+                   and p.is_file())
+    except OSError:
+        return 0
+
+
+def subset_folder_problems(field: str, folder: Path, images: int | None) -> list[str]:
+    """A listed subset's folder holds its images itself (it is not expanded into repeats folders)."""
+    if images is None:
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        return [f"{field}: folder {folder} {what}"]
+    if images == 0:
+        looks_kohya = any(p.is_dir() and REPEATS_RE.match(p.name) for p in folder.iterdir())
+        hint = (" (its sub-folders look like kohya '<repeats>_<name>' folders: give it as dataset.train_data_dir or "
+                "dataset.reg_data_dir instead)" if looks_kohya else "")
+        return [f"{field}: no images in {folder}{hint}"]
+    return []
 
 
 def image_folder_problems(field: str, folder: Path, images: int | None) -> list[str]:
@@ -202,12 +228,13 @@ def latent_cache_bytes(cfg: TrainingConfig) -> tuple[int, int, int] | None:
     if not ds.cache_latents:
         return None
     try:
-        items = D.discover(ds.train_data_dir, ds.caption_extension, decode=False).items
-    except D.DatasetError:
+        data = D.load(ds, cfg.training.seed, decode=False)
+    except (D.DatasetError, OSError):
         return None
-    buckets = D.bucket_of_items(items, D.buckets_for(ds), ds.resolution)
+    items = data.items
+    buckets = D.bucket_of_items(items, D.buckets_for(ds))
     channels = _latent_channels(Path(cfg.model.pretrained_model).expanduser())
-    variants = 2 if ds.random_flip else 1
+    variants = 2 if any(s.random_flip for s in data.subsets) else 1
     return sum(channels * (w // 8) * (h // 8) * 4 for w, h in buckets) * variants, len(items), variants
 
 

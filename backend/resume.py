@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from backend import checkpoints as C
-from backend.config import TrainingConfig, validate_config
+from backend.config import DatasetConfig, TrainingConfig, validate_config
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -113,7 +113,20 @@ class ResumePlan:
         return lines
 
 
-def dataset_fingerprint(data_dir: str | Path, caption_extension: str) -> str:
+def dataset_fingerprint(ds: DatasetConfig) -> str:
+    """The fingerprint of every image folder the dataset names: train_data_dir's alone (as before
+    there were subsets) when it names no other, else sha256 over each folder's in config order."""
+    folders = [(d, ds.caption_extension) for d in (ds.train_data_dir, ds.reg_data_dir) if d]
+    folders += [(s.image_dir, s.caption_extension or ds.caption_extension) for s in ds.subsets]
+    if len(folders) == 1 and ds.train_data_dir:
+        return folder_fingerprint(Path(ds.train_data_dir).expanduser(), ds.caption_extension)
+    h = hashlib.sha256()
+    for d, ext in folders:
+        h.update(f"{d}\0{folder_fingerprint(Path(d).expanduser(), ext)}\0".encode())
+    return h.hexdigest()
+
+
+def folder_fingerprint(data_dir: str | Path, caption_extension: str) -> str:
     """sha256 over the image files' names and sizes and the caption texts (no image decoding)."""
     root = Path(data_dir)
     h = hashlib.sha256()
@@ -165,10 +178,12 @@ def plan_resume(checkpoint: str | Path, new: TrainingConfig, check_dataset: bool
     elif old_layout != new_layout:
         plan.layout = (old_layout, new_layout)
     if check_dataset and manifest.get("dataset_fingerprint"):
-        now = dataset_fingerprint(new.dataset.train_data_dir, new.dataset.caption_extension)
+        now = dataset_fingerprint(new.dataset)
         if now != manifest["dataset_fingerprint"]:
+            ds = new.dataset
+            where = ", ".join(d for d in (ds.train_data_dir, ds.reg_data_dir, *(s.image_dir for s in ds.subsets)) if d)
             plan.refused.append(
-                f"dataset.train_data_dir: the images or captions in {new.dataset.train_data_dir} changed since this "
+                f"dataset.train_data_dir: the images or captions in {where} changed since this "
                 "checkpoint was saved; the data position would no longer mean the same images"
             )
     spe = manifest.get("steps_per_epoch")

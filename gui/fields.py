@@ -32,6 +32,13 @@ def build_field(spec: FieldSpec, value: Any) -> gr.components.Component:
         return gr.Dropdown(choices=list(spec.choices), value=value, **common)
     if kind == "lines":
         return gr.Textbox(value=value, lines=3, max_lines=12, **common)
+    if kind == "table":  # Dataframe has no info line: the help goes under it
+        common.pop("info")
+        table = gr.Dataframe(value=value or None, headers=list(spec.columns), datatype="str", type="array",
+                             column_count=len(spec.columns), row_count=max(1, len(value or [])), wrap=True,
+                             **common)
+        gr.Markdown(spec.help, elem_classes=["lathe-help"])
+        return table
     placeholder = "(empty: none)" if spec.optional else None
     return gr.Textbox(value=value, lines=1, max_lines=1, placeholder=placeholder, **common)
 

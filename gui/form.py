@@ -56,6 +56,8 @@ def _to_form_value(spec: FieldSpec, value: Any) -> Any:
         return "auto" if value is None else ("yes" if value else "no")
     if spec.kind == "lines":
         return "\n".join(value or [])
+    if spec.kind == "table":
+        return [[_cell(row.get(c)) for c in spec.columns] for row in value or []]
     if spec.kind == "pair":
         return ", ".join(_num(float(v)) for v in value)
     if spec.kind == "text":
@@ -63,6 +65,15 @@ def _to_form_value(spec: FieldSpec, value: Any) -> Any:
     if spec.as_text:
         return number_text(value)
     return value
+
+
+def _cell(v: Any) -> str:
+    """A table cell as the page shows it: text, '' for empty."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return _num(float(v)) if isinstance(v, float) else str(v)
 
 
 def _num(v: float) -> str:
@@ -146,6 +157,33 @@ def _parse_tristate(value: Any) -> bool | None:
     return TRISTATE[value]
 
 
+def table_rows(value: Any) -> list[list[Any]]:
+    """A table's rows from what the page sends: a list of rows, {"data": rows}, or a DataFrame."""
+    if value is None or value == "":
+        return []
+    if hasattr(value, "values") and hasattr(value, "columns"):  # a pandas DataFrame
+        value = value.values.tolist()
+    if isinstance(value, dict):
+        value = value.get("data") or []
+    if not isinstance(value, list) or not all(isinstance(r, (list, tuple)) for r in value):
+        raise _Bad("must be a table: a list of rows")
+    return [list(r) for r in value]
+
+
+def _parse_table(spec: FieldSpec, value: Any) -> list[dict[str, Any]]:
+    """Rows as dicts of their filled cells (blank cells take the row model's default; blank rows go)."""
+    out = []
+    for row in table_rows(value):
+        cells = ["" if c is None or (isinstance(c, float) and math.isnan(c)) else c for c in row]
+        if len(cells) > len(spec.columns):
+            raise _Bad(f"a row has {len(cells)} cells; the columns are {', '.join(spec.columns)}")
+        filled = {c: (v.strip() if isinstance(v, str) else v) for c, v in zip(spec.columns, cells, strict=False)}
+        filled = {c: v for c, v in filled.items() if v != ""}
+        if filled:
+            out.append(filled)
+    return out
+
+
 def parse_value(spec: FieldSpec, value: Any) -> Any:
     """One form value as the config wants it; raises ValueError with a plain message."""
     kind = spec.kind
@@ -157,6 +195,8 @@ def parse_value(spec: FieldSpec, value: Any) -> Any:
         return _parse_tristate(value)
     if kind == "lines":
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if kind == "table":
+        return _parse_table(spec, value)
     if kind == "pair":
         return _parse_pair(value)
     text = "" if value is None else str(value).strip()
@@ -226,6 +266,9 @@ def by_section(errors: list[FieldError]) -> dict[str, list[FieldError]]:
 
 # --------------------------------------------------------------------------------- what a load changed
 def _show(spec: FieldSpec, value: Any) -> str:
+    if spec.kind == "table":
+        rows = _parse_table(spec, value) if value else []
+        return ", ".join(str(r.get(spec.columns[0], "?")) for r in rows) if rows else "(none)"
     if spec.kind == "lines":
         items = [x for x in str(value or "").splitlines() if x.strip()]
         return ", ".join(items) if items else "(empty)"
@@ -242,6 +285,14 @@ def _same(a: Any, b: Any) -> bool:
     return (a if a is not None else "") == (b if b is not None else "")
 
 
+def _same_rows(spec: FieldSpec, a: Any, b: Any) -> bool:
+    try:
+        rows = [[{k: str(v) for k, v in r.items()} for r in _parse_table(spec, x)] for x in (a, b)]
+    except ValueError:
+        return a == b
+    return rows[0] == rows[1]
+
+
 def form_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`Section › Label: old → new` for every field a load changed (only the fields of the new network
     type and optimizer)."""
@@ -256,6 +307,7 @@ def form_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         was = f"{spec.union}.{before.get(spec.union)}.{spec.path.partition('.')[2]}" if spec.union else spec.key
         was = was if was in by_key else spec.key
         a, b = old.get(was, by_key[was].default), new.get(spec.key, spec.default)
-        if not _same(a, b):
+        same = _same_rows(spec, a, b) if spec.kind == "table" else _same(a, b)
+        if not same:
             lines.append(f"{spec.title}: {_show(spec, a)} → {_show(spec, b)}")
     return lines

@@ -33,7 +33,7 @@ SECTION_OF = {
 # Shown unfolded; everything else sits in the section's "Advanced" fold.
 BASIC = {
     "model.pretrained_model", "model.family",
-    "dataset.train_data_dir", "dataset.resolution", "dataset.enable_bucket", "dataset.validation_split",
+    "dataset.train_data_dir", "dataset.reg_data_dir", "dataset.resolution", "dataset.enable_bucket", "dataset.validation_split",
     "network.rank", "network.alpha", "network.conv_rank", "network.conv_alpha", "network.train_unet",
     "network.train_text_encoder",
     "optimizer.type", "optimizer.learning_rate", "optimizer.weight_decay", "optimizer.betas",
@@ -48,7 +48,8 @@ BASIC = {
 }
 LABELS = {
     "pretrained_model": "Base model", "family": "Model family", "v_parameterization": "v-prediction",
-    "train_data_dir": "Image folder", "enable_bucket": "Aspect-ratio buckets", "min_bucket_reso": "Smallest bucket side",
+    "train_data_dir": "Image folder", "reg_data_dir": "Regularization image folder", "subsets": "More subsets",
+    "bucket_no_upscale": "Never upscale (bucket_no_upscale)", "prior_loss_weight": "Regularization loss weight", "enable_bucket": "Aspect-ratio buckets", "min_bucket_reso": "Smallest bucket side",
     "max_bucket_reso": "Largest bucket side", "bucket_reso_steps": "Bucket side step", "keep_tokens": "Keep leading tags",
     "validation_data_dir": "Validation image folder", "num_workers": "Data loader workers",
     "rank": "Rank (network_dim)", "alpha": "Alpha (network_alpha)", "train_unet": "Train the UNet",
@@ -77,7 +78,7 @@ PATH_LABELS = {
 # Prodigy's arguments keep their own names: that is the vocabulary its users know.
 RAW_NAMES = {"d_coef", "d0", "growth_rate", "use_bias_correction", "safeguard_warmup", "decouple", "beta3"}
 TRISTATE = ("auto", "yes", "no")  # bool | None
-Kind = Literal["text", "int", "float", "bool", "choice", "tristate", "lines", "pair"]
+Kind = Literal["text", "int", "float", "bool", "choice", "tristate", "lines", "pair", "table"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class FieldSpec:
     advanced: bool = False
     union: str | None = None  # the discriminated section this field belongs to ("network", "optimizer")
     variant: str | None = None  # ...and the type it is shown for ("loha", "Prodigy")
+    columns: tuple[str, ...] = ()  # a table's columns: the fields of each row's model (dataset.subsets)
 
     def applies(self, chosen: Mapping[str, str]) -> bool:
         """Whether this field is part of the config when each union has the type in `chosen`."""
@@ -127,6 +129,9 @@ def _kind(ann: Any) -> tuple[Kind, tuple[str, ...]]:
     if origin is Literal:
         return "choice", tuple(str(a) for a in get_args(ann))
     if origin is list:
+        (item,) = get_args(ann) or (str,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return "table", tuple(item.model_fields)
         return "lines", ()
     if origin is tuple:
         return "pair", ()
@@ -175,6 +180,8 @@ def _form_default(kind: Kind, value: Any, optional: bool = False) -> Any:
         return "auto" if value is None else ("yes" if value else "no")
     if kind == "lines":
         return "\n".join(value or [])
+    if kind == "table":
+        return []
     if kind == "pair":
         return ", ".join(_num(float(v)) for v in value)
     if kind == "text" or (kind in ("int", "float") and optional):
@@ -186,6 +193,9 @@ def _spec(key: str, path: str, name: str, info: FieldInfo, union: str | None = N
           variant: str | None = None) -> FieldSpec:
     ann, optional = _unwrap_optional(info.annotation)
     kind, choices = _kind(ann)
+    columns = ()
+    if kind == "table":
+        columns, choices = choices, ()
     if kind == "bool" and optional:
         kind, choices = "tristate", TRISTATE
     default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
@@ -194,11 +204,15 @@ def _spec(key: str, path: str, name: str, info: FieldInfo, union: str | None = N
     hint = (info.description or "").strip()
     if kind == "lines":
         hint += " One per line."
+    if kind == "table":
+        (row_model,) = get_args(ann)
+        hint += " One row each; an empty cell takes the default. Columns: " + "; ".join(
+            f"{c}: {(row_model.model_fields[c].description or '').rstrip('.')}" for c in columns) + "."
     if optional and kind in ("int", "float", "text") and "Empty" not in hint:
         hint += " Leave empty for none."
     help_text = " · ".join(x for x in (hint, rule, path) if x)
     return FieldSpec(key, path, SECTION_OF[top], _label(name, path), help_text, kind, _form_default(kind, default, optional),
-                     optional, choices, path not in BASIC, union, variant)
+                     optional, choices, path not in BASIC, union, variant, columns)
 
 
 def _section_fields(name: str, cls: type[BaseModel]) -> list[FieldSpec]:

@@ -196,9 +196,9 @@ def steps_per_epoch(cfg: TrainingConfig) -> int:
     from backend.trainer.build import plan_settings
 
     ds = cfg.dataset
-    items, _, _ = D.load_dataset(ds, cfg.training.seed)
-    item_buckets = D.bucket_of_items(items, D.buckets_for(ds), ds.resolution)
-    return D.steps_per_epoch(items, item_buckets, plan_settings(cfg, cfg.launch.num_processes))
+    data = D.load(ds, cfg.training.seed)
+    item_buckets = D.bucket_of_items(data.items, D.buckets_for(ds))
+    return D.steps_per_epoch(data.items, item_buckets, plan_settings(cfg, cfg.launch.num_processes, data.subsets))
 
 
 def resume_step(spe: int) -> int:

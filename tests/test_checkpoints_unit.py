@@ -113,7 +113,7 @@ def test_resume_preflight_lists_allowed_changes_and_refuses_frozen_ones(tmp_path
     (data_dir / "x.png").write_bytes(b"png")
     old = resolve({"dataset": {"train_data_dir": str(tmp_path / "data")}, "training": {"max_train_epochs": 4}})
     ck = make_ckpt(tmp_path, "epoch-000002", {"run_name": "lora", "step": 8, "epoch": 2, "steps_per_epoch": 4,
-                                              "dataset_fingerprint": dataset_fingerprint(tmp_path / "data", ".txt")})
+                                              "dataset_fingerprint": dataset_fingerprint(old.dataset)})
     (ck / "config.json").write_text(json.dumps(old.model_dump(mode="json")))
     C.write_manifest(ck, {**C.read_manifest(ck), "files": None})  # re-hash after editing config.json
 

@@ -1,14 +1,19 @@
 """End-to-end halves of the correctness review (issue 11): with the text encoder trained under
 network dropout (a LoCon: the ResNet convolutions too), uncached latents, a validation split and
 sd-scripts' noise/loss options (multires, adaptive and input-perturbation noise with random
-strengths, a timestep range, debiased Huber loss, max-norm), every checkpoint verifies and a resume
+strengths, a timestep range, debiased Huber loss, max-norm) and a dataset of several subsets
+(regularization images weighted by prior_loss_weight, a listed subset with its own caption rules,
+no-upscale buckets at a step that is not a multiple of 8), every checkpoint verifies and a resume
 from the middle of an epoch is bit-identical; SDXL says that it ignores clip_skip."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from backend import checkpoints as C
@@ -32,9 +37,26 @@ OFF_DEFAULT = dict(
 )
 
 
+def subset_folders(demo: Path, root: Path) -> dict:
+    """Regularization images (a kohya folder) and one more subset, made of copies of demo images."""
+    shapes = sorted((demo / "images" / "5_shape").glob("*.png"))
+    (root / "reg" / "1_shape").mkdir(parents=True)
+    for p in shapes[:3]:
+        shutil.copy(p, root / "reg" / "1_shape" / p.name)
+    (root / "extra").mkdir()
+    for p in shapes[3:5]:  # no caption files: the class tokens stand in
+        shutil.copy(p, root / "extra" / p.name)
+    return {"reg_data_dir": str(root / "reg"), "bucket_no_upscale": True, "bucket_reso_steps": 12,
+            "subsets": [{"image_dir": str(root / "extra"), "num_repeats": 2, "class_tokens": "sks shape",
+                         "shuffle_caption": True, "keep_tokens": 1, "random_flip": True, "caption_dropout_rate": 0.3}]}
+
+
 @pytest.fixture(scope="module")
 def off_default_run(demo, tmp_path_factory):
-    proc, v = train(tmp_path_factory.mktemp("offdefault"), demo, **OFF_DEFAULT)
+    tmp = tmp_path_factory.mktemp("offdefault")
+    sections = {**OFF_DEFAULT, "dataset": {**OFF_DEFAULT["dataset"], **subset_folders(demo, tmp)},
+                "training": {**OFF_DEFAULT["training"], "prior_loss_weight": 0.5}}
+    proc, v = train(tmp, demo, **sections)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return v
 
@@ -52,6 +74,21 @@ def test_text_encoder_dropout_checkpoints_all_verify(off_default_run):
     tensors = load_file(off_default_run / "checkpoints" / "final" / "lora.safetensors")
     te = [k for k in tensors if k.startswith("text_encoder_0.")]
     assert te and any(tensors[k].abs().max() > 0 for k in te if "lora_B" in k)  # the text encoder trained
+
+
+def test_the_export_counts_the_subsets_and_regularization_images_as_sd_scripts(off_default_run):
+    with safe_open(off_default_run / "exports" / "demo.safetensors", "pt") as f:
+        meta = f.metadata()
+    dirs, reg_dirs = json.loads(meta["ss_dataset_dirs"]), json.loads(meta["ss_reg_dataset_dirs"])
+    assert set(dirs) == {"2_yellow star", "5_shape", "extra"} and dirs["extra"]["n_repeats"] == 2
+    # 2 + 12 + 2 training images, a quarter of them (4) held out for validation; never a reg image
+    assert sum(d["img_count"] for d in dirs.values()) == 12
+    assert reg_dirs == {"1_shape": {"n_repeats": 1, "img_count": 3}} and meta["ss_num_reg_images"] == "3"
+    train_uses = sum(d["n_repeats"] * d["img_count"] for d in dirs.values())
+    assert meta["ss_num_train_images"] == str(train_uses)
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sum(b["count"] for b in buckets.values()) == 2 * train_uses  # the reg images balance the training ones
+    assert (meta["ss_prior_loss_weight"], meta["ss_bucket_no_upscale"]) == ("0.5", "True")
 
 
 def test_mid_epoch_resume_with_dropout_and_uncached_latents_is_bit_exact(off_default_run):

@@ -73,7 +73,7 @@ def test_buckets_respect_area_and_steps():
 
 def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
     items = [D.ImageItem(f"{i}.png", f"tag{i}, b, c, d", 2, (64, 64) if i % 2 else (96, 64)) for i in range(7)]
-    buckets = D.bucket_of_items(items, D.make_buckets(64, 32, 128, 32), 64)
+    buckets = D.bucket_of_items(items, D.Bucketing(64, tuple(D.make_buckets(64, 32, 128, 32))))
     s = D.PlanSettings(seed=3, global_batch=2, random_flip=True, shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.2)
     a, b = D.epoch_plan(items, buckets, s, 0), D.epoch_plan(items, buckets, s, 0)
     assert a == b
@@ -109,7 +109,7 @@ def test_any_layout_of_a_global_batch_splits_it_into_disjoint_weighted_micro_bat
 
 def test_the_plan_and_each_samples_draws_depend_on_the_global_batch_only():
     items = [D.ImageItem(f"{i}.png", f"t{i}, b, c", 3, (64, 64) if i % 3 else (96, 64)) for i in range(9)]
-    buckets = D.bucket_of_items(items, D.make_buckets(64, 32, 128, 32), 64)
+    buckets = D.bucket_of_items(items, D.Bucketing(64, tuple(D.make_buckets(64, 32, 128, 32))))
     s = D.PlanSettings(seed=5, global_batch=4, random_flip=True, shuffle_caption=True, keep_tokens=0,
                        caption_dropout_rate=0.1)
     plan = D.epoch_plan(items, buckets, s, 2)

@@ -69,6 +69,9 @@ def alternative(spec: FieldSpec) -> Any:
         return next(c for c in reversed(spec.choices) if c != d)
     if spec.kind == "lines":
         return "alpha\nbeta"
+    if spec.kind == "table":  # two rows, the second with every cell filled, the first with blanks
+        return [["extra/a", "3", "", "sks dog"] + [""] * (len(spec.columns) - 4),
+                ["extra/b", "2", "true", "", ".caption", "true", "1", "false", "0.1"]]
     if spec.kind == "text":
         return "other/value" if spec.optional or "/" in d else f"x{d.strip('.')}x" if d else "x"
     if spec.as_text:

@@ -106,9 +106,7 @@ def test_standard_adamw_sdxl_keeps_its_values():
     assert c.scheduler.type == "constant"
     assert "trigger: lxndrn woman" in r.preset["description"]
     assert (c.training.adaptive_noise_scale, c.training.min_timestep, c.training.max_timestep) == (0.00375, 100, 900)
-    # Active kohya features Lathe lacks are warnings, naming the key.
-    for key in ("bucket_no_upscale",):
-        assert any(w.startswith(f"{key}: unsupported feature") for w in r.warnings), key
+    assert c.dataset.bucket_no_upscale is True
 
 
 def test_standard_prodigy_keeps_optimizer_args():
@@ -196,7 +194,11 @@ def test_kohya_locon_preset_keeps_every_network_value():
     for key in ("use_cp", "factor", "decompose_both"):
         assert reasons(r)[key] == "not applicable: kohya_ss does not pass it to this config's LoRA_type"
         assert not warned(r, key)
-    assert warned(r, "bucket_reso_steps") and r.config.dataset.bucket_reso_steps == 8  # 1 in the file
+    # bucket_reso_steps 1 is kept; the trainer uses 8 and the report says so.
+    assert r.config.dataset.bucket_reso_steps == 1 and r.config.dataset.bucket_steps() == 8
+    assert warned(r, "Lathe: dataset.bucket_reso_steps") == [
+        "Lathe: dataset.bucket_reso_steps: 1 is not a multiple of 8; buckets use 8 (the VAE works in 8-pixel units; "
+        "current sd-scripts refuses it too, needing a multiple of 64 for SD 1.x/2.x and of 32 for SDXL)"]
 
 
 def test_lycoris_loha_preset_keeps_every_network_value():
@@ -350,11 +352,13 @@ def test_network_weights():
         "network.network_weights = unset")
 
 
-def test_bucket_reso_steps_becomes_a_multiple_of_8():
+def test_bucket_reso_steps_not_a_multiple_of_8_is_used_rounded_up_with_a_warning():
     r = ok(import_kohya(standard(bucket_reso_steps="12")))
-    assert r.config.dataset.bucket_reso_steps == 16 and warned(r, "bucket_reso_steps")
+    assert (r.config.dataset.bucket_reso_steps, r.config.dataset.bucket_steps()) == (12, 16)
+    assert warned(r, "Lathe: dataset.bucket_reso_steps")[0].startswith(
+        "Lathe: dataset.bucket_reso_steps: 12 is not a multiple of 8; buckets use 16")
     r = ok(import_kohya(standard(bucket_reso_steps=32)))
-    assert r.config.dataset.bucket_reso_steps == 32 and not warned(r, "bucket_reso_steps")
+    assert r.config.dataset.bucket_steps() == 32 and not warned(r, "Lathe: dataset.bucket_reso_steps")
 
 
 # ------------------------------------------------------------------------------------ optimizer args

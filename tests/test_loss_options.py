@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.config import (
+    DATASET_HASH_NEUTRAL,
     NOISE_AND_LOSS_FIELDS,
     ConfigError,
     DoRANetwork,
@@ -71,6 +72,8 @@ def test_defaults_change_nothing_and_leave_the_config_hash_alone():
     for name in NOISE_AND_LOSS_FIELDS:  # the hash of a config written before these fields existed
         del data["training"][name]
     data["network"].pop("type"), data["network"].pop("network_weights")
+    for name in DATASET_HASH_NEUTRAL:  # reg_data_dir, subsets, bucket_no_upscale came later too
+        del data["dataset"][name]
     old = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert cfg.config_hash() == old
     assert TrainingConfig(training={"loss_type": "huber"}).config_hash() != old

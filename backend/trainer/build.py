@@ -52,21 +52,24 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
 
     # Data: discover, hold out validation images, bucket, plan.
     ds = cfg.dataset
-    items, val_items, warnings = D.load_dataset(ds, cfg.training.seed)
-    for w in warnings:
+    data = D.load(ds, cfg.training.seed)
+    items, val_items = data.items, data.val_items
+    for w in data.warnings:
         io.warn(w)
     buckets = D.buckets_for(ds)
-    item_buckets = D.bucket_of_items(items, buckets, ds.resolution)
-    plan = plan_settings(cfg, acc.num_processes)
+    item_buckets = D.bucket_of_items(items, buckets)
+    plan = plan_settings(cfg, acc.num_processes, data.subsets)
 
     # VAE: fp32 unless bf16 (fp16 VAEs overflow); evaluation images and (when caching) latents encoded once.
     _place(comps.vae, device, torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32)
     eval_kind, eval_list = evaluation.eval_items(items, val_items)
     exchange = gather_object if acc.num_processes > 1 else None  # how the ranks share their caching work
-    eval_samples = evaluation.prepare(comps, eval_list, buckets, ds.resolution, acc.process_index, acc.num_processes,
+    eval_samples = evaluation.prepare(comps, eval_list, buckets, acc.process_index, acc.num_processes,
                                       exchange)
     cache_reports: list[dict[str, Any]] = []  # `cache_filled` events, emitted after run_started
-    latents = _cache_latents(cfg, acc, comps, items, item_buckets, exchange, cache_reports) if ds.cache_latents else None
+    flips = (False, True) if any(r.random_flip for r in data.subsets) else (False,)
+    latents = (_cache_latents(cfg, acc, comps, items, item_buckets, flips, exchange, cache_reports)
+               if ds.cache_latents else None)
     if latents is not None and device.type == "cuda":
         comps.vae.to("cpu")  # not needed until sampling, which borrows it back
 
@@ -91,10 +94,10 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     optimizer = trained.prepare(acc, build_optimizer(cfg, groups, device.type), compile_unet=cfg.training.torch_compile)
 
     # Text: frozen encoders + fixed captions -> every embedding computed once.
-    text = TextEncoder(comps, cfg.training.clip_skip, cache=not train_te and not ds.shuffle_caption,
+    text = TextEncoder(comps, cfg.training.clip_skip, cache=not train_te and not any(r.shuffle_caption for r in data.subsets),
                        encoders=trained.text_encoder_runners())
     if text.cache:
-        caps = {it.caption for it in items} | ({""} if ds.caption_dropout_rate > 0 else set())
+        caps = {it.caption for it in items} | ({""} if any(r.caption_dropout_rate > 0 for r in data.subsets) else set())
         world = acc.num_processes
         mine = text.precompute(caps | {smp.caption for smp in eval_samples}, acc.process_index, world,
                                exchange)
@@ -109,17 +112,17 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
                  latents=latents, text=text, trained=trained, optimizer=optimizer,
                  lr_scheduler=build_scheduler(cfg, optimizer, total_steps), weight_dtype=wdtype,
                  steps_per_epoch=spe, total_steps=total_steps, total_epochs=total_epochs, eval_kind=eval_kind,
-                 eval_samples=eval_samples, dataset_fingerprint=dataset_fingerprint(ds.train_data_dir, ds.caption_extension),
+                 eval_samples=eval_samples, dataset_fingerprint=dataset_fingerprint(ds), subsets=data.subsets,
                  cache_reports=cache_reports)
 
 
 def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, items: list[D.ImageItem],
-                   item_buckets: list[tuple[int, int]], exchange: Any, reports: list[dict[str, Any]]) -> LatentCache:
+                   item_buckets: list[tuple[int, int]], flips: tuple[bool, ...], exchange: Any,
+                   reports: list[dict[str, Any]]) -> LatentCache:
     """Fill the latent cache, each rank encoding its share (1/N of what is not on disk yet)."""
     ds = cfg.dataset
     disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
     latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
-    flips = (False, True) if ds.random_flip else (False,)
     world = acc.num_processes
     if acc.is_main_process:
         print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each, {world} process(es))", flush=True)
@@ -149,10 +152,11 @@ def _place_latents(cfg: TrainingConfig, io: RunIO, latents: LatentCache, device:
                 f"budget ({budget / 2**20:.0f} MB); it stays in pinned CPU memory and each batch is copied")
 
 
-def plan_settings(cfg: TrainingConfig, world: int) -> D.PlanSettings:
+def plan_settings(cfg: TrainingConfig, world: int, subsets: list[D.Subset]) -> D.PlanSettings:
+    """The batch plan's settings, with each subset's own caption rules."""
     ds, t = cfg.dataset, cfg.training
     return D.PlanSettings(t.seed, global_batch(t.train_batch_size, world, t.gradient_accumulation_steps), ds.random_flip,
-                          ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate)
+                          ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate, tuple(subsets), t.prior_loss_weight)
 
 
 def _schedule_length(cfg: TrainingConfig, items: list[D.ImageItem], item_buckets: list[tuple[int, int]],

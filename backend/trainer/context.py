@@ -52,6 +52,7 @@ class Setup:
     eval_kind: str = "ref"
     eval_samples: list[Any] = field(default_factory=list)
     dataset_fingerprint: str = ""
+    subsets: list[D.Subset] = field(default_factory=list)  # the dataset's resolved subsets (items index them)
     cache_reports: list[dict[str, Any]] = field(default_factory=list)  # what caching did, per kind (cache_filled)
 
     @property

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from backend.config import DatasetConfig
+from backend.config import DatasetConfig, SubsetConfig
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 REPEATS_RE = re.compile(r"^(\d+)_(.*)$")
@@ -33,8 +33,33 @@ class DatasetError(Exception):
 class ImageItem:
     path: str
     caption: str
-    repeats: int
+    repeats: int  # uses per epoch (for regularization images: after balancing, see balance_reg)
     size: tuple[int, int]  # original (width, height)
+    subset: int = 0  # index into the resolved subsets (resolve_subsets)
+    is_reg: bool = False
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One image folder as training uses it: a config subset, or one `<repeats>_<class>` folder of
+    train_data_dir/reg_data_dir, with every caption setting resolved (the dataset's where the
+    subset leaves it empty)."""
+
+    image_dir: str
+    num_repeats: int
+    is_reg: bool
+    class_tokens: str
+    caption_extension: str
+    shuffle_caption: bool
+    keep_tokens: int
+    random_flip: bool
+    caption_dropout_rate: float
+    label: str  # the config path messages name: dataset.train_data_dir, dataset.subsets.1.image_dir
+
+    @property
+    def name(self) -> str:
+        """The folder's name, as sd-scripts keys ss_dataset_dirs and ss_tag_frequency."""
+        return Path(self.image_dir).name
 
 
 @dataclass
@@ -65,44 +90,104 @@ def _header_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def discover(data_dir: str | Path, caption_extension: str = ".txt", label: str = "dataset.train_data_dir",
-             decode: bool = True) -> Discovery:
-    """Find images: kohya `<repeats>_<class words>/` sub-folders, or a flat folder (metadata.jsonl or captions).
-    decode=False reads only each image's header (a quick count for estimates; a truncated file passes)."""
-    root = Path(data_dir).expanduser()
+def _subset(ds: DatasetConfig, image_dir: str, repeats: int, is_reg: bool, class_tokens: str, label: str,
+            sub: SubsetConfig | None = None) -> Subset:
+    def pick(name: str):  # the subset's own setting, else the dataset's
+        own = getattr(sub, name) if sub is not None else None
+        return getattr(ds, name) if own is None else own
+    return Subset(image_dir, repeats, is_reg, class_tokens, pick("caption_extension"), pick("shuffle_caption"),
+                  pick("keep_tokens"), pick("random_flip"), pick("caption_dropout_rate"), label)
+
+
+def repeats_folders(root: Path) -> list[Path]:
+    """The `<repeats>_<class words>` sub-folders of a kohya image folder, sorted by name."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and REPEATS_RE.match(p.name))
+
+
+def _expand(ds: DatasetConfig, folder: str, is_reg: bool, label: str, warnings: list[str]) -> list[Subset]:
+    """A kohya folder as subsets: one per `<repeats>_<class words>` sub-folder, or the folder itself
+    (repeats 1, no class words) when it has none."""
+    root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{label}: folder {root} does not exist")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and REPEATS_RE.match(p.name))
-    candidates: list[tuple[Path, str, int]] = []  # (image, caption, repeats)
-    warnings: list[str] = []
-    if subdirs:
-        for d in subdirs:
-            m = REPEATS_RE.match(d.name)
-            repeats, class_words = int(m.group(1)), m.group(2).strip()
-            if repeats < 1:
-                warnings.append(f"{d.name}: repeats is 0, folder skipped")
-                continue
-            for img in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")):
-                candidates.append((img, _read_caption(img.with_suffix(caption_extension), class_words), repeats))
-    else:
-        meta = _read_metadata(root, warnings)
-        for img in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")):
-            caption = meta.get(img.name) or _read_caption(img.with_suffix(caption_extension), "")
-            candidates.append((img, caption, 1))
-    items = []
-    for img, caption, repeats in candidates:
-        try:
-            size = _check_image(img) if decode else _header_size(img)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            warnings.append(f"skipped unreadable image {img}: {type(e).__name__}: {str(e)[:120]}")
+    subdirs = repeats_folders(root)
+    if not subdirs:
+        return [_subset(ds, str(root), 1, is_reg, "", label)]
+    out = []
+    for d in subdirs:
+        m = REPEATS_RE.match(d.name)
+        repeats, class_words = int(m.group(1)), m.group(2).strip()
+        if repeats < 1:
+            warnings.append(f"{d.name}: repeats is 0, folder skipped")
             continue
-        items.append(ImageItem(str(img), caption, repeats, size))
-    if not items:
-        raise DatasetError(
-            f"{label}: no usable images in {root} (expected <repeats>_<name>/ sub-folders with images, "
-            "or images with a metadata.jsonl)"
-        )
+        out.append(_subset(ds, str(d), repeats, is_reg, class_words, label))
+    return out
+
+
+def resolve_subsets(ds: DatasetConfig) -> tuple[list[Subset], list[str]]:
+    """(every subset of the dataset, warnings): train_data_dir's, then reg_data_dir's, then the listed
+    subsets. Reads only folder listings."""
+    warnings: list[str] = []
+    out: list[Subset] = []
+    if ds.train_data_dir:
+        out += _expand(ds, ds.train_data_dir, False, "dataset.train_data_dir", warnings)
+    if ds.reg_data_dir:
+        out += _expand(ds, ds.reg_data_dir, True, "dataset.reg_data_dir", warnings)
+    for i, sub in enumerate(ds.subsets):
+        label = f"dataset.subsets.{i}.image_dir"
+        out.append(_subset(ds, str(Path(sub.image_dir).expanduser()), sub.num_repeats, sub.is_reg,
+                           sub.class_tokens or "", label, sub))
+    return out, warnings
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def discover_subsets(subsets: list[Subset], decode: bool = True) -> Discovery:
+    """Every usable image of the subsets, with its caption: metadata.jsonl's text, else its caption
+    file, else the subset's class words. decode=False reads only each image's header (a quick count
+    for estimates; a truncated file passes)."""
+    warnings: list[str] = []
+    items: list[ImageItem] = []
+    for index, sub in enumerate(subsets):
+        root = Path(sub.image_dir)
+        if not root.is_dir():
+            raise DatasetError(f"{sub.label}: folder {root} does not exist")
+        meta = _read_metadata(root, warnings)
+        found = 0
+        for img in _images_in(root):
+            caption = meta.get(img.name) or _read_caption(img.with_suffix(sub.caption_extension), sub.class_tokens)
+            try:
+                size = _check_image(img) if decode else _header_size(img)
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+                warnings.append(f"skipped unreadable image {img}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            items.append(ImageItem(str(img), caption, sub.num_repeats, size, index, sub.is_reg))
+            found += 1
+        if not found and sub.label.startswith("dataset.subsets."):
+            hint = (" (its sub-folders look like kohya '<repeats>_<name>' folders: give it as dataset.train_data_dir "
+                    "or dataset.reg_data_dir instead)" if repeats_folders(root) else "")
+            raise DatasetError(f"{sub.label}: no usable images in {root}{hint}")
     return Discovery(items, warnings)
+
+
+def discover(data_dir: str | Path, caption_extension: str = ".txt", label: str = "dataset.train_data_dir",
+             decode: bool = True) -> Discovery:
+    """Find the images of one kohya folder: `<repeats>_<class words>/` sub-folders, or a flat folder
+    (metadata.jsonl or captions)."""
+    ds = DatasetConfig(train_data_dir=str(data_dir), caption_extension=caption_extension)
+    warnings: list[str] = []
+    subsets = _expand(ds, str(data_dir), False, label, warnings)
+    disc = discover_subsets(subsets, decode)
+    if not disc.items:
+        raise DatasetError(_no_images(label, Path(data_dir).expanduser()))
+    return Discovery(disc.items, warnings + disc.warnings)
+
+
+def _no_images(label: str, root: Path) -> str:
+    return (f"{label}: no usable images in {root} (expected <repeats>_<name>/ sub-folders with images, "
+            "or images with a metadata.jsonl)")
 
 
 def _read_metadata(root: Path, warnings: list[str]) -> dict[str, str]:
@@ -133,19 +218,121 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
     return train, val
 
 
-def load_dataset(ds: DatasetConfig, seed: int) -> tuple[list[ImageItem], list[ImageItem], list[str]]:
-    """(training items, validation items, warnings) for a config: the split, or validation_data_dir."""
-    disc = discover(ds.train_data_dir, ds.caption_extension)
-    items, val_items = split_validation(disc.items, ds.validation_split, seed)
+def balance_reg(train: list[ImageItem], reg: list[ImageItem]) -> list[ImageItem]:
+    """Regularization images with the repeats sd-scripts gives them (DreamBoothDataset.__init__): in
+    order, each is taken with its folder's repeats until they add up to the training images' uses
+    per epoch; if they still fall short, one more repeat each, round and round, until they match.
+    Images left over when the first round already reaches the count are not used."""
+    target = sum(it.repeats for it in train)
+    counts: list[int] = []
+    n = 0
+    for it in reg:  # the first round: each with its folder's repeats
+        if n >= target:
+            break
+        counts.append(it.repeats)
+        n += it.repeats
+    while counts and n < target:  # then one more each, round and round
+        for i in range(len(counts)):
+            counts[i] += 1
+            n += 1
+            if n >= target:
+                break
+    return [replace(it, repeats=c) for it, c in zip(reg, counts, strict=False)]
+
+
+@dataclass
+class Loaded:
+    """A dataset as training uses it: its subsets, the training items (regularization ones last,
+    balanced), the validation items and what was skipped."""
+
+    subsets: list[Subset]
+    items: list[ImageItem]
+    val_items: list[ImageItem]
+    warnings: list[str]
+
+
+def load(ds: DatasetConfig, seed: int, decode: bool = True) -> Loaded:
+    """Resolve, discover, hold out validation images (never regularization ones), balance."""
+    subsets, warnings = resolve_subsets(ds)
+    disc = discover_subsets(subsets, decode)
+    train = [it for it in disc.items if not it.is_reg]
+    if not train:
+        where = ds.train_data_dir or "the subsets"
+        raise DatasetError(_no_images("dataset.train_data_dir" if ds.train_data_dir else "dataset.subsets",
+                                      Path(where).expanduser()))
+    train, val_items = split_validation(train, ds.validation_split, seed)
+    reg_found = [it for it in disc.items if it.is_reg]
+    reg = balance_reg(train, reg_found)
+    if (ds.reg_data_dir or any(s.is_reg for s in subsets)) and not reg_found:
+        warnings.append("dataset.reg_data_dir: no usable regularization images found; training without them")
+    elif len(reg) < len(reg_found):
+        warnings.append(f"dataset.reg_data_dir: {len(reg_found) - len(reg)} of {len(reg_found)} regularization images "
+                        "are not used: the others already balance the training images (as in sd-scripts)")
     if ds.validation_data_dir:
-        val_items = discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir").items
-    return items, val_items, disc.warnings
+        val_items = discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir", decode).items
+    return Loaded(subsets, train + reg, val_items, warnings + disc.warnings)
+
+
+def load_dataset(ds: DatasetConfig, seed: int) -> tuple[list[ImageItem], list[ImageItem], list[str]]:
+    """(training items, validation items, warnings) for a config."""
+    loaded = load(ds, seed)
+    return loaded.items, loaded.val_items, loaded.warnings
 
 
 # ---------------------------------------------------------------------------------------- buckets
-def buckets_for(ds: DatasetConfig) -> list[tuple[int, int]] | None:
-    """The config's bucket set, or None when bucketing is off (square crops)."""
-    return make_buckets(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) if ds.enable_bucket else None
+@dataclass(frozen=True)
+class Bucketing:
+    """How images get their bucket: the nearest of a fixed set (aspect-ratio bucketing), one square
+    (bucketing off), or each image's own size (bucket_no_upscale)."""
+
+    resolution: int
+    buckets: tuple[tuple[int, int], ...] = ()  # empty: square crops, or no_upscale
+    no_upscale: bool = False
+    step: int = 64
+
+    def assign(self, size: tuple[int, int]) -> tuple[int, int]:
+        if self.no_upscale:
+            return no_upscale_bucket(size, self.resolution * self.resolution, self.step)
+        if self.buckets:
+            return assign_bucket(size, list(self.buckets))
+        return (self.resolution, self.resolution)
+
+
+def buckets_for(ds: DatasetConfig) -> Bucketing:
+    """The config's bucketing, with bucket_reso_steps and the bucket range as sd-scripts uses them
+    (see DatasetConfig.bucket_steps, bucket_range)."""
+    if not ds.enable_bucket:
+        return Bucketing(ds.resolution)
+    step = ds.bucket_steps()
+    if ds.bucket_no_upscale:
+        return Bucketing(ds.resolution, no_upscale=True, step=step)
+    low, high = ds.bucket_range()
+    return Bucketing(ds.resolution, tuple(make_buckets(ds.resolution, low, high, step)), step=step)
+
+
+def no_upscale_bucket(size: tuple[int, int], max_area: int, step: int) -> tuple[int, int]:
+    """sd-scripts' bucket for an image with bucket_no_upscale (BucketManager.select_bucket): an image
+    above the area is shrunk to it keeping its aspect ratio (the side rounded to the step that keeps
+    the ratio best); the bucket is that size rounded down to the step (the rest is cropped)."""
+    w, h = size
+    if w * h > max_area:
+        ar = w / h
+        rw = math.sqrt(max_area * ar)
+        rh = max_area / rw
+
+        def to_step(x: float) -> int:
+            x = int(x + 0.5)
+            return x - x % step
+
+        bw = to_step(rw)
+        bh_w = to_step(bw / ar)
+        bh = to_step(rh)
+        bw_h = to_step(bh * ar)
+        if bh_w and bh and abs(bw / bh_w - ar) < abs(bw_h / bh - ar):
+            w, h = bw, int(bw / ar + 0.5)
+        else:
+            w, h = int(bh * ar + 0.5), bh
+    return max(step, w - w % step), max(step, h - h % step)
 
 
 def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
@@ -199,6 +386,7 @@ class Sample:
     flip: bool
     caption: str
     index: int  # position in the epoch (global batch x global batch size + slot): keys its noise and timestep
+    weight: float = 1.0  # loss weight: training.prior_loss_weight for regularization images
 
 
 @dataclass(frozen=True)
@@ -213,8 +401,8 @@ class Batch:
     share: float = 1.0
 
 
-def bucket_of_items(items: list[ImageItem], buckets: list[tuple[int, int]] | None, square: int) -> list[tuple[int, int]]:
-    return [assign_bucket(it.size, buckets) if buckets else (square, square) for it in items]
+def bucket_of_items(items: list[ImageItem], bucketing: Bucketing) -> list[tuple[int, int]]:
+    return [bucketing.assign(it.size) for it in items]
 
 
 def process_caption(caption: str, rng: np.random.Generator, shuffle: bool, keep_tokens: int, dropout: float) -> str:
@@ -237,6 +425,12 @@ class PlanSettings:
     shuffle_caption: bool
     keep_tokens: int
     caption_dropout_rate: float
+    per_subset: tuple[Subset, ...] = ()  # each subset's caption rules (empty: the fields above for every image)
+    prior_loss_weight: float = 1.0
+
+    def rules(self, item: ImageItem) -> Subset | PlanSettings:
+        """What flips and captions an item: its subset's settings, or the dataset's."""
+        return self.per_subset[item.subset] if self.per_subset else self
 
 
 def epoch_plan(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: PlanSettings, epoch: int) -> list[Batch]:
@@ -262,9 +456,10 @@ def epoch_plan(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: P
         samples = []
         for slot, i in enumerate(members):
             srng = np.random.default_rng([s.seed, epoch, b, slot])
-            flip = bool(s.random_flip and srng.random() < 0.5)
-            cap = process_caption(items[i].caption, srng, s.shuffle_caption, s.keep_tokens, s.caption_dropout_rate)
-            samples.append(Sample(i, flip, cap, b * g + slot))
+            it, r = items[i], s.rules(items[i])
+            flip = bool(r.random_flip and srng.random() < 0.5)
+            cap = process_caption(it.caption, srng, r.shuffle_caption, r.keep_tokens, r.caption_dropout_rate)
+            samples.append(Sample(i, flip, cap, b * g + slot, s.prior_loss_weight if it.is_reg else 1.0))
         batches.append(Batch(bucket, tuple(samples)))
     return batches
 

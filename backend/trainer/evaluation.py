@@ -42,13 +42,12 @@ def eval_items(train_items: list[D.ImageItem], val_items: list[D.ImageItem]) -> 
     """('val', the validation set) or ('ref', the first few training images by path)."""
     if val_items:
         return "val", val_items
-    return "ref", sorted(train_items, key=lambda it: it.path)[:REFERENCE_IMAGES]
+    return "ref", sorted((it for it in train_items if not it.is_reg), key=lambda it: it.path)[:REFERENCE_IMAGES]
 
 
-def prepare(comps: Components, items: list[D.ImageItem], buckets: list[tuple[int, int]] | None, square: int,
-            rank: int = 0, world: int = 1, exchange: Callable[[list[Any]], list[Any]] | None = None) -> list[EvalSample]:
+def prepare(comps: Components, items: list[D.ImageItem], buckets: D.Bucketing, rank: int = 0, world: int = 1, exchange: Callable[[list[Any]], list[Any]] | None = None) -> list[EvalSample]:
     """Encode the evaluation images once (VAE mean, no flip), each rank its share (`split_work`)."""
-    item_buckets = D.bucket_of_items(items, buckets, square)
+    item_buckets = D.bucket_of_items(items, buckets)
 
     def encode(idx: list[int]) -> dict[int, torch.Tensor]:
         return {i: encode_pixels(comps.vae, torch.from_numpy(D.load_pixels(items[i], item_buckets[i], flip=False)[None]))[0].cpu()

@@ -96,6 +96,9 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int,
             with acc.autocast():
                 per_sample = diffusion_loss(unet, s.comps.noise_scheduler, lat, ctx, added, noise, t,
                                             s.comps.v_prediction, ts, s.weight_dtype, input_noise)
+                if any(smp.weight != 1.0 for smp in b.samples):  # regularization images: prior_loss_weight
+                    per_sample = per_sample * torch.tensor([smp.weight for smp in b.samples], device=per_sample.device,
+                                                           dtype=per_sample.dtype)
                 loss = per_sample.sum() * b.share
             acc.backward(loss)
         total = total + loss.detach()

@@ -8,7 +8,6 @@ functions of the step and epoch counters.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -290,10 +289,6 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
     """kohya `ss_*` metadata (for people and A1111's info panel) plus modelspec fields."""
     cfg = s.cfg
     o = cfg.optimizer
-    dirs: dict[str, dict[str, int]] = {}
-    for it in s.items:
-        d = dirs.setdefault(Path(it.path).parent.name, {"n_repeats": it.repeats, "img_count": 0})
-        d["img_count"] += 1
     res = cfg.dataset.resolution
     return {
         **export.network_metadata(cfg.network),
@@ -303,8 +298,6 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_sd_model_name": Path(cfg.model.pretrained_model).name,
         "ss_resolution": f"({res}, {res})",
         "ss_enable_bucket": str(cfg.dataset.enable_bucket),
-        "ss_num_train_images": str(sum(it.repeats for it in s.items)),
-        "ss_dataset_dirs": json.dumps(dirs),
         "ss_epoch": str(prog.epoch),
         "ss_num_epochs": str(s.total_epochs),
         "ss_steps": str(prog.global_step),
