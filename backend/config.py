@@ -251,6 +251,37 @@ class ProdigyConfig(OptimizerBase):
     decouple: bool = Field(True, description="AdamW-style decoupled weight decay.")
 
 
+class DAdaptAdamConfig(OptimizerBase):
+    """D-Adaptation Adam (Defazio & Mishchenko 2023, the `dadaptation` package sd-scripts uses)."""
+
+    type: Literal["DAdaptAdam"] = "DAdaptAdam"
+    learning_rate: float = Field(
+        1.0, gt=0, le=10.0, description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it)."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay (decoupled when 'decouple' is on).")
+    betas: Betas = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, le=1.0, description="Epsilon.")
+    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+    growth_rate: float | None = Field(
+        None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
+    )
+    use_bias_correction: bool = Field(False, description="Adam-style bias correction (off in dadaptation).")
+    decouple: bool = Field(False, description="AdamW-style decoupled weight decay (off in dadaptation; kohya "
+                           "presets often turn it on).")
+
+
+class DAdaptLionConfig(OptimizerBase):
+    """D-Adaptation Lion (the `dadaptation` package)."""
+
+    type: Literal["DAdaptLion"] = "DAdaptLion"
+    learning_rate: float = Field(
+        1.0, gt=0, le=10.0, description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it)."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
+    betas: Betas = Field((0.9, 0.99), description="Lion betas.")
+    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+
+
 class LionConfig(OptimizerBase):
     type: Literal["Lion"] = "Lion"
     learning_rate: float = Field(3e-5, gt=0, le=10.0, description="Learning rate (Lion wants 3-10x smaller than AdamW).")
@@ -273,8 +304,10 @@ class SGDConfig(OptimizerBase):
     nesterov: bool = Field(False, description="Nesterov momentum.")
 
 
+ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion")  # they estimate the step size: one learning rate
 OptimizerConfig = Annotated[
-    AdamWConfig | AdamW8bitConfig | ProdigyConfig | LionConfig | AdafactorConfig | SGDConfig,
+    AdamWConfig | AdamW8bitConfig | ProdigyConfig | DAdaptAdamConfig | DAdaptLionConfig | LionConfig | AdafactorConfig
+    | SGDConfig,
     Field(discriminator="type"),
 ]
 
@@ -547,13 +580,13 @@ class TrainingConfig(Section):
     @model_validator(mode="after")
     def _cross(self) -> TrainingConfig:
         opt = self.optimizer
-        if opt.type == "Prodigy" and self.network.train_unet and self.network.train_text_encoder:
+        if opt.type in ADAPTIVE_OPTIMIZERS and self.network.train_unet and self.network.train_text_encoder:
             u = opt.unet_lr or opt.learning_rate
             t = opt.text_encoder_lr or opt.learning_rate
             if u != t:
                 raise ValueError(
-                    f"optimizer.text_encoder_lr: Prodigy needs one learning rate for UNet and text encoder (unet_lr {u} != "
-                    f"text_encoder_lr {t}); scale the step with d_coef instead"
+                    f"optimizer.text_encoder_lr: {opt.type} needs one learning rate for UNet and text encoder (unet_lr {u} "
+                    f"!= text_encoder_lr {t}); {'scale the step with d_coef' if opt.type == 'Prodigy' else 'it sets the step size itself'} instead"
                 )
         v_pred, t = self.model.v_parameterization, self.training
         if v_pred is False and t.scale_v_pred_loss_like_noise_pred:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-OPTIMIZER_TYPES = ["AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor", "SGD"]
+OPTIMIZER_TYPES = ["AdamW", "AdamW8bit", "Prodigy", "DAdaptAdam", "DAdaptLion", "Lion", "Adafactor", "SGD"]
 NETWORK_TYPES = ["lora", "locon", "loha", "lokr", "dora"]
 UNION_TYPES = {"optimizer": OPTIMIZER_TYPES, "network": NETWORK_TYPES}  # sections whose `type` picks their fields
 

@@ -173,7 +173,7 @@ OPTIMIZERS = {  # kohya name (lower case) -> (Lathe type, the variant Lathe repl
     "pagedadamw32bit": ("AdamW", "paged 32-bit"), "pagedadamw8bit": ("AdamW8bit", "paged"),
     "prodigy": ("Prodigy", ""), "lion": ("Lion", ""), "lion8bit": ("Lion", "8-bit"),
     "pagedlion8bit": ("Lion", "paged 8-bit"), "adafactor": ("Adafactor", ""), "sgdnesterov": ("SGD", ""),
-    "sgdnesterov8bit": ("SGD", "8-bit"),
+    "sgdnesterov8bit": ("SGD", "8-bit"), "dadaptadam": ("DAdaptAdam", ""), "dadaptlion": ("DAdaptLion", ""),
 }
 # Defaults of the libraries kohya_ss calls, where they differ from Lathe's defaults for the same type.
 LIBRARY_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -31,6 +31,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PATH_FIELDS = (
     ("model", "pretrained_model"),
     ("dataset", "train_data_dir"),
+    ("dataset", "reg_data_dir"),
     ("dataset", "validation_data_dir"),
     ("launch", "accelerate_config_file"),
 )
@@ -52,6 +53,8 @@ def absolutize(cfg: TrainingConfig, base: Path | None = None) -> TrainingConfig:
 
     for sec, key in PATH_FIELDS:
         data[sec][key] = fix(data[sec][key])
+    for sub in data["dataset"]["subsets"]:
+        sub["image_dir"] = fix(sub["image_dir"])
     data["output_dir"] = fix(data["output_dir"])
     data["resume_from"] = fix(data["resume_from"])
     return TrainingConfig.model_validate(data)

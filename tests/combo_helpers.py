@@ -66,7 +66,7 @@ SPACE: pairwise.Space = {
     "training.scale_weight_norms": [None, 0.02],  # small enough that the demo's layers reach it
     "v_pred_loss": ["none", "scale_like_noise", "like_loss"],
     "model.v_parameterization": [None, True],
-    "optimizer.type": ["AdamW", "Prodigy", "Lion", "Adafactor", "SGD"],
+    "optimizer.type": ["AdamW", "Prodigy", "DAdaptAdam", "DAdaptLion", "Lion", "Adafactor", "SGD"],
     "scheduler.type": ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"],
     "scheduler.warmup_steps": [0, 2],
     "launch.num_processes": [1, 2],

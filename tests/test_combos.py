@@ -26,12 +26,13 @@ CASES = [
     ("te-dropout-ddp-dora", H.baseline(network__type="dora", network__conv_rank=2, network__train_text_encoder=True,
                                        network__dropout=0.1, launch__num_processes=2)),
     # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's
-    # v weighting; a LoKr network.
-    ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr")),
+    # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed.
+    ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr",
+                                   optimizer__type="DAdaptLion")),
     # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
-    # convolution layers (LDM names in the export).
+    # convolution layers (LDM names in the export); D-Adaptation Adam.
     ("sdxl-te-loha", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle", network__type="loha",
-                                network__conv_rank=2)),
+                                network__conv_rank=2, optimizer__type="DAdaptAdam")),
 ]
 
 

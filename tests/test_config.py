@@ -88,7 +88,7 @@ def test_unknown_fields_and_optimizer_args_are_errors():
     assert errors({"optimizer": {"type": "Prodigy", "d_coeff": 2}}) == [
         "optimizer.d_coeff: unknown setting; did you mean optimizer.d_coef?"]
     assert errors({"optimizer": {"type": "Prodigi"}}) == [
-        "optimizer: unknown optimizer 'Prodigi'; choose one of AdamW, AdamW8bit, Prodigy, Lion, Adafactor, SGD"]
+        "optimizer: unknown optimizer 'Prodigi'; choose one of AdamW, AdamW8bit, Prodigy, DAdaptAdam, DAdaptLion, Lion, Adafactor, SGD"]
     # d_coef belongs to Prodigy only.
     assert errors({"optimizer": {"type": "AdamW", "d_coef": 2}}) == [
         "optimizer.d_coef: not a setting of the AdamW optimizer; it belongs to Prodigy (set optimizer.type)"]

@@ -397,8 +397,15 @@ def test_optimizer_names_and_variants():
     assert (r.config.optimizer.type, r.config.optimizer.weight_decay) == ("Lion", 0.0)  # lion-pytorch's default
     r = ok(import_kohya(standard(optimizer="SGDNesterov", learning_rate="0.01", unet_lr="0.01", text_encoder_lr="0.01")))
     assert (r.config.optimizer.type, r.config.optimizer.nesterov) == ("SGD", True)
-    r = import_kohya(standard(optimizer="DAdaptAdam"))
-    assert r.refused and "DAdaptAdam" in r.refused and r.preset == {}
+    r = ok(import_kohya(standard(optimizer="DAdaptAdam", learning_rate="1", unet_lr="1", text_encoder_lr="1",
+                                 optimizer_args="decouple=True weight_decay=0.01 use_bias_correction=True")))
+    o = r.config.optimizer
+    assert (o.type, o.decouple, o.weight_decay, o.use_bias_correction, o.learning_rate) == (
+        "DAdaptAdam", True, 0.01, True, 1.0)
+    r = ok(import_kohya(standard(optimizer="DAdaptLion", learning_rate="1", unet_lr="1", text_encoder_lr="1")))
+    assert r.config.optimizer.type == "DAdaptLion"
+    r = import_kohya(standard(optimizer="CAME"))
+    assert r.refused and "CAME" in r.refused and r.preset == {}
     r = ok(import_kohya(standard(optimizer=None, use_8bit_adam=True)))
     assert r.config.optimizer.type == "AdamW8bit"
 

@@ -33,6 +33,8 @@ def quadratic_descent(opt_cfg: dict, steps: int = 60) -> float:
     {"type": "AdamW", "learning_rate": 0.05},
     {"type": "Prodigy", "d_coef": 1.0},
     {"type": "Lion", "learning_rate": 0.01},
+    {"type": "DAdaptAdam", "d0": 1e-3},
+    {"type": "DAdaptLion", "d0": 1e-3},
     {"type": "Adafactor", "learning_rate": 0.05},
     {"type": "SGD", "learning_rate": 0.05},
 ])

@@ -200,8 +200,8 @@ def test_a_field_of_another_optimizer_says_which():
     assert errors({"optimizer": {"d_coef": 2}}) == [
         "optimizer.d_coef: not a setting of the AdamW optimizer; it belongs to Prodigy (set optimizer.type)"]
     assert errors({"optimizer": {"type": "SGD", "eps": 1e-8}}) == [
-        "optimizer.eps: not a setting of the SGD optimizer; it belongs to AdamW, AdamW8bit and Prodigy "
-        "(set optimizer.type)"]
+        "optimizer.eps: not a setting of the SGD optimizer; it belongs to AdamW, AdamW8bit, Prodigy and "
+        "DAdaptAdam (set optimizer.type)"]
 
 
 def test_a_field_of_another_network_type_says_which():
@@ -237,7 +237,7 @@ def test_wrong_type_messages():
     assert errors({"training": {"train_batch_size": "four"}}) == [
         "training.train_batch_size: input should be a valid integer, unable to parse string as an integer; got 'four'"]
     assert errors({"optimizer": {"type": "Adam"}}) == [
-        "optimizer: unknown optimizer 'Adam'; choose one of AdamW, AdamW8bit, Prodigy, Lion, Adafactor, SGD"]
+        "optimizer: unknown optimizer 'Adam'; choose one of AdamW, AdamW8bit, Prodigy, DAdaptAdam, DAdaptLion, Lion, Adafactor, SGD"]
     assert errors({"dataset": {"resolution": 500}}) == ["dataset.resolution: must be a multiple of 8; got 500"]
     assert errors({"training": {"gradient_checkpointing": "sometimes"}})[0].startswith(
         "training.gradient_checkpointing: input should be a valid boolean")

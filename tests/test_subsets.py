@@ -204,3 +204,13 @@ def test_prior_loss_weight_weights_exactly_the_regularization_samples(demo, tmp_
     assert stepped
     assert torch.allclose(loss, expected, rtol=1e-5, atol=0), (float(loss), float(expected))
     assert not torch.allclose(loss, unweighted, rtol=1e-3)  # the weight changed it
+
+
+def test_the_launcher_makes_every_subset_folder_absolute(tmp_path):
+    from backend import launcher
+
+    cfg = TrainingConfig(dataset={"train_data_dir": None, "reg_data_dir": "reg",
+                                  "subsets": [{"image_dir": "data/a"}, {"image_dir": str(tmp_path / "b")}]})
+    ds = launcher.absolutize(cfg, base=tmp_path).dataset
+    assert (ds.reg_data_dir, [s.image_dir for s in ds.subsets]) == (
+        str(tmp_path / "reg"), [str(tmp_path / "data" / "a"), str(tmp_path / "b")])

@@ -1,4 +1,5 @@
-"""Optimizers (AdamW, AdamW8bit, Prodigy, Lion, Adafactor, SGD) and learning-rate schedules."""
+"""Optimizers (AdamW, AdamW8bit, Prodigy, DAdaptAdam, DAdaptLion, Lion, Adafactor, SGD) and
+learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -79,6 +80,16 @@ def build_optimizer(cfg: TrainingConfig, groups: list[dict[str, Any]], device_ty
             d_coef=o.d_coef,
             growth_rate=o.growth_rate if o.growth_rate is not None else float("inf"),
         )
+    if o.type == "DAdaptAdam":
+        from dadaptation import DAdaptAdam
+
+        return DAdaptAdam(groups, lr=o.learning_rate, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                          decouple=o.decouple, use_bias_correction=o.use_bias_correction, d0=o.d0,
+                          growth_rate=o.growth_rate if o.growth_rate is not None else float("inf"))
+    if o.type == "DAdaptLion":
+        from dadaptation import DAdaptLion
+
+        return DAdaptLion(groups, lr=o.learning_rate, betas=o.betas, weight_decay=o.weight_decay, d0=o.d0)
     if o.type == "Lion":
         return Lion(groups, lr=o.learning_rate, betas=o.betas, weight_decay=o.weight_decay)
     if o.type == "Adafactor":
@@ -112,6 +123,6 @@ def build_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total
 
 
 def prodigy_d(optimizer: torch.optim.Optimizer) -> float | None:
-    """Prodigy's current step-size estimate d (None for other optimizers)."""
+    """Prodigy's or D-Adaptation's current step-size estimate d (None for other optimizers)."""
     g = optimizer.param_groups[0]
-    return float(g["d"]) if "d" in g and "d_coef" in g else None
+    return float(g["d"]) if "d" in g and ("d_coef" in g or "d0" in g) else None

@@ -256,7 +256,8 @@ def optimizer_description(cfg: Any) -> str:
     o = cfg.optimizer.model_dump()
     kind = o.pop("type")
     cls = {"Prodigy": "prodigyopt.Prodigy", "AdamW": "torch.optim.AdamW", "Lion": "Lion", "SGD": "torch.optim.SGD",
-           "Adafactor": "transformers.optimization.Adafactor", "AdamW8bit": "bitsandbytes.optim.AdamW8bit"}[kind]
+           "Adafactor": "transformers.optimization.Adafactor", "AdamW8bit": "bitsandbytes.optim.AdamW8bit",
+           "DAdaptAdam": "dadaptation.DAdaptAdam", "DAdaptLion": "dadaptation.DAdaptLion"}[kind]
     args = ",".join(f"{k}={v}" for k, v in o.items() if k not in ("learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm"))
     return f"{cls}({args})"
 
