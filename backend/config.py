@@ -196,7 +196,8 @@ NetworkConfig = Annotated[
     | Annotated[LoKrNetwork, Tag("lokr")] | Annotated[DoRANetwork, Tag("dora")],
     Discriminator(_network_tag),
 ]
-HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None}, "dataset": DATASET_HASH_NEUTRAL}  # added after schema 1, see config_hash
+HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None}, "dataset": DATASET_HASH_NEUTRAL,
+                         "scheduler": {"lr_warmup": None}}  # added after schema 1, see config_hash
 
 
 # ----------------------------------------------------------------------------------------- optimizer
@@ -211,6 +212,26 @@ class OptimizerBase(Section):
     )
     weight_decay: float = Field(0.01, ge=0.0, le=10.0, description="Weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm. Empty: no clipping.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, le=1000.0,
+        description="LoRA+ (Hayou et al. 2024): the up-projections (lora_B) learn this many times faster than the "
+        "down-projections (16 typical). lora, locon and dora networks. Empty: off.",
+    )
+    loraplus_unet_lr_ratio: float | None = Field(
+        None, gt=0, le=1000.0, description="LoRA+ ratio for the UNet only. Empty: loraplus_lr_ratio.",
+    )
+    loraplus_text_encoder_lr_ratio: float | None = Field(
+        None, gt=0, le=1000.0, description="LoRA+ ratio for the text encoder only. Empty: loraplus_lr_ratio.",
+    )
+
+    def loraplus_ratio(self, role: str) -> float | None:
+        """The LoRA+ ratio of a role ('unet' or 'text_encoder'), as sd-scripts resolves it."""
+        own = self.loraplus_unet_lr_ratio if role == "unet" else self.loraplus_text_encoder_lr_ratio
+        return own if own is not None else self.loraplus_lr_ratio
+
+
+LORAPLUS_FIELDS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+HASH_NEUTRAL_DEFAULTS["optimizer"] = dict.fromkeys(LORAPLUS_FIELDS)
 
 
 class AdamWConfig(OptimizerBase):
@@ -318,17 +339,31 @@ class SchedulerConfig(Section):
         "constant", description="Learning-rate schedule."
     )
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    lr_warmup: float | None = Field(
+        None, gt=0, lt=100, description="Warmup as a percentage of all optimizer steps (kohya_ss's lr_warmup), "
+        "instead of warmup_steps. Empty: warmup_steps.",
+    )
     num_cycles: int = Field(1, ge=1, le=1000, description="Restarts for cosine_with_restarts.")
     power: float = Field(1.0, gt=0, le=10.0, description="Power of the polynomial schedule.")
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
-        if self.type == "constant" and self.warmup_steps > 0:
-            raise ValueError(
-                f"warmup_steps: the constant schedule has no warmup (got {self.warmup_steps}); "
-                "choose constant_with_warmup, or set warmup_steps to 0"
-            )
+        if self.type == "constant" and (self.warmup_steps > 0 or self.lr_warmup is not None):
+            which = f"warmup_steps: the constant schedule has no warmup (got {self.warmup_steps}" if self.warmup_steps \
+                else f"lr_warmup: the constant schedule has no warmup (got {self.lr_warmup}%"
+            raise ValueError(f"{which}); choose constant_with_warmup, or clear the warmup")
+        if self.warmup_steps > 0 and self.lr_warmup is not None:
+            raise ValueError(f"lr_warmup: set either warmup_steps ({self.warmup_steps}) or lr_warmup "
+                             f"({self.lr_warmup}%), not both")
         return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warmup in optimizer steps: warmup_steps, or lr_warmup percent of all steps (rounded)."""
+        return self.warmup_steps if self.lr_warmup is None else round(self.lr_warmup * total_steps / 100)
+
+    @property
+    def has_warmup(self) -> bool:
+        return self.warmup_steps > 0 or self.lr_warmup is not None
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -588,6 +623,9 @@ class TrainingConfig(Section):
                     f"optimizer.text_encoder_lr: {opt.type} needs one learning rate for UNet and text encoder (unet_lr {u} "
                     f"!= text_encoder_lr {t}); {'scale the step with d_coef' if opt.type == 'Prodigy' else 'it sets the step size itself'} instead"
                 )
+        if any(getattr(opt, f) is not None for f in LORAPLUS_FIELDS) and self.network.type not in ("lora", "locon", "dora"):
+            raise ValueError(f"optimizer.loraplus_lr_ratio: LoRA+ speeds up a LoRA's up-projections; a {self.network.type} "
+                             "network has none (use lora, locon or dora, or clear the LoRA+ ratios)")
         v_pred, t = self.model.v_parameterization, self.training
         if v_pred is False and t.scale_v_pred_loss_like_noise_pred:
             raise ValueError("training.scale_v_pred_loss_like_noise_pred: only for v-prediction, and "
@@ -625,7 +663,7 @@ def config_warnings(cfg: TrainingConfig) -> list[str]:
                     f"optimizer.{name}: Prodigy sets its own step size and expects about 1.0 (got {lr}); "
                     "tune optimizer.d_coef instead"
                 )
-        if cfg.scheduler.warmup_steps > 0 and not opt.safeguard_warmup:
+        if cfg.scheduler.has_warmup and not opt.safeguard_warmup:
             out.append("optimizer.safeguard_warmup: recommended with Prodigy when scheduler.warmup_steps > 0")
     if cfg.dataset.random_flip and cfg.sampling.prompts and any("left" in p or "right" in p for p in cfg.sampling.prompts):
         out.append("dataset.random_flip: flipping mixes up left and right, which your sample prompts mention")

@@ -113,6 +113,9 @@ SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "output_dir": ("output_dir", to_str),
     "learning_rate": ("optimizer.learning_rate", to_float),
     "max_grad_norm": ("optimizer.max_grad_norm", off(to_float)),
+    "loraplus_lr_ratio": ("optimizer.loraplus_lr_ratio", off(to_float)),
+    "loraplus_unet_lr_ratio": ("optimizer.loraplus_unet_lr_ratio", off(to_float)),
+    "loraplus_text_encoder_lr_ratio": ("optimizer.loraplus_text_encoder_lr_ratio", off(to_float)),
 }
 
 # ------------------------------------------------------------------------------------------ networks

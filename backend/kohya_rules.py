@@ -149,17 +149,16 @@ def map_duration(m: Mapper) -> None:
     _map_warmup(m, steps)
 
 
-def _map_warmup(m: Mapper, total_steps: int | None) -> None:
+def _map_warmup(m: Mapper, _total_steps: int | None) -> None:
     """lr_warmup is a percentage of all steps; lr_warmup_steps (newer kohya_ss) a count that wins."""
     warm_steps, pct = m.get("lr_warmup_steps", off(to_int)), m.get("lr_warmup", off(to_float))
     if real(warm_steps):
         m.put("lr_warmup_steps", "scheduler.warmup_steps", warm_steps)
         m.skip("lr_warmup", "not applicable: lr_warmup_steps takes precedence")
-    elif real(pct) and total_steps:
-        m.put("lr_warmup", "scheduler.warmup_steps", round(pct * total_steps / 100), f"{pct:g}% of {total_steps} steps")
+    elif real(pct) and 0 < pct < 100:
+        m.put("lr_warmup", "scheduler.lr_warmup", pct, "a percentage of all steps, as in kohya_ss")
     elif real(pct):
-        m.skip("lr_warmup", f"unsupported feature: a warmup of {pct:g}% of all steps cannot be converted without "
-               "a step count (it depends on your images); set scheduler.warmup_steps", warn=True)
+        m.error(f"lr_warmup: a percentage of all steps, above 0 and below 100; got {pct:g}")
     else:
         for key, value in (("lr_warmup_steps", warm_steps), ("lr_warmup", pct)):
             if value is UNSET:
@@ -301,6 +300,10 @@ def check_combinations(m: Mapper, family: str | None) -> None:
         steps = sched.pop("warmup_steps")
         m.warn(f"lr_warmup: the constant schedule has no warmup (sd-scripts refuses the pair); the {steps} warmup "
                "steps were dropped: choose scheduler.type constant_with_warmup to keep them")
+    if sched.get("type", "constant") == "constant" and sched.get("lr_warmup") is not None:
+        pct = sched.pop("lr_warmup")
+        m.warn(f"lr_warmup: the constant schedule has no warmup (sd-scripts refuses the pair); the {pct:g}% warmup "
+               "was dropped: choose scheduler.type constant_with_warmup to keep it")
     clip_skip = m.out.get("training", {}).get("clip_skip") or 1
     if family == "sdxl" and clip_skip > 1:
         m.warn(f"clip_skip: {clip_skip} has no effect on SDXL, in sd-scripts as in Lathe (SDXL always uses the "

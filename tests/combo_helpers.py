@@ -67,6 +67,7 @@ SPACE: pairwise.Space = {
     "v_pred_loss": ["none", "scale_like_noise", "like_loss"],
     "model.v_parameterization": [None, True],
     "optimizer.type": ["AdamW", "Prodigy", "DAdaptAdam", "DAdaptLion", "Lion", "Adafactor", "SGD"],
+    "optimizer.loraplus_lr_ratio": [None, 16.0],  # LoRA+ (lora, locon, dora)
     "scheduler.type": ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"],
     "scheduler.warmup_steps": [0, 2],
     "launch.num_processes": [1, 2],
@@ -109,6 +110,8 @@ def valid(c: Combo) -> bool:
         return False  # Tucker applies to LoHa's/LoKr's convolutions
     if kind not in (None, "lokr") and (c.get("network.lokr_factor", -1) != -1 or c.get("network.decompose_both")):
         return False
+    if c.get("optimizer.loraplus_lr_ratio") is not None and (kind in ("loha", "lokr") or lycoris_only):
+        return False  # LoRA+ speeds up a LoRA's up-projections; LoHa and LoKr have none
     # sd-scripts refuses a constant schedule with warmup steps (Lathe makes it a validation error).
     if c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0:
         return False
@@ -177,13 +180,13 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
         elif name == "v_pred_loss":
             s["training"].update(V_PRED_LOSS[level])
         elif name == "optimizer.type":
-            s["optimizer"] = {"type": level}  # another type starts from its own defaults
+            s["optimizer"] = {"type": level, **s.get("optimizer", {})}  # another type starts from its own defaults
         elif name in ("network.conv_rank", "network.dropout", "network.use_tucker", "network.decompose_both",
                       "network.lokr_factor") and level in (0, False, -1):
             continue  # the default, and not a field of every network type
         else:
             sec, key = name.split(".", 1)
-            s[sec][key] = level
+            s.setdefault(sec, {})[key] = level
     s["launch"]["device"] = "cpu"
     s["sampling"] = {"prompts": []}
     s["logging"] = {"tensorboard": False}

@@ -32,6 +32,9 @@ OFF_DEFAULT = dict(
               "multires_noise_discount": 0.5, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
               "min_timestep": 50, "max_timestep": 950, "debiased_estimation_loss": True, "loss_type": "huber",
               "huber_schedule": "snr", "scale_weight_norms": 0.01},
+    # LoRA+ on the up-projections and a warmup given as a percentage of all steps.
+    optimizer={"loraplus_lr_ratio": 4.0},
+    scheduler={"type": "cosine", "lr_warmup": 20.0},
     sampling={"prompts": ["a red circle"], "every_n_steps": None, "every_n_epochs": None, "steps": 2},
     saving={"save_every_n_steps": 4, "save_every_n_epochs": None, "save_last_n_epochs": None},
 )
@@ -89,6 +92,7 @@ def test_the_export_counts_the_subsets_and_regularization_images_as_sd_scripts(o
     buckets = json.loads(meta["ss_bucket_info"])["buckets"]
     assert sum(b["count"] for b in buckets.values()) == 2 * train_uses  # the reg images balance the training ones
     assert (meta["ss_prior_loss_weight"], meta["ss_bucket_no_upscale"]) == ("0.5", "True")
+    assert (meta["ss_loraplus_lr_ratio"], meta["ss_lr_warmup_steps"]) == ("4.0", "2")  # 20% of 9 steps
 
 
 def test_mid_epoch_resume_with_dropout_and_uncached_latents_is_bit_exact(off_default_run):
@@ -114,7 +118,9 @@ def test_the_noise_and_loss_options_are_in_the_step_events_and_the_export(off_de
     from safetensors import safe_open
 
     steps = events(off_default_run, "step")
-    assert all(isinstance(e["keys_scaled"], int) and e["average_key_norm"] > 0 for e in steps)
+    assert all(isinstance(e["keys_scaled"], int) for e in steps)
+    # the warmup starts at learning rate 0: step 1 leaves the up-projections at zero, every later step moves them
+    assert steps[0]["average_key_norm"] == 0 and all(e["average_key_norm"] > 0 for e in steps[1:])
     assert any(e["keys_scaled"] > 0 for e in steps) and all(e["max_key_norm"] <= 0.01 * (1 + 1e-5) for e in steps)
     meta = safe_open(str(off_default_run / "exports" / "demo.safetensors"), "pt").metadata()
     assert {k: meta[k] for k in ("ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale",

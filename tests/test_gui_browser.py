@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT
 from tests.gui_helpers import (
@@ -269,6 +270,40 @@ def test_validate_shows_a_missing_folder_and_a_family_mismatch_and_start_refuses
     page.click("#btn-start-setup")
     page.wait_for_timeout(1500)
     assert versions(server) == before and dataset.is_visible()
+
+
+def test_a_kohya_dataset_toml_fills_the_subsets_table_and_validate_checks_each_folder(page, tmp_path):
+    """The imported TOML's subsets show in the Dataset table, come back from the page into the config,
+    and Validate names the subset whose folder is missing."""
+    (tmp_path / "have").mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "have" / "a.png")
+    (tmp_path / "d.toml").write_text(f"""
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'have'}"
+  num_repeats = 3
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'gone'}"
+  is_reg = true
+""")
+    source = tmp_path / "kohya.json"
+    source.write_text(json.dumps({**KOHYA_FALLBACK, "dataset_config": str(tmp_path / "d.toml"), "pretrained_model_name_or_path": "demo/model",
+                                  "sdxl": False}))
+    with page.expect_file_chooser() as chooser:
+        page.click("#btn-kohya-import")
+    chooser.value.set_files(str(source))
+    wait_until(lambda: "Imported kohya_ss config" in text_of(page, "#preset-status"), 30)
+    page.locator("#sec-Dataset .lathe-advanced").get_by_text("Advanced").first.click()  # the table is folded away
+    table = field(page, "dataset.subsets")
+    table.wait_for(state="visible")
+    wait_until(lambda: str(tmp_path / "gone") in table.inner_text(), 20, what="the subsets in the table")
+    assert str(tmp_path / "have") in table.inner_text()
+    page.click("#btn-validate")
+    dataset = page.locator("#err-Dataset")
+    dataset.wait_for(state="visible")
+    assert f"More subsets: folder {tmp_path / 'gone'} does not exist" in dataset.inner_text()
+    assert str(tmp_path / "have") not in dataset.inner_text()
 
 
 def test_import_a_kohya_config_shows_what_was_not_imported(page, tmp_path):

@@ -438,14 +438,32 @@ def test_training_length_precedence():
     assert c.training.max_train_epochs == 3
 
 
-def test_warmup_percentage():
-    c = ok(import_kohya(standard(lr_warmup="10", lr_scheduler="cosine"))).config  # 10% of 320 steps
-    assert (c.scheduler.warmup_steps, c.scheduler.type) == (32, "cosine")
+def test_warmup_percentage_stays_a_percentage():
+    c = ok(import_kohya(standard(lr_warmup="10", lr_scheduler="cosine"))).config
+    assert (c.scheduler.lr_warmup, c.scheduler.warmup_steps, c.scheduler.type) == (10.0, 0, "cosine")
+    assert c.scheduler.warmup_for(320) == 32  # 10% of the run's 320 steps, however many that turns out to be
     r = ok(import_kohya(standard(lr_warmup=10, max_train_steps="", lr_scheduler="cosine")))
-    assert r.config.scheduler.warmup_steps == 0
-    assert any(w.startswith("lr_warmup: unsupported feature: a warmup of 10%") for w in r.warnings)
+    assert r.config.scheduler.lr_warmup == 10.0 and not any(w.startswith("lr_warmup") for w in r.warnings)
     c = ok(import_kohya(standard(lr_warmup=10, lr_warmup_steps=25, lr_scheduler="cosine"))).config
-    assert c.scheduler.warmup_steps == 25
+    assert (c.scheduler.warmup_steps, c.scheduler.lr_warmup) == (25, None)
+    r = import_kohya(standard(lr_warmup=150, lr_scheduler="cosine"))
+    assert r.errors == ["lr_warmup: a percentage of all steps, above 0 and below 100; got 150"]
+
+
+def test_loraplus_ratios_import_and_split_the_learning_rates():
+    import torch
+
+    from backend.trainer.optim import param_groups
+
+    c = ok(import_kohya(standard(loraplus_lr_ratio="16", loraplus_text_encoder_lr_ratio=4, loraplus_unet_lr_ratio=0))).config
+    o = c.optimizer
+    assert (o.loraplus_lr_ratio, o.loraplus_unet_lr_ratio, o.loraplus_text_encoder_lr_ratio) == (16.0, None, 4.0)
+    down, up, te_down, te_up = (torch.nn.Parameter(torch.zeros(1)) for _ in range(4))
+    groups = param_groups(c, [down, up], [te_down, te_up], up={id(up), id(te_up)})
+    lr_u, lr_t = o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate
+    assert [(g["name"], g["lr"], [id(p) for p in g["params"]]) for g in groups] == [
+        ("unet", lr_u, [id(down)]), ("unet_plus", lr_u * 16, [id(up)]),
+        ("text_encoder", lr_t, [id(te_down)]), ("text_encoder_plus", lr_t * 4, [id(te_up)])]
 
 
 def test_which_networks_train_follows_the_learning_rates():

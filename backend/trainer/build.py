@@ -90,7 +90,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
                     f"(e.g. {fresh[0]}); they start fresh")
     if latents is not None:
         _place_latents(cfg, io, latents, device)
-    groups = param_groups(cfg, trained.parameters(UNET), trained.parameters(TEXT_ENCODER))
+    groups = param_groups(cfg, trained.parameters(UNET), trained.parameters(TEXT_ENCODER), trained.up_projections())
     optimizer = trained.prepare(acc, build_optimizer(cfg, groups, device.type), compile_unet=cfg.training.torch_compile)
 
     # Text: frozen encoders + fixed captions -> every embedding computed once.

@@ -39,13 +39,22 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(cfg: TrainingConfig, unet_params: list, te_params: list) -> list[dict[str, Any]]:
+def param_groups(cfg: TrainingConfig, unet_params: list, te_params: list,
+                 up: set[int] | frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """One group per trained part at its learning rate; with LoRA+ (sd-scripts' loraplus_*_lr_ratio,
+    networks/lora.py `assemble_params`) the part's up-projections (`up`: their ids) get a second
+    group at the learning rate times the ratio."""
     opt = cfg.optimizer
     groups = []
-    if unet_params:
-        groups.append({"params": unet_params, "lr": opt.unet_lr or opt.learning_rate, "name": "unet"})
-    if te_params:
-        groups.append({"params": te_params, "lr": opt.text_encoder_lr or opt.learning_rate, "name": "text_encoder"})
+    for role, params, lr in (("unet", unet_params, opt.unet_lr or opt.learning_rate),
+                             ("text_encoder", te_params, opt.text_encoder_lr or opt.learning_rate)):
+        ratio = opt.loraplus_ratio(role)
+        plain = [p for p in params if ratio is None or id(p) not in up]
+        plus = [p for p in params if ratio is not None and id(p) in up]
+        if plain:
+            groups.append({"params": plain, "lr": lr, "name": role})
+        if plus:
+            groups.append({"params": plus, "lr": lr * ratio, "name": f"{role}_plus"})
     return groups
 
 
@@ -115,7 +124,7 @@ def build_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total
     return get_scheduler(
         s.type,
         optimizer,
-        num_warmup_steps=s.warmup_steps,
+        num_warmup_steps=s.warmup_for(total_steps),
         num_training_steps=total_steps,
         num_cycles=s.num_cycles,
         power=s.power,

@@ -20,6 +20,7 @@ from typing import Any
 from accelerate.utils import gather_object
 
 from backend import checkpoints as C
+from backend.config import LORAPLUS_FIELDS
 from backend.trainer import evaluation, export
 from backend.trainer.context import Progress, Setup
 from backend.trainer.distributed import gather_shares, share
@@ -258,7 +259,7 @@ def optimizer_description(cfg: Any) -> str:
     cls = {"Prodigy": "prodigyopt.Prodigy", "AdamW": "torch.optim.AdamW", "Lion": "Lion", "SGD": "torch.optim.SGD",
            "Adafactor": "transformers.optimization.Adafactor", "AdamW8bit": "bitsandbytes.optim.AdamW8bit",
            "DAdaptAdam": "dadaptation.DAdaptAdam", "DAdaptLion": "dadaptation.DAdaptLion"}[kind]
-    args = ",".join(f"{k}={v}" for k, v in o.items() if k not in ("learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm"))
+    args = ",".join(f"{k}={v}" for k, v in o.items() if k not in ("learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm", *LORAPLUS_FIELDS))
     return f"{cls}({args})"
 
 
@@ -310,7 +311,10 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_unet_lr": str(o.unet_lr or o.learning_rate),
         "ss_text_encoder_lr": str(o.text_encoder_lr or o.learning_rate),
         "ss_lr_scheduler": cfg.scheduler.type,
-        "ss_lr_warmup_steps": str(cfg.scheduler.warmup_steps),
+        "ss_lr_warmup_steps": str(cfg.scheduler.warmup_for(s.total_steps)),
+        "ss_loraplus_lr_ratio": str(o.loraplus_lr_ratio),
+        "ss_loraplus_unet_lr_ratio": str(o.loraplus_unet_lr_ratio),
+        "ss_loraplus_text_encoder_lr_ratio": str(o.loraplus_text_encoder_lr_ratio),
         "ss_mixed_precision": cfg.training.mixed_precision,
         "ss_seed": str(cfg.training.seed),
         "ss_clip_skip": str(cfg.training.clip_skip),

@@ -126,6 +126,11 @@ class Trained:
     def parameters(self, role: str | None = None) -> list[torch.nn.Parameter]:
         return [p for e in self.entries if role in (None, e.role) for p in network.network_parameters(e.module)]
 
+    def up_projections(self) -> set[int]:
+        """ids of the LoRA up-projection tensors (peft's lora_B; kohya's lora_up): what LoRA+ speeds up."""
+        return {id(p) for e in self.entries for n, p in e.module.named_parameters()
+                if network.is_network_param(n) and "lora_B" in n.split(".")}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, as `<key>.<peft name>` (detached fp32 CPU copies)."""
         return {f"{e.key}.{k}": v for e in self.entries for k, v in network.trainable_state(e.module).items()}
