@@ -24,7 +24,8 @@ from typing import Any
 
 from backend import kohya_rules as rules
 from backend.config import ConfigError, TrainingConfig, config_warnings
-from backend.kohya_keys import SECRET, is_set, reason_for, show
+from backend.kohya_args import parse_additional
+from backend.kohya_keys import SECRET, UNKNOWN, is_set, reason_for, show
 from backend.presets import SHIPPED_DIR, looks_secret, read_json_object, resolve, to_preset, write_preset_file
 
 
@@ -71,6 +72,7 @@ class Mapper:
         self.sources: dict[str, str] = {}  # Lathe path -> kohya key, to name the kohya key in errors
         self.res = KohyaImport()
         self.done: set[str] = set()
+        self.from_args: set[str] = set()  # keys given in additional_parameters (backend.kohya_args)
 
     def get(self, key: str, conv: Callable[[Any], Any]) -> Any:
         """The converted value (None when absent or empty); a value that does not convert is an error."""
@@ -125,12 +127,22 @@ def _report_rest(m: Mapper) -> None:
             m.res.unmapped.append((key, "not imported: its value is invalid (see the errors)"))
             continue
         reason, warn = reason_for(key)
+        if key in m.from_args and reason == UNKNOWN:
+            reason, warn = "unsupported feature: an sd-scripts argument this importer does not carry", True
         if reason == SECRET:
             m.skip(key, reason)
             if is_set(key, value):
                 m.warn(f"{key}: a secret; it is never copied into a preset")
         else:
             m.skip(key, reason, warn and is_set(key, value))
+
+
+def _mark_args(m: Mapper) -> None:
+    """Name the keys that came from additional_parameters as such in the report."""
+    def mark(key: str, text: str) -> str:
+        return f"{text} (from additional_parameters)" if key in m.from_args else text
+    m.res.mapped = [(k, mark(k, t)) for k, t in m.res.mapped]
+    m.res.unmapped = [(k, mark(k, r)) for k, r in m.res.unmapped]
 
 
 def _kohya_line(line: str, sources: dict[str, str]) -> str:
@@ -163,7 +175,17 @@ def import_kohya(data: dict[str, Any], source_name: str = "", base_dir: Path | N
     `base_dir` is where a relative dataset_config path is looked for (the config file's folder)."""
     if not isinstance(data, dict):
         return KohyaImport(refused=f"expected a JSON object of kohya_ss settings; got {type(data).__name__}")
-    m = Mapper(data)
+    extra, arg_errors = parse_additional(data.get("additional_parameters"))
+    m = Mapper({**data, **extra})  # on sd-scripts' command line the extra arguments come last and win
+    m.from_args = set(extra)
+    m.res.errors += arg_errors
+    if extra:
+        m.mapped("additional_parameters", f"{len(extra)} sd-scripts argument(s), each imported under its own name "
+                 "(marked 'from additional_parameters'), over the file's key of the same name")
+    elif not arg_errors:
+        m.skip("additional_parameters", "not applicable: empty in the kohya file")
+    else:
+        m.done.add("additional_parameters")
     m.res.refused = rules.refusal(m)
     rules.map_network(m)
     family = rules.map_model(m)
@@ -179,6 +201,7 @@ def import_kohya(data: dict[str, Any], source_name: str = "", base_dir: Path | N
     rules.map_simple(m)
     rules.check_combinations(m, family)
     _report_rest(m)
+    _mark_args(m)
     comment = data.get("training_comment") if isinstance(data.get("training_comment"), str) else ""
     name = str(m.out.get("run_name") or Path(source_name).stem or "kohya-import")
     description = f"Imported from the kohya_ss config {source_name or 'file'}." + (

@@ -267,8 +267,6 @@ NOT_IMPORTED = _table(
     ("unsupported feature: extra accelerate arguments (use launch.accelerate_config_file)", True,
      "extra_accelerate_launch_args"),
     ("unsupported feature: torch.compile", True, "dynamo_backend"),
-    ("unsupported feature: extra command-line arguments are not read", True, "additional_parameters"),
-    ("unsupported feature: scheduler arguments", True, "lr_scheduler_args"),
     ("unsupported feature: a custom scheduler class", True, "lr_scheduler_type"),
     (_FLUX, False,
      "ae clip_l clip_g apply_t5_attn_mask blocks_to_swap double_blocks_to_swap single_blocks_to_swap "

@@ -291,6 +291,45 @@ def map_scheduler(m: Mapper, otype: str | None) -> None:
         if value is not None:
             m.put(key, path, value)
         m.skip(key, "not applicable: empty in the kohya file, so Lathe's default is kept")
+    map_scheduler_args(m)
+
+
+SCHEDULER_ARGS = {"num_cycles": ("scheduler.num_cycles", to_int), "power": ("scheduler.power", to_float)}
+
+
+def map_scheduler_args(m: Mapper) -> None:
+    """lr_scheduler_args, NAME=VALUE each: sd-scripts passes them to the schedule's function, whose
+    arguments Lathe has as scheduler.num_cycles and scheduler.power (they win over the
+    lr_scheduler_num_cycles/power keys, as the later keyword does in sd-scripts)."""
+    raw = m.get("lr_scheduler_args", to_str)
+    if not raw:
+        m.skip("lr_scheduler_args", "not applicable: empty in the kohya file")
+        return
+    if m.get("lr_scheduler_type", to_str):
+        m.skip("lr_scheduler_args", "not applicable: arguments of the custom lr_scheduler_type, which is not imported")
+        return
+    m.done.add("lr_scheduler_args")
+    try:
+        tokens = _split_args(raw)
+    except ValueError as e:
+        m.error(f"lr_scheduler_args: cannot split {raw!r} into arguments ({e})")
+        return
+    for token in tokens:
+        name, sep, text = (part.strip() for part in token.partition("="))
+        if not sep:
+            m.error(f"lr_scheduler_args: {token!r} is not NAME=VALUE")
+        elif name in SCHEDULER_ARGS:
+            path, conv = SCHEDULER_ARGS[name]
+            try:
+                m.put("lr_scheduler_args", path, conv(text))
+            except ValueError as e:
+                m.error(f"lr_scheduler_args: {name}: {e}")
+        elif name == "last_epoch":
+            m.res.unmapped.append(("lr_scheduler_args last_epoch", "not needed: Lathe restores the schedule on resume"))
+        else:
+            guess = difflib.get_close_matches(name, list(SCHEDULER_ARGS), n=1, cutoff=0.6)
+            hint = f"did you mean {guess[0]}?" if guess else "Lathe's schedules take num_cycles and power"
+            m.error(f"lr_scheduler_args: unknown argument {name!r}; {hint}")
 
 
 def check_combinations(m: Mapper, family: str | None) -> None:

@@ -132,3 +132,40 @@ def test_regularization_images_and_their_weight_import():
     r = import_kohya(standard(reg_data_dir="", prior_loss_weight=1))
     assert r.config.dataset.reg_data_dir is None
     assert dict(r.unmapped)["reg_data_dir"].startswith("not applicable: empty")
+
+
+def test_additional_parameters_are_imported_argument_by_argument():
+    """The three losses the review found: --network_train_unet_only (else both text encoders train),
+    --max_grad_norm=0 (else clipping at 1.0) and Prodigy's args in --optimizer_args."""
+    data = json.loads((SAMPLES / "SDXL - LoRA AI_Now prodigy v1.0.json").read_text())
+    data["additional_parameters"] = ('--network_train_unet_only --max_grad_norm=0 --optimizer_args "weight_decay=0.05" '
+                                     '"use_bias_correction=True" "betas=0.9,0.99" --lr_scheduler_type CosineAnnealingLR')
+    r = import_kohya(data)
+    assert r.ok, r.errors
+    c = r.config
+    assert (c.network.train_text_encoder, c.optimizer.max_grad_norm) == (False, None)
+    assert (c.optimizer.weight_decay, c.optimizer.use_bias_correction, c.optimizer.betas) == (0.05, True, (0.9, 0.99))
+    mapped = dict(r.mapped)
+    assert mapped["additional_parameters"].startswith("4 sd-scripts argument(s)")
+    assert mapped["max_grad_norm"] == "optimizer.max_grad_norm = unset (from additional_parameters)"
+    assert dict(r.unmapped)["lr_scheduler_type"] == "unsupported feature: a custom scheduler class (from additional_parameters)"
+    assert any(w.startswith('lr_scheduler_type: unsupported feature: a custom scheduler class; the value '
+                            '"CosineAnnealingLR"') for w in r.warnings)
+
+
+def test_an_unknown_argument_in_additional_parameters_says_did_you_mean():
+    r = import_kohya(standard(additional_parameters="--netwrok_dim 8 --seed=7"))
+    assert r.errors == ["additional_parameters: --netwrok_dim is not an sd-scripts argument; did you mean --network_dim?"]
+    r = import_kohya(standard(additional_parameters="--seed=7 --log_prefix=xl-loha"))
+    assert r.ok and r.config.training.seed == 7
+    assert dict(r.unmapped)["log_prefix"].startswith("not applicable")
+
+
+def test_lr_scheduler_args_map_to_the_schedule_settings():
+    r = import_kohya(standard(lr_scheduler="cosine_with_restarts", lr_scheduler_args="num_cycles=3 power=2"))
+    assert r.ok, r.errors
+    assert (r.config.scheduler.num_cycles, r.config.scheduler.power) == (3, 2.0)
+    r = import_kohya(standard(lr_scheduler="cosine_with_restarts", lr_scheduler_args="num_cycle=3"))
+    assert r.errors == ["lr_scheduler_args: unknown argument 'num_cycle'; did you mean num_cycles?"]
+    r = import_kohya(standard(lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args="T_max=1000"))
+    assert r.ok and dict(r.unmapped)["lr_scheduler_args"].startswith("not applicable: arguments of the custom")

@@ -127,7 +127,9 @@ def test_adafactor_gets_kohyas_library_defaults():
     assert r.config.scheduler.type == "constant"  # kohya's "adafactor" scheduler
     assert (r.config.training.max_train_epochs, r.config.network.rank, r.config.dataset.keep_tokens) == (30, 128, 1)
     assert r.config.training.gradient_accumulation_steps == 1  # 1.0 in the file
-    assert any(w.startswith("additional_parameters: unsupported feature") for w in r.warnings)
+    # its additional_parameters is --log_prefix=xl-loha: read, and listed as not needed
+    assert dict(r.unmapped)["log_prefix"].startswith("not applicable: Lathe writes TensorBoard logs")
+    assert dict(r.mapped)["additional_parameters"].startswith("1 sd-scripts argument(s)")
 
 
 def test_strings_are_coerced_in_an_sd15_config():
