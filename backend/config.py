@@ -39,6 +39,7 @@ from backend.config_messages import (  # noqa: F401 (the type lists are re-expor
     OPTIMIZER_TYPES,
     format_validation_error,
 )
+from backend.prompts import SAMPLERS, PromptError, parse_prompt
 
 SCHEMA_VERSION = 1
 
@@ -515,7 +516,14 @@ class SavingConfig(Section):
 # ------------------------------------------------------------------------------------------ sampling
 class SamplingConfig(Section):
     prompts: list[Annotated[str, Field(max_length=2000)]] = Field(
-        default_factory=list, max_length=64, description="Sample prompts, one image each."
+        default_factory=list, max_length=64,
+        description="Sample prompts, one image each, in kohya's syntax: options after the prompt override the settings "
+        "below for that image: --n negative prompt, --w width, --h height, --s steps, --l guidance scale, --d seed, "
+        "--ss sampler (e.g. 'a cat --w 512 --h 768 --d 7').",
+    )
+    sample_sampler: Literal[tuple(SAMPLERS)] = Field(  # type: ignore[valid-type]
+        "ddim", description="Sampler of the sample images (sd-scripts' names; 'dpm++ 2m karras' and 'dpm++ 2m' too), "
+        "built from the model's own noise schedule.",
     )
     negative_prompt: str = Field("", max_length=2000, description="Negative prompt for every sample.")
     every_n_epochs: int | None = Field(None, ge=1, description="Sample every N epochs. Empty: not by epoch.")
@@ -525,6 +533,19 @@ class SamplingConfig(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for sample images (the same at every save point).")
     width: int = Field(512, ge=32, le=4096, multiple_of=8, description="Sample width in pixels.")
     height: int = Field(512, ge=32, le=4096, multiple_of=8, description="Sample height in pixels.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str]) -> list[str]:
+        for i, line in enumerate(v):
+            try:
+                parse_prompt(line)
+            except PromptError as e:
+                raise ValueError(f"prompt {i + 1} ({line[:40]!r}): {e}") from None
+        return v
+
+
+HASH_NEUTRAL_DEFAULTS["sampling"] = {"sample_sampler": "ddim"}
 
 
 # ------------------------------------------------------------------------------------------- logging

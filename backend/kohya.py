@@ -28,6 +28,8 @@ from backend.kohya_args import parse_additional
 from backend.kohya_keys import SECRET, UNKNOWN, is_set, reason_for, show
 from backend.presets import SHIPPED_DIR, looks_secret, read_json_object, resolve, to_preset, write_preset_file
 
+NOT_SUPPORTED = ("unsupported feature", "unknown", "not imported")  # reasons of keys whose setting is lost
+
 
 @dataclass
 class KohyaImport:
@@ -45,8 +47,17 @@ class KohyaImport:
     def ok(self) -> bool:
         return self.refused is None and not self.errors
 
+    def not_supported(self) -> list[tuple[str, str]]:
+        """The keys Lathe has no equivalent for (unsupported features, unknown keys, bad values)."""
+        return [(k, r) for k, r in self.unmapped if r.startswith(NOT_SUPPORTED)]
+
+    def not_needed(self) -> list[tuple[str, str]]:
+        """The keys that change nothing in Lathe (not applicable, GUI-only, secrets), with why."""
+        return [(k, r) for k, r in self.unmapped if not r.startswith(NOT_SUPPORTED)]
+
     def report(self, title: str = "kohya_ss import") -> list[str]:
-        """Readable lines: the verdict, then errors, warnings, what was imported and what was not."""
+        """Readable lines: the verdict, errors and warnings, then every key in one of three groups:
+        applied (with its value), not needed (with why) and not supported (with why)."""
         verdict = "imported" if self.ok else "refused" if self.refused else "not imported (fix the errors below)"
         lines = [f"{title}: {verdict}"]
         if self.refused:
@@ -54,8 +65,9 @@ class KohyaImport:
         for head, items in (
             ("Errors", self.errors),
             ("Warnings", self.warnings),
-            ("Imported", [f"{k} -> {target}" for k, target in self.mapped]),
-            ("Not imported", [f"{k}: {reason}" for k, reason in self.unmapped]),
+            ("Applied", [f"{k} -> {target}" for k, target in self.mapped]),
+            ("Not needed", [f"{k}: {reason}" for k, reason in self.not_needed()]),
+            ("Not supported", [f"{k}: {reason}" for k, reason in self.not_supported()]),
         ):
             if items:
                 lines += [f"{head} ({len(items)}):", *(f"  {item}" for item in items)]

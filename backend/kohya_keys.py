@@ -194,10 +194,6 @@ UNSUPPORTED_ARGS = {"amsgrad", "foreach", "maximize", "capturable", "differentia
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 SAVE_PRECISION = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-SAMPLE_FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {  # sample_prompts "--x" -> sampling field
-    "n": ("negative_prompt", to_str), "w": ("width", to_int), "h": ("height", to_int),
-    "s": ("steps", to_int), "l": ("guidance_scale", to_float), "d": ("seed", to_int),
-}
 
 
 # ------------------------------------------------------------------------ keys that are not imported
@@ -215,7 +211,7 @@ NOT_IMPORTED = _table(
     ("GUI-only setting", False, "save_as_bool training_preset log_config file_path"),
     ("GUI-only setting: Lathe uses several GPUs when launch.num_processes is above 1", False, "multi_gpu"),
     ("not applicable: an accelerate CPU-thread setting left to accelerate", False, "num_cpu_threads_per_process"),
-    ("not applicable: Lathe picks the attention implementation itself", False, "xformers mem_eff_attn sdpa"),
+    ("not applicable: Lathe uses PyTorch SDPA attention (scaled_dot_product_attention) itself", False, "xformers mem_eff_attn sdpa"),
     ("not applicable: memory and loading tuning that Lathe manages itself", False,
      "vae_batch_size persistent_data_loader_workers sdxl_no_half_vae no_half_vae lowram lowvram highvram "
      "disable_mmap_load_safetensors skip_cache_check mem_eff_save"),
@@ -228,7 +224,6 @@ NOT_IMPORTED = _table(
     ("not applicable: Lathe rotates a save point's state and LoRA file together (saving.save_last_n_*)", False,
      "save_last_n_epochs_state save_last_n_steps_state"),
     ("not applicable: Lathe's final save follows saving.save_state", False, "save_state_on_train_end"),
-    ("not applicable: sample images use the model's own scheduler", False, "sample_sampler"),
     ("not applicable: only used with network_weights", False, "dim_from_weights"),
     ("not applicable: LoRA_type decides kohya_ss's network module", False, "network_module"),
     ("not applicable: only used with dynamo_backend", False, "dynamo_mode dynamo_use_dynamic dynamo_use_fullgraph"),

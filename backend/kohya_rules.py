@@ -27,7 +27,6 @@ from backend.kohya_keys import (
     NOT_ARGS,
     OPTIMIZERS,
     OTHER_MODELS,
-    SAMPLE_FLAGS,
     SAVE_PRECISION,
     SCHEDULERS,
     SIMPLE,
@@ -42,6 +41,8 @@ from backend.kohya_keys import (
 )
 from backend.kohya_network import map_network as map_network  # re-exported for backend.kohya
 from backend.kohya_noise import map_noise as map_noise  # re-exported for backend.kohya
+from backend.prompts import OPTIONS as PROMPT_OPTIONS
+from backend.prompts import SAMPLERS, PromptError, parse_prompt
 
 if TYPE_CHECKING:
     from backend.kohya import Mapper
@@ -371,6 +372,12 @@ def map_saving(m: Mapper) -> None:
 
 
 def map_sampling(m: Mapper) -> None:
+    sampler = m.get("sample_sampler", to_str)
+    if sampler and sampler.lower() in SAMPLERS:
+        m.put("sample_sampler", "sampling.sample_sampler", sampler.lower())
+    elif sampler:
+        m.error(f"sample_sampler: {sampler!r} is not a sampler Lathe has; one of {', '.join(SAMPLERS)}")
+    m.skip("sample_sampler", "not applicable: empty in the kohya file")
     text = m.get("sample_prompts", to_str)
     if text is None:
         if "sample_prompts" in m.data and "sample_prompts" not in m.done:
@@ -379,26 +386,25 @@ def map_sampling(m: Mapper) -> None:
     if re.fullmatch(r"\S+\.(txt|toml|json)", text):
         m.skip("sample_prompts", "unsupported feature: a prompt file; paste its prompts into sampling.prompts", warn=True)
         return
-    prompts, options = [], {}
-    for line in (ln.strip() for ln in text.splitlines()):
-        if line and not line.startswith("#"):
-            prompt, *opts = line.split(" --")
-            prompts.append(prompt.strip())
-            for opt in opts:
-                flag, _, value = opt.strip().partition(" ")
-                options.setdefault(flag, []).append(value.strip())
-    m.put("sample_prompts", "sampling.prompts", prompts)
-    for flag, values in options.items():
-        if flag not in SAMPLE_FLAGS:
-            m.warn(f"sample_prompts: option --{flag} is not supported and is ignored")
+    prompts = []
+    for n, line in enumerate((ln.strip() for ln in text.splitlines()), 1):
+        if not line or line.startswith("#"):
             continue
-        path, conv = SAMPLE_FLAGS[flag]
-        if len(set(values)) > 1:
-            m.warn(f"sample_prompts: --{flag} differs between prompts; Lathe uses one value for all: {values[0]!r}")
+        prompt, *opts = line.split(" --")
+        kept = []
+        for opt in opts:  # Lathe reads kohya's per-prompt options itself (backend.prompts)
+            flag = opt.strip().partition(" ")[0].lower()
+            if flag in PROMPT_OPTIONS:
+                kept.append(opt)
+            else:
+                m.warn(f"sample_prompts: line {n}: option --{opt.strip()} is not supported and is left out")
+        line = " --".join([prompt.strip(), *kept])
         try:
-            m.put("sample_prompts", f"sampling.{path}", conv(values[0]), f"from --{flag}")
-        except ValueError as e:
-            m.error(f"sample_prompts: --{flag}: {e}")
+            parse_prompt(line)
+        except PromptError as e:
+            m.error(f"sample_prompts: line {n}: {e}")
+        prompts.append(line)
+    m.put("sample_prompts", "sampling.prompts", prompts, "each line's --n/--w/--h/--s/--l/--d/--ss options kept")
 
 
 def map_names(m: Mapper) -> None:

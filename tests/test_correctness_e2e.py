@@ -67,6 +67,7 @@ def off_default_run(demo, tmp_path_factory):
 def test_text_encoder_dropout_checkpoints_all_verify(off_default_run):
     started = events(off_default_run, "run_started")[0]
     assert started["trained"] == ["unet", "text_encoder_0"]
+    assert (started["images"], started["reg_images"], started["subsets"]) == (12, 3, 4)  # 16 less 4 held out
     names = sorted(p.name for p in (off_default_run / "checkpoints").iterdir())
     assert names == ["best", "final", "step-00000004", "step-00000008"]
     out = run_cli("verify", *(str(off_default_run / "checkpoints" / name) for name in names))  # one process

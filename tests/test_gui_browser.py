@@ -317,7 +317,7 @@ def test_import_a_kohya_config_shows_what_was_not_imported(page, tmp_path):
     status = page.locator("#preset-status")
     wait_until(lambda: "Imported kohya_ss config" in status.inner_text(), 30)
     report = page.locator("#kohya-report textarea").input_value()
-    assert "Not imported (" in report and "block_alphas" in report
+    assert "Not supported (" in report and "Not needed (" in report and "block_alphas" in report
     assert field(page, "network.lora.rank").locator("input").input_value() == "64"
     assert "Network › Rank (network_dim): 4 → 64" in status.inner_text()
     shot(page, tmp_path, "kohya-import", "#presets")

@@ -495,11 +495,14 @@ def test_sample_prompts_with_options():
     prompts = "# comment\na cat --n blurry --w 768 --h 512 --s 30 --l 6.5 --d 3\na dog --n blurry --ss euler\n\n"
     r = ok(import_kohya(standard(sample_prompts=prompts, sample_every_n_epochs="2", sample_sampler="euler_a")))
     s = r.config.sampling
-    assert s.prompts == ["a cat", "a dog"]
-    assert (s.negative_prompt, s.width, s.height, s.steps, s.guidance_scale, s.seed) == (
-        "blurry", 768, 512, 30, 6.5, 3)
-    assert s.every_n_epochs == 2
-    assert any("--ss is not supported" in w for w in r.warnings)
+    # each prompt keeps its own options, as sd-scripts reads them per line
+    assert s.prompts == ["a cat --n blurry --w 768 --h 512 --s 30 --l 6.5 --d 3", "a dog --n blurry --ss euler"]
+    assert (s.sample_sampler, s.every_n_epochs, s.negative_prompt, s.width) == ("euler_a", 2, "", 512)
+    r = import_kohya(standard(sample_prompts="a cat --g 3.5 --w 512\na dog --w wide"))
+    assert r.errors == ["sample_prompts: line 2: --w (width) must be a number; got 'wide'"]
+    assert "sample_prompts: line 1: option --g 3.5 is not supported and is left out" in r.warnings
+    assert import_kohya(standard(sample_sampler="plms")).errors[0].startswith(
+        "sample_sampler: 'plms' is not a sampler Lathe has")
 
 
 def test_resume_and_launch():
@@ -551,7 +554,7 @@ def test_import_file_writes_a_loadable_preset(tmp_path: Path, capsys: pytest.Cap
     assert import_kohya_file(SAMPLES / "SDXL - LoRA AI_Now prodigy v1.0.json", dst) == 0
     out = capsys.readouterr().out
     assert "imported" in out.splitlines()[0] and f"Wrote {dst}" in out
-    assert "Not imported (" in out and "scale_weight_norms -> training.scale_weight_norms = 5.0" in out
+    assert "Not supported (" in out and "Not needed (" in out and "Applied (" in out and "scale_weight_norms -> training.scale_weight_norms = 5.0" in out
     cfg = load_config_or_preset(dst)
     assert cfg.optimizer.type == "Prodigy" and cfg.optimizer.d0 == 1e-4
 

@@ -59,15 +59,18 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
             if acc.is_main_process:
                 print(f"resumed from {cfg.resume_from} at step {prog.global_step} (epoch {prog.epoch + 1}, "
                       f"batch {prog.batch_in_epoch})", flush=True)
+        n_reg = sum(1 for it in s.items if it.is_reg)
         io.emit("run_started", version=int(version_dir.name.split("_")[-1]), world_size=acc.num_processes,
                 total_steps=s.total_steps, total_epochs=s.total_epochs, resumed_from=cfg.resume_from,
-                family=s.comps.family, v_prediction=s.comps.v_prediction, images=len(s.items),
+                family=s.comps.family, v_prediction=s.comps.v_prediction, images=len(s.items) - n_reg,
+                reg_images=n_reg, subsets=len(s.subsets),
                 trained=[e.key for e in s.trained.entries], optimizer=optimizer_args(s.optimizer))
         for report in s.cache_reports:
             io.emit("cache_filled", **report)
         io.status(total_steps=s.total_steps)
         if acc.is_main_process:
-            print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items)} images, "
+            print(f"training {cfg.run_name}: {s.total_steps} steps, {s.total_epochs} epochs, {len(s.items) - n_reg} images"
+                  f"{f' + {n_reg} regularization images' if n_reg else ''} in {len(s.subsets)} subset(s), "
                   f"{acc.num_processes} process(es) on {acc.device}; {network_summary(s)}", flush=True)
         state = run_training(s, prog, stop, sc)
         if state == "stopped":

@@ -1,6 +1,9 @@
 """Sample images from the model being trained, with the network active.
 
-Prompts are encoded exactly as training encodes captions (the same function, clip_skip, SDXL's
+Each prompt line may carry kohya's options (backend.prompts: --n --w --h --s --l --d --ss); what a
+line leaves out comes from the sampling section. Every PNG holds its generation parameters in a
+`parameters` text chunk, as A1111 writes them (prompt, negative prompt, steps, sampler, CFG scale,
+seed, size). Prompts are encoded exactly as training encodes captions (the same function, clip_skip, SDXL's
 pooled embedding), and handed to the pipeline as embeddings. The denoising runs under the
 training's autocast; the VAE decodes outside it, in its own dtype (an fp32 SDXL VAE run in fp16
 gives black or NaN images).
@@ -14,17 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL.PngImagePlugin import PngInfo
 
 from backend.config import SamplingConfig
+from backend.prompts import SAMPLERS, PromptSpec, parse_prompt
 from backend.trainer.caching import TextEncoder
 from backend.trainer.models import Components
 
 
-def _pipeline(comps: Components, unet: Any) -> Any:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+def make_sampler(name: str, comps: Components) -> Any:
+    """The diffusers scheduler for an sd-scripts sampler name, from the training scheduler's config
+    (which carries models.resolve_v_prediction's decision and zero terminal SNR)."""
+    import diffusers
 
-    # The training scheduler's config carries models.resolve_v_prediction's decision and zero terminal SNR.
-    sched = DDIMScheduler.from_config(comps.noise_scheduler.config)
+    cls_name, extra = SAMPLERS[name]
+    return getattr(diffusers, cls_name).from_config(comps.noise_scheduler.config, **extra)
+
+
+def _pipeline(comps: Components, unet: Any) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sched = make_sampler("ddim", comps)
     tes = comps.text_encoders
     if comps.is_sdxl:
         return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=tes[0], text_encoder_2=tes[1],
@@ -57,11 +70,28 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(z).sample.float()
 
 
+def resolved(sc: SamplingConfig, i: int) -> PromptSpec:
+    """Prompt i with every setting filled: its own options, else the sampling section's (the seed:
+    sampling.seed + i, so an image does not depend on which rank drew it)."""
+    p = parse_prompt(sc.prompts[i])
+    return PromptSpec(p.prompt, p.negative if p.negative is not None else sc.negative_prompt,
+                      p.width or sc.width, p.height or sc.height, p.steps or sc.steps,
+                      p.guidance if p.guidance is not None else sc.guidance_scale,
+                      p.seed if p.seed is not None else sc.seed + i, p.sampler or sc.sample_sampler)
+
+
+def parameters_text(p: PromptSpec) -> str:
+    """A1111's generation-parameters text for one image."""
+    neg = f"\nNegative prompt: {p.negative}" if p.negative else ""
+    return (f"{p.prompt}{neg}\nSteps: {p.steps}, Sampler: {p.sampler}, CFG scale: {p.guidance:g}, Seed: {p.seed}, "
+            f"Size: {p.width}x{p.height}")
+
+
 @torch.no_grad()
 def generate(comps: Components, unet: Any, text: TextEncoder, sc: SamplingConfig, indices: range | list[int],
              device: torch.device, autocast: Any) -> list[tuple[int, str, bytes]]:
     """The sample images of the prompts at `indices` (one rank's share): (index, prompt, PNG bytes).
-    Prompt i always uses seed sc.seed + i, so an image does not depend on which rank drew it.
+    Prompt i uses its --d seed, else sc.seed + i, so an image does not depend on which rank drew it.
 
     The caller puts the modules in eval mode (Trained.evaluating). The training RNG is saved and
     restored around sampling, so sampling never changes the run.
@@ -73,16 +103,19 @@ def generate(comps: Components, unet: Any, text: TextEncoder, sc: SamplingConfig
     results = []
     try:
         for i in indices:
-            prompt = sc.prompts[i]
-            gen = torch.Generator("cpu").manual_seed(sc.seed + i)
+            p = resolved(sc, i)
+            pipe.scheduler = make_sampler(p.sampler, comps)
+            gen = torch.Generator("cpu").manual_seed(p.seed)
             with autocast():
-                embeds = prompt_embeddings(comps, text, prompt, sc.negative_prompt)
-                latents = pipe(**embeds, num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale,
-                               width=sc.width, height=sc.height, generator=gen, output_type="latent").images
+                embeds = prompt_embeddings(comps, text, p.prompt, p.negative)
+                latents = pipe(**embeds, num_inference_steps=p.steps, guidance_scale=p.guidance,
+                               width=p.width, height=p.height, generator=gen, output_type="latent").images
             image = pipe.image_processor.postprocess(decode(comps.vae, latents), output_type="pil")[0]
+            info = PngInfo()
+            info.add_text("parameters", parameters_text(p))
             buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            results.append((i, prompt, buf.getvalue()))
+            image.save(buf, format="PNG", pnginfo=info)
+            results.append((i, sc.prompts[i], buf.getvalue()))
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
