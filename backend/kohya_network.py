@@ -213,6 +213,15 @@ def map_network(m: Mapper) -> None:
     _map_dropout(m, net, module, final)
     _map_lycoris(m, net, module, final)
     _map_weights(m)
+    for name in [n for n in args if n.startswith("loraplus_")]:  # sd-scripts' networks read LoRA+ from here too
+        if name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            text = args.pop(name)
+            try:
+                value = to_float(text)
+            except ValueError as e:
+                m.error(f"network_args: {name}: {e}")
+                continue
+            m.put("network_args", f"optimizer.{name}", value or None)
     for name, value in args.items():  # what no handler read
         if name in NETWORK_ARG_NAMES or name in LYCORIS_UNSUPPORTED:  # LyCORIS's were read when it is LyCORIS
             net.drop("network_args", name, value, f"not applicable: {module} does not read it for {label}")

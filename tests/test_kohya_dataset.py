@@ -169,3 +169,11 @@ def test_lr_scheduler_args_map_to_the_schedule_settings():
     assert r.errors == ["lr_scheduler_args: unknown argument 'num_cycle'; did you mean num_cycles?"]
     r = import_kohya(standard(lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args="T_max=1000"))
     assert r.ok and dict(r.unmapped)["lr_scheduler_args"].startswith("not applicable: arguments of the custom")
+
+
+def test_loraplus_in_network_args_as_sd_scripts_reads_it():
+    r = import_kohya(standard(network_args="loraplus_lr_ratio=16 loraplus_text_encoder_lr_ratio=4"))
+    assert r.ok, r.errors
+    o = r.config.optimizer
+    assert (o.loraplus_lr_ratio, o.loraplus_text_encoder_lr_ratio) == (16.0, 4.0)
+    assert ("network_args", "optimizer.loraplus_lr_ratio = 16.0") in r.mapped
