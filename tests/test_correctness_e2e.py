@@ -96,6 +96,22 @@ def test_the_export_counts_the_subsets_and_regularization_images_as_sd_scripts(o
     assert (meta["ss_loraplus_lr_ratio"], meta["ss_lr_warmup_steps"]) == ("4.0", "2")  # 20% of 9 steps
 
 
+def test_the_export_carries_the_additional_networks_hashes_as_sd_scripts(off_default_run):
+    """sd-scripts' precalculate_safetensors_hashes: the file's tensors serialized with only the ss_*
+    metadata; model hash = sha256 of all after the header (the tensor data, so of the file's own too),
+    legacy = sha256 of the 64 KiB at 1 MiB, first 8 hex digits."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    path = off_default_run / "exports" / "demo.safetensors"
+    raw = path.read_bytes()
+    meta = safe_open(str(path), "pt").metadata()
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+    again = save(load_file(path), {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(again[0x100000:0x110000]).hexdigest()[:8]
+
+
 def test_mid_epoch_resume_with_dropout_and_uncached_latents_is_bit_exact(off_default_run):
     ck = off_default_run / "checkpoints" / "step-00000004"
     manifest = C.read_manifest(ck)

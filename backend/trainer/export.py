@@ -17,12 +17,13 @@ names of a network, undoing that fold: the start point of `network.network_weigh
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from backend.trainer.network import ADAPTER, network_modules
 
@@ -105,9 +106,21 @@ def network_metadata(net: Any) -> dict[str, str]:
     return meta
 
 
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them for sd-webui-additional-networks
+    (library/train_util.py `precalculate_safetensors_hashes`): the file serialized with only its ss_*
+    metadata; the model hash is the sha256 of everything after the header, the legacy hash the first 8
+    hex digits of the sha256 of the 64 KiB at offset 1 MiB."""
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
 def save_export(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write a network file; metadata values must be strings in safetensors."""
+    """Write a network file; metadata values must be strings in safetensors. The sshs_* hashes A1111's
+    additional-networks extension indexes by are added, as sd-scripts adds them."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
     save_file(tensors, path, metadata=meta)
 
 
