@@ -615,3 +615,12 @@ def test_preset_and_kohya_modules_stay_light():
             "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'gradio') or m.startswith('backend.trainer')])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_generated_kohya_tables_in_the_docs_match_the_importer():
+    from backend import kohya_docs
+
+    text = kohya_docs.DOC.read_text(encoding="utf-8")
+    assert kohya_docs.BEGIN in text and kohya_docs.updated(text) == text, "run python -m backend.kohya_docs"
+    assert "| `flip_aug` | `dataset.random_flip` |" in text  # one row per SIMPLE key
+    assert "`xformers`" in text.split(kohya_docs.BEGIN)[1]  # and every not-imported key with its reason
