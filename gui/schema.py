@@ -69,7 +69,7 @@ LABELS = {
     "num_processes": "Processes (GPUs)", "resume_from": "Resume from checkpoint",
 }
 PATH_LABELS = {
-    "scheduler.type": "LR schedule", "sampling.seed": "Sample seed", "sampling.steps": "Denoising steps",
+    "scheduler.type": "LR schedule", "scheduler.lr_warmup": "Warmup (% of all steps)", "sampling.seed": "Sample seed", "sampling.steps": "Denoising steps",
     "scheduler.num_cycles": "Cycles", "launch.main_process_ip": "Main machine address",
     "launch.main_process_port": "Main machine port", "launch.num_machines": "Machines",
     "dataset.cache_latents_to_disk": "Keep the latent cache on disk",

@@ -48,6 +48,7 @@ NEEDS: dict[str, dict[str, Any]] = {
     "training.max_train_steps": {"training.max_train_epochs": ""},
     "network.train_unet": {"network.train_text_encoder": True},
     "scheduler.warmup_steps": {"scheduler.type": "constant_with_warmup"},  # constant has no warmup
+    "scheduler.lr_warmup": {"scheduler.type": "constant_with_warmup"},
     "network.use_tucker": {"network.conv_rank": 4},  # Tucker decomposes the convolutions
 }
 TYPE_KEYS = {"network.type", "optimizer.type"}  # the type selectors of the discriminated sections

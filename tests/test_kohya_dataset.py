@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from backend.kohya import import_kohya, load_kohya_file
-
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "kohya-presets"
+from tests.test_kohya_import import (
+    SAMPLES,  # ../shared/kohya-presets, else the frozen copies in tests/fixtures
+)
 
 
 def standard(**changes: object) -> dict:
