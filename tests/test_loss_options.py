@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from backend.config import (
     DATASET_HASH_NEUTRAL,
+    HASH_NEUTRAL_DEFAULTS,
     NOISE_AND_LOSS_FIELDS,
     ConfigError,
     DoRANetwork,
@@ -61,6 +62,11 @@ def errors(**training) -> list[str]:
     return []
 
 
+# config_hash() of TrainingConfig() as written by Lathe before the networks, noise/loss, dataset,
+# LoRA+, warmup and sampler fields existed: the checkpoints of those runs hold it.
+DEFAULT_HASH_OF_SCHEMA_1 = "0bf2f7cee08ec64ca78a27266b8a4bf21ec2b171e9543b1e2fc73f0c029cb8e6"
+
+
 def test_defaults_change_nothing_and_leave_the_config_hash_alone():
     t = TrainingSection()
     assert (t.multires_noise_iterations, t.multires_noise_discount, t.adaptive_noise_scale, t.ip_noise_gamma) == (0, 0.3, None, None)
@@ -69,12 +75,14 @@ def test_defaults_change_nothing_and_leave_the_config_hash_alone():
     assert t.scale_weight_norms is None and t.v_pred_like_loss is None
     cfg = TrainingConfig()
     data = cfg.model_dump(mode="json")
-    for name in NOISE_AND_LOSS_FIELDS:  # the hash of a config written before these fields existed
-        del data["training"][name]
-    data["network"].pop("type"), data["network"].pop("network_weights")
-    for name in DATASET_HASH_NEUTRAL:  # reg_data_dir, subsets, bucket_no_upscale came later too
-        del data["dataset"][name]
+    for section, fields in HASH_NEUTRAL_DEFAULTS.items():  # the hash of a config written before they existed
+        assert set(fields) <= set(data[section]), section
+        for name in fields:
+            del data[section][name]
+    assert set(HASH_NEUTRAL_DEFAULTS["training"]) == set(NOISE_AND_LOSS_FIELDS)
+    assert set(DATASET_HASH_NEUTRAL) <= set(HASH_NEUTRAL_DEFAULTS["dataset"])
     old = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert old == DEFAULT_HASH_OF_SCHEMA_1  # what runs started before any of these fields store
     assert cfg.config_hash() == old
     assert TrainingConfig(training={"loss_type": "huber"}).config_hash() != old
 
