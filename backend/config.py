@@ -93,6 +93,11 @@ class NetworkBase(Section):
         description="Start from this LoRA/LyCORIS .safetensors file (Lathe's or sd-scripts'): its weights are the "
         "starting point of a new run, with a fresh optimizer (not a resume). Its shapes must match this network.",
     )
+    module_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Module dropout (kohya's module_dropout): in each training forward, each network module is "
+        "skipped (the base layer alone) with this probability. 0: off.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NetworkBase:
@@ -112,6 +117,14 @@ def _dropout_field() -> Any:
     return Field(
         0.0, ge=0.0, lt=1.0,
         description="Dropout on the down projection's output during training (kohya's network_dropout).",
+    )
+
+
+def _rank_dropout_field() -> Any:
+    return Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Rank dropout (kohya's rank_dropout): drop ranks of the down projection's output per image, "
+        "the rest scaled by 1/(1-p), as sd-scripts' networks.lora. 0: off.",
     )
 
 
@@ -136,11 +149,13 @@ def _tucker_field() -> Any:
 class LoRANetwork(NetworkBase):
     type: Literal["lora"] = Field("lora", description="Network type: lora, locon, loha, lokr or dora.")
     dropout: float = _dropout_field()
+    rank_dropout: float = _rank_dropout_field()
 
 
 class LoConNetwork(NetworkBase):
     type: Literal["locon"] = "locon"
     dropout: float = _dropout_field()
+    rank_dropout: float = _rank_dropout_field()
     conv_rank: int = _conv_rank_field(8, 1)
     conv_alpha: float = _conv_alpha_field(1.0)
 
@@ -181,6 +196,7 @@ class LoKrNetwork(NetworkBase):
 class DoRANetwork(NetworkBase):
     type: Literal["dora"] = "dora"
     dropout: float = _dropout_field()
+    rank_dropout: float = _rank_dropout_field()
     conv_rank: int = _conv_rank_field(0, 0)
     conv_alpha: float = _conv_alpha_field(1.0)
 
@@ -197,7 +213,8 @@ NetworkConfig = Annotated[
     | Annotated[LoKrNetwork, Tag("lokr")] | Annotated[DoRANetwork, Tag("dora")],
     Discriminator(_network_tag),
 ]
-HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None}, "dataset": DATASET_HASH_NEUTRAL,
+HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None, "rank_dropout": 0.0, "module_dropout": 0.0},
+                         "dataset": DATASET_HASH_NEUTRAL,
                          "scheduler": {"lr_warmup": None}}  # added after schema 1, see config_hash
 
 
@@ -392,6 +409,11 @@ class TrainingSection(Section):
         description="Use the output of the n-th last text-encoder layer (2 for anime models). SDXL ignores it "
         "and always uses the penultimate layer, as sd-scripts does.",
     )
+    max_token_length: Literal[75, 150, 225] = Field(
+        75,
+        description="Caption and prompt length in tokens: 75 (CLIP's own), or 150/225, encoded in chunks of 75 as "
+        "sd-scripts does. Longer text is cut.",
+    )
     # Noise, timesteps and loss as sd-scripts has them (its names; see docs/training.md).
     noise_offset_random_strength: bool = Field(
         False, description="Draw each image's noise offset strength uniformly between 0 and noise_offset."
@@ -459,6 +481,12 @@ class TrainingSection(Section):
         "this (1 typical). Empty: off.",
     )
 
+    @field_validator("max_token_length", mode="before")
+    @classmethod
+    def _token_count(cls, v: Any) -> Any:
+        """kohya_ss and the GUI's choice give the length as text ("225")."""
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+
     @model_validator(mode="after")
     def _check(self) -> TrainingSection:
         if (self.max_train_epochs is None) == (self.max_train_steps is None):
@@ -483,6 +511,7 @@ NOISE_AND_LOSS_FIELDS = (
     "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "zero_terminal_snr",
     "loss_type", "huber_c", "huber_scale", "huber_schedule", "debiased_estimation_loss",
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "scale_weight_norms", "prior_loss_weight",
+    "max_token_length",
 )
 HASH_NEUTRAL_DEFAULTS["training"] = {name: TrainingSection.model_fields[name].default for name in NOISE_AND_LOSS_FIELDS}
 

@@ -38,6 +38,7 @@ DATASET_KEYS = {
     "bucket_no_upscale": ("dataset.bucket_no_upscale", to_bool),
     "validation_split": ("dataset.validation_split", to_float),
     "prior_loss_weight": ("training.prior_loss_weight", to_float),
+    "max_token_length": ("training.max_token_length", to_int),
 }
 NOT_NEEDED = {
     "cache_info": "not needed: Lathe reads image sizes from the file headers itself",
@@ -57,7 +58,7 @@ UNSUPPORTED = {
     "resize_interpolation": "a resize interpolation other than Lanczos",
     "caption_dropout_every_n_epochs": "dropping every caption every N epochs",
     "caption_tag_dropout_rate": "tag dropout", "alpha_mask": "alpha-masked loss",
-    "network_multiplier": "a per-dataset network multiplier", "max_token_length": "prompts longer than 75 tokens",
+    "network_multiplier": "a per-dataset network multiplier",
     "metadata_file": "fine-tuning subsets (captions from a metadata JSON): give the images with caption files",
     "conditioning_data_dir": "ControlNet subsets",
 }

@@ -90,6 +90,7 @@ SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "gradient_checkpointing": ("training.gradient_checkpointing", to_bool),
     "mixed_precision": ("training.mixed_precision", to_str),
     "clip_skip": ("training.clip_skip", to_int),
+    "max_token_length": ("training.max_token_length", to_int),
     "min_snr_gamma": ("training.min_snr_gamma", off(to_float)),
     "enable_bucket": ("dataset.enable_bucket", to_bool),
     "min_bucket_reso": ("dataset.min_bucket_reso", to_int),
@@ -148,10 +149,11 @@ LATHE_MODELS = "Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
 # The GUI fields that kohya_ss passes to each network module (as --network_args), besides network_dim,
 # network_alpha, network_dropout and network_weights, which every type gets. A field not listed here for
 # the config's type is not used by kohya_ss, so not carried (NOT_IMPORTED says why, without a warning).
-_LYCORIS_ARGS = "conv_dim conv_alpha use_tucker dora_wd LyCORIS_preset use_scalar bypass_mode train_norm rank_dropout_scale"
+_LYCORIS_ARGS = ("conv_dim conv_alpha use_tucker dora_wd LyCORIS_preset use_scalar bypass_mode train_norm rank_dropout_scale "
+                 "rank_dropout module_dropout")
 GUI_NETWORK_ARGS: dict[tuple[str, str], set[str]] = {
-    ("networks.lora", "lora"): set(),
-    ("networks.lora", "locon"): {"conv_dim", "conv_alpha"},
+    ("networks.lora", "lora"): {"rank_dropout", "module_dropout"},
+    ("networks.lora", "locon"): {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"},
     (LYCORIS, "locon"): set(_LYCORIS_ARGS.split()),
     (LYCORIS, "loha"): {*_LYCORIS_ARGS.split(), "use_cp"},  # use_cp: the older name of use_tucker
     (LYCORIS, "lokr"): {*_LYCORIS_ARGS.split(), "use_cp", "factor", "decompose_both"},
@@ -168,7 +170,7 @@ LYCORIS_UNSUPPORTED = {
     "full_matrix": "full-matrix LoKr factors (LyCORIS full_matrix)",
     "unbalanced_factorization": "unbalanced LoKr factorization (LyCORIS unbalanced_factorization)",
 }
-NETWORK_ARG_NAMES = {"conv_dim", "conv_alpha", "dropout", "algo", "preset", "dora_wd", "wd_on_output", "use_tucker",
+NETWORK_ARG_NAMES = {"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "algo", "preset", "dora_wd", "wd_on_output", "use_tucker",
                      "use_cp", "factor", "decompose_both"}  # network_args that map_network reads
 
 OPTIMIZERS = {  # kohya name (lower case) -> (Lathe type, the variant Lathe replaces with it)
@@ -231,7 +233,7 @@ NOT_IMPORTED = _table(
      "conv_dim conv_alpha"),
     ("not applicable: kohya_ss does not pass it to this config's LoRA_type", False,
      "LyCORIS_preset factor use_cp use_tucker use_scalar decompose_both rank_dropout_scale train_norm bypass_mode "
-     "dora_wd"),
+     "dora_wd rank_dropout module_dropout"),
     ("not applicable: an (IA)^3 setting (kohya_ss passes train_on_input only to LyCORIS/iA3)", False,
      "train_on_input"),
     ("not applicable: a DyLoRA setting", False, "unit"),
@@ -242,13 +244,9 @@ NOT_IMPORTED = _table(
     ("unsupported feature: random crop", True, "random_crop"),
     ("unsupported feature: dropping every caption every N epochs", True, "caption_dropout_every_n_epochs"),
     ("unsupported feature: tag dropout", True, "caption_tag_dropout_rate"),
-    ("unsupported feature: prompts longer than 75 tokens", True, "max_token_length"),
     ("unsupported feature: weighted captions", True, "weighted_captions"),
     ("unsupported feature: disabling token padding", True, "no_token_padding"),
     ("unsupported feature: masked loss", True, "masked_loss"),
-    ("unsupported feature: rank and module dropout (kohya's network_dropout is network.dropout, on lora, locon and "
-     "dora)", True,
-     "rank_dropout module_dropout"),
     ("unsupported feature: block-wise ranks and learning rates", True,
      "block_dims block_alphas block_lr_zero_threshold down_lr_weight mid_lr_weight up_lr_weight "
      "conv_block_dims conv_block_alphas conv_dims conv_alphas"),
@@ -275,7 +273,7 @@ _PREFIXES = (
     ("metadata_", "not applicable: Lathe writes its own metadata into exported LoRA files"),
 )
 _SECRET_NAME = re.compile(r"(?:^|_)(?:token|api_?key|secret|password|passwd|credentials?)$", re.I)
-_NEUTRAL = {"max_token_length": 75, "save_model_as": "safetensors", "dynamo_backend": "no"}
+_NEUTRAL = {"save_model_as": "safetensors", "dynamo_backend": "no"}
 UNKNOWN = "unknown kohya_ss setting: this importer does not know it"
 
 

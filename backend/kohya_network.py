@@ -4,7 +4,7 @@ It holds `map_network` and its helpers, called by backend.kohya through backend.
 LoRA_type / network_module / network_args `algo=` mapping to a Lathe network.type (with conv_dim and
 dora_wd able to change it), refusing the types Lathe does not train ((IA)^3, GLoRA, DyLoRA, OFT...);
 network_dim/network_alpha, conv_dim/conv_alpha, factor, use_tucker/use_cp, decompose_both, dropout,
-dora_wd/wd_on_output, network_weights; and the warnings for LyCORIS settings Lathe does not have.
+rank_dropout, module_dropout, dora_wd/wd_on_output, network_weights; and the warnings for LyCORIS settings Lathe does not have.
 """
 
 from __future__ import annotations
@@ -305,14 +305,27 @@ def _map_tucker(m: Mapper, net: _Net, final: str, live: int) -> None:
             net.drop(key, name, value, "not applicable: off")
 
 
+_LYCORIS_RANK_DROPOUT = (
+    "LyCORIS's rank dropout is another formula than sd-scripts' networks.lora's, which Lathe's network.rank_dropout "
+    "is: LyCORIS (in its default, non-bypass mode) zeroes rows of the whole update weight with one mask per forward "
+    "call, rescaled only with rank_dropout_scale; Lathe zeroes ranks of the down projection's output with a mask per "
+    "image and rescales by 1/(1-p): the regularization is not the same")
+
+
 def _map_dropout(m: Mapper, net: _Net, module: str, final: str) -> None:
-    """network_dropout; sd-scripts hands it to LyCORIS as its dropout= unless network_args has one."""
+    """network_dropout, rank_dropout and module_dropout. sd-scripts hands network_dropout to its own
+    networks (networks.lora, loha, lokr) as neuron_dropout; LyCORIS (lycoris.kohya) does not read that
+    name and applies its own dropout= only in bypass mode, so a LyCORIS config trains without dropout."""
     value, key = net.pick("dropout", to_float) if module == LYCORIS else (None, None)
     if key and "network_dropout" in m.data:
         m.skip("network_dropout", "not applicable: network_args dropout= takes precedence")
     elif "network_dropout" in m.data:
         value, key = m.get("network_dropout", to_float), "network_dropout"
-    if key and value is not None and _holds(final, "dropout"):
+    if key and value and module == LYCORIS:
+        net.drop(key, "dropout", value, "not applicable: LyCORIS trains without it (sd-scripts passes network_dropout "
+                 "as neuron_dropout, which LyCORIS does not read, and LyCORIS applies dropout= only in bypass mode), so "
+                 "network.dropout stays 0 to train as kohya_ss does", warn=True)
+    elif key and value is not None and _holds(final, "dropout"):
         m.put(key, "network.dropout", value)
     elif key and value:
         net.drop(key, "dropout", value, f"unsupported feature: dropout on {final} networks (Lathe's network.dropout is "
@@ -320,6 +333,21 @@ def _map_dropout(m: Mapper, net: _Net, module: str, final: str) -> None:
     elif key and value is not None:
         net.drop(key, "dropout", value, "not applicable: 0, no dropout")
     net.empty(key)
+    for name in ("rank_dropout", "module_dropout"):
+        value, key = net.pick(name, to_float)
+        if not key or value is None:
+            net.empty(key)
+        elif not value:
+            net.drop(key, name, value, "not applicable: 0, no dropout")
+        elif not _holds(final, name):
+            net.drop(key, name, value, f"unsupported feature: {name.replace('_', ' ')} on {final} networks (Lathe's "
+                     "network.rank_dropout is on lora, locon and dora)", warn=True)
+        else:
+            note = ""
+            if name == "rank_dropout" and module == LYCORIS:
+                note = "LyCORIS's rank dropout differs (see the warning)"
+                m.warn(f"{'network_args rank_dropout' if key == 'network_args' else key}: {_LYCORIS_RANK_DROPOUT}")
+            m.put(key, f"network.{name}", value, note)
 
 
 def _map_lycoris(m: Mapper, net: _Net, module: str, final: str) -> None:

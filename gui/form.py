@@ -62,6 +62,8 @@ def _to_form_value(spec: FieldSpec, value: Any) -> Any:
         return ", ".join(_num(float(v)) for v in value)
     if spec.kind == "text":
         return "" if value is None else str(value)
+    if spec.kind == "choice" and value is not None:
+        return str(value)  # the choices are text (training.max_token_length's are numbers)
     if spec.as_text:
         return number_text(value)
     return value

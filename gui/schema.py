@@ -49,6 +49,7 @@ BASIC = {
 LABELS = {
     "pretrained_model": "Base model", "family": "Model family", "v_parameterization": "v-prediction",
     "train_data_dir": "Image folder", "reg_data_dir": "Regularization image folder", "subsets": "More subsets",
+    "max_token_length": "Caption length (tokens)", "rank_dropout": "Rank dropout", "module_dropout": "Module dropout",
     "bucket_no_upscale": "Never upscale (bucket_no_upscale)", "prior_loss_weight": "Regularization loss weight", "enable_bucket": "Aspect-ratio buckets", "min_bucket_reso": "Smallest bucket side",
     "max_bucket_reso": "Largest bucket side", "bucket_reso_steps": "Bucket side step", "keep_tokens": "Keep leading tags",
     "validation_data_dir": "Validation image folder", "num_workers": "Data loader workers",

@@ -40,6 +40,8 @@ SPACE: pairwise.Space = {
     "network.decompose_both": [False, True],
     "network.train_text_encoder": [False, True],
     "network.dropout": [0.0, 0.1],
+    "network.rank_dropout": [0.0, 0.1],  # lora, locon, dora
+    "network.module_dropout": [0.0, 0.2],
     "network.alpha": [4.0, 2.0],  # rank stays 4: alpha == rank, and alpha != rank (scale 0.5)
     "training.gradient_accumulation_steps": [1, 2],
     "training.train_batch_size": [4, 1, 2],
@@ -49,6 +51,7 @@ SPACE: pairwise.Space = {
     "dataset.enable_bucket": [True, False],
     "dataset.validation_split": [0.0, 0.25],
     "training.clip_skip": [1, 2],
+    "training.max_token_length": [75, 150],
     "training.noise_offset": [0.0, 0.05],
     "training.min_snr_gamma": [None, 5.0],
     # Noise, timesteps and loss as sd-scripts has them (docs/training.md).
@@ -93,7 +96,7 @@ CHECKS = ("straight_finished", "resume_finished", "family", "v_prediction", "los
           "exports_identical", "verify_all", "ranks_identical")
 
 
-NO_DROPOUT = {"loha", "lokr"}  # network types without kohya's network_dropout (a down projection's output)
+NO_DROPOUT = {"loha", "lokr"}  # types without kohya's network_dropout and rank_dropout (a down projection's output)
 
 
 def valid(c: Combo) -> bool:
@@ -101,10 +104,11 @@ def valid(c: Combo) -> bool:
     kind, conv = c.get("network.type"), c.get("network.conv_rank")
     if kind == "lora" and conv not in (None, 0) or kind == "locon" and conv == 0:
         return False  # lora has no convolution layers; locon is LoRA with them
-    if kind in NO_DROPOUT and c.get("network.dropout", 0.0) > 0:
+    down_dropout = c.get("network.dropout", 0.0) > 0 or c.get("network.rank_dropout", 0.0) > 0
+    if kind in NO_DROPOUT and down_dropout:
         return False
     lycoris_only = c.get("network.use_tucker") or c.get("network.decompose_both") or c.get("network.lokr_factor", -1) != -1
-    if lycoris_only and c.get("network.dropout", 0.0) > 0:
+    if lycoris_only and down_dropout:
         return False  # these need loha or lokr, which have no dropout
     if c.get("network.use_tucker") and (kind not in (None, "loha", "lokr") or conv == 0):
         return False  # Tucker applies to LoHa's/LoKr's convolutions
@@ -181,8 +185,8 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
             s["training"].update(V_PRED_LOSS[level])
         elif name == "optimizer.type":
             s["optimizer"] = {"type": level, **s.get("optimizer", {})}  # another type starts from its own defaults
-        elif name in ("network.conv_rank", "network.dropout", "network.use_tucker", "network.decompose_both",
-                      "network.lokr_factor") and level in (0, False, -1):
+        elif name in ("network.conv_rank", "network.dropout", "network.rank_dropout", "network.use_tucker",
+                      "network.decompose_both", "network.lokr_factor") and level in (0, False, -1):
             continue  # the default, and not a field of every network type
         else:
             sec, key = name.split(".", 1)

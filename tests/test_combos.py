@@ -21,18 +21,22 @@ from tests import combo_helpers as H
 pytestmark = pytest.mark.train
 
 CASES = [
-    # Text-encoder DoRA (its magnitudes on the convolutions too) and dropout under DDP: every rank
-    # must end with the same tensors.
+    # Text-encoder DoRA (its magnitudes on the convolutions too), with network, rank and module
+    # dropout, under DDP: every rank must end with the same tensors although each rank skips other
+    # modules; captions encoded in two 75-token chunks by the trained encoder.
     ("te-dropout-ddp-dora", H.baseline(network__type="dora", network__conv_rank=2, network__train_text_encoder=True,
-                                       network__dropout=0.1, launch__num_processes=2)),
+                                       network__dropout=0.1, network__rank_dropout=0.1, network__module_dropout=0.2,
+                                       training__max_token_length=150, launch__num_processes=2)),
     # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's
     # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed.
     ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr",
                                    optimizer__type="DAdaptLion")),
     # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
-    # convolution layers (LDM names in the export); D-Adaptation Adam.
+    # convolution layers (LDM names in the export), module dropout; D-Adaptation Adam; 150-token
+    # captions (both encoders chunked, the pooled output from the first chunk).
     ("sdxl-te-loha", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle", network__type="loha",
-                                network__conv_rank=2, optimizer__type="DAdaptAdam")),
+                                network__conv_rank=2, network__module_dropout=0.2, training__max_token_length=150,
+                                optimizer__type="DAdaptAdam")),
 ]
 
 

@@ -1,5 +1,6 @@
 """End-to-end halves of the correctness review (issue 11): with the text encoder trained under
-network dropout (a LoCon: the ResNet convolutions too), uncached latents, a validation split and
+network, rank and module dropout (a LoCon: the ResNet convolutions too) on 225-token captions (three
+chunks), uncached latents, a validation split and
 sd-scripts' noise/loss options (multires, adaptive and input-perturbation noise with random
 strengths, a timestep range, debiased Huber loss, max-norm) and a dataset of several subsets
 (regularization images weighted by prior_loss_weight, a listed subset with its own caption rules,
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.train
 
 OFF_DEFAULT = dict(
     network={"type": "locon", "conv_rank": 2, "conv_alpha": 1.0, "train_text_encoder": True, "dropout": 0.3,
-             "rank": 4, "alpha": 2},
+             "rank_dropout": 0.2, "module_dropout": 0.1, "rank": 4, "alpha": 2},
     dataset={"cache_latents": False, "validation_split": 0.25},
     # sd-scripts' noise, timestep and loss options, all on (docs/training.md; each formula is
     # unit-tested in test_loss_options.py): they ride on this run's verify and exact resume.
@@ -31,7 +32,7 @@ OFF_DEFAULT = dict(
               "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01, "multires_noise_iterations": 4,
               "multires_noise_discount": 0.5, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
               "min_timestep": 50, "max_timestep": 950, "debiased_estimation_loss": True, "loss_type": "huber",
-              "huber_schedule": "snr", "scale_weight_norms": 0.01},
+              "huber_schedule": "snr", "scale_weight_norms": 0.01, "max_token_length": 225},
     # LoRA+ on the up-projections and a warmup given as a percentage of all steps.
     optimizer={"loraplus_lr_ratio": 4.0},
     scheduler={"type": "cosine", "lr_warmup": 20.0},
@@ -156,7 +157,9 @@ def test_export_metadata_records_kohya_meanings(off_default_run):
     from safetensors import safe_open
 
     meta = safe_open(str(off_default_run / "exports" / "demo.safetensors"), "pt").metadata()
-    assert meta["ss_network_dropout"] == "0.3" and meta["ss_clip_skip"] == "2"
+    assert meta["ss_network_dropout"] == "0.3" and meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "225"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.2",
+                                                   "module_dropout": "0.1"}
     assert meta["ss_v_parameterization"] == "False" and meta["modelspec.prediction_type"] == "epsilon"
 
 

@@ -188,10 +188,10 @@ def test_kohya_locon_preset_keeps_every_network_value():
     assert imported["LoRA_type"].startswith('network.type = "locon"')
     assert imported["conv_dim"] == "network.conv_rank = 16" and imported["conv_alpha"] == "network.conv_alpha = 8.0"
     assert imported["network_dropout"] == "network.dropout = 0.1"
-    # What kohya_ss used but Lathe does not carry: a warning naming the kohya key and the value.
-    for key in ("rank_dropout", "module_dropout"):
-        assert warned(r, key) == [f"{key}: {reasons(r)[key]}; the value 0.1 is not imported"]
-        assert reasons(r)[key].startswith("unsupported feature: rank and module dropout")
+    # kohya_ss passes rank_dropout and module_dropout to networks.lora: the same formulas in Lathe.
+    assert (n.rank_dropout, n.module_dropout) == (0.1, 0.1)
+    assert imported["rank_dropout"] == "network.rank_dropout = 0.1" and not warned(r, "rank_dropout")
+    assert imported["module_dropout"] == "network.module_dropout = 0.1" and not warned(r, "module_dropout")
     # LyCORIS fields that kohya_ss does not pass to networks.lora: listed, no warning (nothing is lost).
     for key in ("use_cp", "factor", "decompose_both"):
         assert reasons(r)[key] == "not applicable: kohya_ss does not pass it to this config's LoRA_type"
@@ -222,11 +222,16 @@ def test_values_loha_cannot_hold_are_warnings():
     r = ok(import_kohya(gui(network_dropout=0.2, rank_dropout=0.1, module_dropout="0.05", use_scalar=True,
                             train_norm=True, LyCORIS_preset="attn-mlp")))
     assert r.config.network.type == "loha"
+    # LyCORIS never applies network_dropout (sd-scripts hands it over as neuron_dropout, a name LyCORIS does not read)
     assert warned(r, "network_dropout") == [
-        "network_dropout: unsupported feature: dropout on loha networks (Lathe's network.dropout is on lora, locon "
-        "and dora); the value 0.2 is not imported"]
-    assert warned(r, "rank_dropout")[0].endswith("the value 0.1 is not imported")
-    assert warned(r, "module_dropout")[0].endswith('the value "0.05" is not imported')
+        "network_dropout: not applicable: LyCORIS trains without it (sd-scripts passes network_dropout as "
+        "neuron_dropout, which LyCORIS does not read, and LyCORIS applies dropout= only in bypass mode), so "
+        "network.dropout stays 0 to train as kohya_ss does; the value 0.2 is not imported"]
+    assert warned(r, "rank_dropout") == [
+        "rank_dropout: unsupported feature: rank dropout on loha networks (Lathe's network.rank_dropout is on lora, "
+        "locon and dora); the value 0.1 is not imported"]
+    # module dropout is the same formula in LyCORIS and sd-scripts: carried for every type
+    assert r.config.network.module_dropout == 0.05 and not warned(r, "module_dropout")
     assert warned(r, "use_scalar")[0].startswith("use_scalar: unsupported feature: a trained scalar")
     assert warned(r, "train_norm")[0].startswith("train_norm: unsupported feature: training the normalization layers")
     assert warned(r, "LyCORIS_preset")[0].startswith("LyCORIS_preset: unsupported feature: LyCORIS module presets")
@@ -273,9 +278,16 @@ def test_lokr_full_dimension_is_an_error_with_a_way_out():
 
 def test_dora():
     r = ok(import_kohya(gui(LoRA_type="LyCORIS/LoCon", dora_wd=True, conv_dim=0, conv_alpha=1, network_dropout=0.1,
-                            use_tucker=False)))
+                            rank_dropout=0.2, use_tucker=False)))
     n = r.config.network
-    assert (n.type, n.rank, n.alpha, n.conv_rank, n.dropout) == ("dora", 32, 16.0, 0, 0.1)
+    assert (n.type, n.rank, n.alpha, n.conv_rank, n.dropout, n.rank_dropout) == ("dora", 32, 16.0, 0, 0.0, 0.2)
+    assert warned(r, "network_dropout")[0].startswith("network_dropout: not applicable: LyCORIS trains without it")
+    assert warned(r, "rank_dropout") == ["rank_dropout: LyCORIS's rank dropout is another formula than sd-scripts' "
+                                         "networks.lora's, which Lathe's network.rank_dropout is: LyCORIS (in its "
+                                         "default, non-bypass mode) zeroes rows of the whole update weight with one mask "
+                                         "per forward call, rescaled only with rank_dropout_scale; Lathe zeroes ranks of "
+                                         "the down projection's output with a mask per image and rescales by 1/(1-p): "
+                                         "the regularization is not the same"]
     assert dict(r.mapped)["dora_wd"] == 'network.type = "dora"'
     assert reasons(r)["conv_alpha"] == "not applicable: conv_dim is 0 (no convolution layers)"
     axis = warned(r, "dora_wd")
@@ -336,7 +348,8 @@ def test_which_lora_type_becomes_which_network():
     r = ok(import_kohya(standard(network_args='conv_dim="4" conv_alpha="2" rank_dropout=0.1 brand_new=1')))
     n = r.config.network
     assert (n.type, n.conv_rank, n.conv_alpha) == ("locon", 4, 2.0)
-    assert warned(r, "network_args rank_dropout")[0].endswith("the value \"0.1\" is not imported")
+    assert n.rank_dropout == 0.1 and not warned(r, "network_args rank_dropout")
+    assert ("network_args", "network.rank_dropout = 0.1") in r.mapped
     assert reasons(r)["network_args brand_new"].startswith("unknown kohya_ss setting") and warned(r, "network_args brand_new")
     r = ok(import_kohya(standard(LoRA_type=None, network_module="networks.lokr", network_args=["factor=4", "conv_dim=2"])))
     assert (r.config.network.type, r.config.network.lokr_factor, r.config.network.conv_rank) == ("lokr", 4, 2)
@@ -624,3 +637,26 @@ def test_the_generated_kohya_tables_in_the_docs_match_the_importer():
     assert kohya_docs.BEGIN in text and kohya_docs.updated(text) == text, "run python -m backend.kohya_docs"
     assert "| `flip_aug` | `dataset.random_flip` |" in text  # one row per SIMPLE key
     assert "`xformers`" in text.split(kohya_docs.BEGIN)[1]  # and every not-imported key with its reason
+
+
+def test_the_mapping_tables_name_every_key_the_rules_import():
+    """docs/presets.md's rule rows come from backend.kohya_mapping: every key a rule imports from the
+    kohya_ss configs (beyond SIMPLE's one-to-one keys) has a row, and every key a row names is one the
+    importer's code reads."""
+    from backend import kohya_docs
+    from backend.kohya_keys import SIMPLE
+    from backend.kohya_mapping import documented_keys
+
+    text = kohya_docs.DOC.read_text(encoding="utf-8")
+    assert not kohya_docs.missing(text) and kohya_docs.updated(text) == text, "run python -m backend.kohya_docs"
+    imported = set()
+    for path in sorted(SAMPLES.glob("*.json")):
+        r = load_kohya_file(path)
+        imported |= {key for key, _ in r.mapped if " " not in key and key not in SIMPLE}
+    assert imported, "no sample imported anything"
+    assert imported - documented_keys() == set()
+    source = "".join((ROOT / "backend" / name).read_text(encoding="utf-8") for name in (
+        "kohya.py", "kohya_rules.py", "kohya_network.py", "kohya_noise.py", "kohya_dataset.py", "kohya_args.py",
+        "kohya_keys.py"))
+    unread = {key for key in documented_keys() if f'"{key}"' not in source and f"'{key}'" not in source}
+    assert unread == set(), f"documented but never read by the importer: {sorted(unread)}"

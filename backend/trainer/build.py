@@ -94,8 +94,9 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     optimizer = trained.prepare(acc, build_optimizer(cfg, groups, device.type), compile_unet=cfg.training.torch_compile)
 
     # Text: frozen encoders + fixed captions -> every embedding computed once.
-    text = TextEncoder(comps, cfg.training.clip_skip, cache=not train_te and not any(r.shuffle_caption for r in data.subsets),
-                       encoders=trained.text_encoder_runners())
+    text = TextEncoder.for_training(comps, cfg.training,
+                                    cache=not train_te and not any(r.shuffle_caption for r in data.subsets),
+                                    encoders=trained.text_encoder_runners())
     if text.cache:
         caps = {it.caption for it in items} | ({""} if any(r.caption_dropout_rate > 0 for r in data.subsets) else set())
         world = acc.num_processes

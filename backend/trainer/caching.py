@@ -142,18 +142,26 @@ class TextEncoder:
     `encoders` are what a training step calls (the DDP wrappers of trained encoders); `bare()` is the
     same encoder over the plain modules, for evaluation and sampling on one rank."""
 
-    def __init__(self, comps: Components, clip_skip: int, cache: bool, encoders: list[Any] | None = None):
-        self.comps, self.clip_skip, self.cache = comps, clip_skip, cache
+    def __init__(self, comps: Components, clip_skip: int, cache: bool, encoders: list[Any] | None = None,
+                 max_token_length: int = 75):
+        self.comps, self.clip_skip, self.cache, self.max_token_length = comps, clip_skip, cache, max_token_length
         self.encoders = list(encoders) if encoders is not None else list(comps.text_encoders)
         self._memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
+    @classmethod
+    def for_training(cls, comps: Components, training: Any, cache: bool, encoders: list[Any] | None = None) -> TextEncoder:
+        """The encoder of a run's `training` section (clip_skip, max_token_length): training, evaluation,
+        `verify` and samples all encode text through one of these."""
+        return cls(comps, training.clip_skip, cache, encoders, training.max_token_length)
+
     def bare(self) -> TextEncoder:
-        out = TextEncoder(self.comps, self.clip_skip, self.cache)
+        out = TextEncoder(self.comps, self.clip_skip, self.cache, max_token_length=self.max_token_length)
         out._memo = self._memo
         return out
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return encode_tokens(self.comps, tokenize(self.comps, captions), self.clip_skip, self.encoders)
+        ids = tokenize(self.comps, captions, self.max_token_length)
+        return encode_tokens(self.comps, ids, self.clip_skip, self.encoders)
 
     def precompute(self, captions: set[str], rank: int = 0, world: int = 1,
                    exchange: Callable[[list[Any]], list[Any]] | None = None) -> int:

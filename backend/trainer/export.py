@@ -90,6 +90,9 @@ def network_metadata(net: Any) -> dict[str, str]:
     args: dict[str, str] = {}
     if getattr(net, "conv_rank", 0) > 0:
         args |= {"conv_dim": str(net.conv_rank), "conv_alpha": str(net.conv_alpha)}
+    for name in ("rank_dropout", "module_dropout"):  # network_args in sd-scripts
+        if getattr(net, name, 0.0) > 0:
+            args[name] = str(getattr(net, name))
     if net.type in ("lora", "locon"):
         meta["ss_network_module"] = "networks.lora"
     else:

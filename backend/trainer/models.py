@@ -146,39 +146,72 @@ def zero_terminal_snr_scheduler(sched: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------ text encoding
-def tokenize(comps: Components, captions: list[str]) -> list[torch.Tensor]:
-    """Token ids for each tokenizer: [B, 77] each."""
+def tokenize(comps: Components, captions: list[str], max_token_length: int = 75) -> list[torch.Tensor]:
+    """Token ids for each tokenizer: [B, 77] each, or [B, n, 77] for max_token_length 75 * n (n = 2, 3)."""
     out = []
     for tok in comps.tokenizers:
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        out.append(ids.input_ids)
+        size = tok.model_max_length if max_token_length == 75 else max_token_length + 2
+        ids = tok(captions, padding="max_length", max_length=size, truncation=True, return_tensors="pt").input_ids
+        out.append(ids if max_token_length == 75 else chunk_ids(ids, tok))
     return out
+
+
+def chunk_ids(ids: torch.Tensor, tok: Any) -> torch.Tensor:
+    """[B, n * 75 + 2] ids -> [B, n, 77]: each chunk <BOS> + 75 ids + the last id, as sd-scripts'
+    TokenizeStrategy._get_input_ids (library/strategy_base.py) builds them. With a pad token that is not
+    <EOS> (SD2.x, SDXL's second tokenizer) a chunk that ends inside the text ends in <EOS>, and an empty
+    chunk (<BOS> <PAD> ...) starts <BOS> <EOS>."""
+    width = tok.model_max_length - 2
+    chunks = []
+    for i in range(1, ids.shape[1] - tok.model_max_length + 2, width):
+        c = torch.cat([ids[:, :1], ids[:, i : i + width], ids[:, -1:]], dim=1)
+        if tok.pad_token_id != tok.eos_token_id:
+            c[(c[:, -2] != tok.eos_token_id) & (c[:, -2] != tok.pad_token_id), -1] = tok.eos_token_id
+            c[c[:, 1] == tok.pad_token_id, 1] = tok.eos_token_id
+        chunks.append(c)
+    return torch.stack(chunks, dim=1)
+
+
+def merge_chunks(hidden: torch.Tensor, n: int) -> torch.Tensor:
+    """[B * n, 77, C] encoder states of the chunks -> [B, n * 75 + 2, C]: the first <BOS>, the 75 inner
+    states of each chunk, the last chunk's final state, as sd-scripts' encode_tokens joins them
+    (library/strategy_sd.py, strategy_sdxl.py)."""
+    if n == 1:
+        return hidden
+    length = hidden.shape[1]
+    flat = hidden.reshape(hidden.shape[0] // n, n * length, hidden.shape[-1])
+    parts = [flat[:, :1]] + [flat[:, k * length + 1 : (k + 1) * length - 1] for k in range(n)] + [flat[:, -1:]]
+    return torch.cat(parts, dim=1)
 
 
 def encode_tokens(comps: Components, ids: list[torch.Tensor], clip_skip: int = 1,
                   encoders: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the text encoder(s): (context [B, 77, C], pooled [B, P] for SDXL else None).
+    """Run the text encoder(s): (context [B, L, C], pooled [B, P] for SDXL else None); L is 77, or
+    n * 75 + 2 for chunked ids [B, n, 77] (each chunk encoded on its own; SDXL's pooled output is the
+    first chunk's, as in sd-scripts).
 
     `encoders` are the modules to call (the training step's DDP wrappers); default the components'.
     SDXL always takes the penultimate layer and ignores clip_skip, as sd-scripts does."""
     encoders = encoders if encoders is not None else comps.text_encoders
+    n = ids[0].shape[1] if ids[0].dim() == 3 else 1
+    flat = [t.reshape(-1, t.shape[-1]) for t in ids]
     if not comps.is_sdxl:
         te = encoders[0]
         device = next(te.parameters()).device
         if clip_skip == 1:
-            return te(ids[0].to(device)).last_hidden_state, None
-        out = te(ids[0].to(device), output_hidden_states=True)
-        return _final_norm(comps.text_encoders[0])(out.hidden_states[-clip_skip]), None
+            return merge_chunks(te(flat[0].to(device)).last_hidden_state, n), None
+        out = te(flat[0].to(device), output_hidden_states=True)
+        return merge_chunks(_final_norm(comps.text_encoders[0])(out.hidden_states[-clip_skip]), n), None
     # SDXL: penultimate layer of both encoders (no final norm), concatenated; pooled from encoder 2.
     layer = -2
     hidden = []
     pooled = None
-    for te, tok_ids in zip(encoders, ids, strict=True):
+    for te, tok_ids in zip(encoders, flat, strict=True):
         device = next(te.parameters()).device
         out = te(tok_ids.to(device), output_hidden_states=True)
-        hidden.append(out.hidden_states[layer])
+        hidden.append(merge_chunks(out.hidden_states[layer], n))
         if hasattr(out, "text_embeds"):
-            pooled = out.text_embeds
+            pooled = out.text_embeds[::n]
     return torch.cat(hidden, dim=-1), pooled
 
 

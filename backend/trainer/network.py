@@ -18,8 +18,14 @@ Every network type is built from peft's implementation, with Lathe's choices on 
   and then runs the LoRA layer unchanged. The norm is detached from the gradient, as the DoRA paper
   (section 4.3) and peft do.
 
-Dropout is kohya's `network_dropout`: on the output of the down projection (the rank-sized
-activation), not on the layer input as peft's `lora_dropout` would do.
+Dropout as sd-scripts' networks.lora (LoRAModule.forward) has it, in its order, only while the module
+trains:
+- `network.module_dropout`: with probability p (torch.rand(1) < p) the module is skipped for this call
+  and the layer returns its base output alone (for DoRA: the unscaled base layer too).
+- `network.dropout` (kohya's network_dropout): F.dropout on the output of the down projection (the
+  rank-sized activation), not on the layer input as peft's `lora_dropout` would do.
+- `network.rank_dropout`: a mask over (batch, rank), `rand > p`, on the same activation, and the update
+  scaled by 1/(1-p) (kohya: "treat as if the rank is changed"); lora, locon and dora.
 """
 
 from __future__ import annotations
@@ -112,9 +118,13 @@ def inject(model: torch.nn.Module, net: Any, targets: list[str], what: str, with
             add_dora(m)
     for n, p in model.named_parameters():
         p.requires_grad_(is_network_param(n))
-    if getattr(net, "dropout", 0.0) > 0:
-        for _, m in network_modules(model):
+    for _, m in network_modules(model):
+        if getattr(net, "dropout", 0.0) > 0:
             add_down_dropout(m.lora_A[ADAPTER], net.dropout)
+        if getattr(net, "rank_dropout", 0.0) > 0:
+            add_rank_dropout(m.lora_A[ADAPTER], net.rank_dropout)
+        if net.module_dropout > 0:
+            add_module_dropout(m, net.module_dropout)
 
 
 def add_down_dropout(down: torch.nn.Module, p: float) -> None:
@@ -124,6 +134,42 @@ def add_down_dropout(down: torch.nn.Module, p: float) -> None:
         return F.dropout(output, p=p, training=module.training)
 
     down.register_forward_hook(hook)
+
+
+def add_rank_dropout(down: torch.nn.Module, p: float) -> None:
+    """kohya's rank_dropout: zero whole ranks of lora_down's output, a mask per image, and scale the
+    rest by 1/(1-p). lora_up is linear without a bias, so scaling its input is scaling the update."""
+
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        keep = torch.rand((output.size(0), output.size(1) if output.dim() == 4 else output.size(-1)),
+                          device=output.device) > p
+        if output.dim() == 3:  # (batch, tokens, rank): the text encoder's and the transformer blocks' layers
+            keep = keep.unsqueeze(1)
+        elif output.dim() == 4:  # (batch, rank, h, w): convolutions
+            keep = keep.unsqueeze(-1).unsqueeze(-1)
+        return output * keep.to(output.dtype) * (1.0 / (1.0 - p))
+
+    down.register_forward_hook(hook)
+
+
+def add_module_dropout(m: torch.nn.Module, p: float) -> None:
+    """kohya's module_dropout: a training call skips the whole module with probability p. The draw is
+    made first (a pre-hook ahead of DoRA's) so that a skipped DoRA layer does not scale its input."""
+    inner = m.forward
+
+    def draw(module: torch.nn.Module, args: tuple) -> None:
+        module.lathe_skipped = bool(module.training and torch.rand(1) < p)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if m.lathe_skipped:
+            return m.get_base_layer()(x, *args, **kwargs)
+        return inner(x, *args, **kwargs)
+
+    m.lathe_skipped = False
+    m.register_forward_pre_hook(draw, prepend=True)
+    m.forward = forward
 
 
 # ------------------------------------------------------------------------------------------ DoRA
@@ -147,7 +193,9 @@ def add_dora(m: torch.nn.Module) -> None:
     shape = (1, w0.shape[1], *([1] * (w0.dim() - 2)))
     m.dora_scale = torch.nn.Parameter(column_norms(w0).reshape(shape).to(w0.device))
 
-    def scale_input(module: torch.nn.Module, args: tuple) -> tuple:
+    def scale_input(module: torch.nn.Module, args: tuple) -> tuple | None:
+        if getattr(module, "lathe_skipped", False):  # module dropout: this call is the base layer alone
+            return None
         x, *rest = args
         with torch.no_grad():  # the norm is a constant for the gradient: no graph for it
             norm = column_norms(module.get_base_layer().weight.float() + lora_delta(module))

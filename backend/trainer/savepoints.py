@@ -318,6 +318,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_mixed_precision": cfg.training.mixed_precision,
         "ss_seed": str(cfg.training.seed),
         "ss_clip_skip": str(cfg.training.clip_skip),
+        "ss_max_token_length": "None" if cfg.training.max_token_length == 75 else str(cfg.training.max_token_length),
         "ss_noise_offset": str(cfg.training.noise_offset),
         "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
         **noise_and_loss_metadata(cfg.training),

@@ -190,5 +190,7 @@ def first_divergence(per_rank: list[list[tuple[str, str]]]) -> str | None:
 def ddp_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     """DistributedDataParallel options for the trained modules. A trained text encoder has LoRA
     layers whose output the loss never reads (the layers after the one clip_skip picks; SDXL's first
-    encoder's last layer), so DDP must not wait for their gradients."""
-    return {"find_unused_parameters": bool(cfg.network.train_text_encoder)}
+    encoder's last layer), and module dropout skips whole modules in a step, so in either case DDP must
+    not wait for every gradient (a module skipped on every rank keeps no gradient, and the optimizer
+    leaves it alone that step, as in one process)."""
+    return {"find_unused_parameters": bool(cfg.network.train_text_encoder or cfg.network.module_dropout > 0)}

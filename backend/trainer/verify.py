@@ -60,7 +60,7 @@ def _recompute(comps, trained: Trained, cfg, manifest: dict, lines: list[str]) -
     items, val_items, _ = D.load_dataset(cfg.dataset, cfg.training.seed)
     kind, eval_list = evaluation.eval_items(items, val_items)
     samples = evaluation.prepare(comps, eval_list, D.buckets_for(cfg.dataset))
-    text = TextEncoder(comps, cfg.training.clip_skip, cache=False)
+    text = TextEncoder.for_training(comps, cfg.training, cache=False)
     with torch.no_grad():
         loss = evaluation.eval_loss(comps, trained, text, samples, cfg.training.seed, torch.device("cpu"),
                                     torch.float32, cfg.training, contextlib.nullcontext)
