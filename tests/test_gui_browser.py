@@ -392,6 +392,51 @@ def test_train_with_prodigy_watch_it_live_and_see_rotation(page, server, tmp_pat
     assert page.external == []  # plots, images and fonts all came from the app
 
 
+def finished_version(page, server) -> Path:
+    """A finished run of the output folder (the Prodigy test's when it ran first), else one trained here."""
+    from backend.runs import read_status
+
+    done = [v for v in versions(server) if read_status(v).get("state") == "finished"]
+    if done:
+        return done[-1]
+    fill(page, "training.max_train_epochs", 1)
+    page.click("#btn-start-setup")
+    page.locator("#run-banner .lathe-banner").wait_for()
+    assert watch_to(page, ("finished", "failed", "stopped"))[-1][0] == "finished"
+    open_app(page, server)
+    return versions(server)[-1]
+
+
+def test_load_a_runs_settings_and_train_a_finished_run_further(page, server, tmp_path):
+    v = finished_version(page, server)
+    cfg = json.loads((v / "config.json").read_text())
+    epochs = cfg["training"]["max_train_epochs"]
+    fill(page, "training.max_train_epochs", 77)  # Load settings replaces what Setup holds
+    tab(page, "Checkpoints")
+    choose(page, "ckpt-version", f"{cfg['run_name']} / {v.name} · finished")
+    page.click("#btn-load-settings")
+    wait_until(lambda: page.get_by_role("tab", name="Setup", exact=True).get_attribute("aria-selected") == "true", 30,
+               what="the Setup tab after Load settings")
+    wait_until(lambda: field(page, "training.max_train_epochs").locator("input").first.input_value() == str(epochs), 30)
+    assert field(page, "optimizer.type").locator("input").first.input_value() == cfg["optimizer"]["type"]
+    assert f"{v.name}" in text_of(page, "#preset-status")
+    # Train further by one epoch: a resume from its last checkpoint, planned and preflighted first.
+    tab(page, "Checkpoints")
+    plan = page.locator("#reuse-plan")
+    wait_until(lambda: f"{epochs} → {epochs + 1}" in plan.inner_text(), 30, what="the train-further plan")
+    assert "training.max_train_epochs" in plan.inner_text() and "Cannot" not in plan.inner_text()
+    assert f"--set training.max_train_epochs={epochs + 1}" in box(page, "#reuse-command")
+    page.click("#btn-train-further")
+    page.locator("#run-banner .lathe-banner").wait_for()
+    wait_until(lambda: v.name not in text_of(page, "#run-banner"), 30, what="the new version in the Run tab")
+    seen = watch_to(page, ("finished", "failed", "stopped"))
+    total = (epochs + 1) * STEPS_PER_EPOCH
+    assert seen[-1] == ("finished", total, total), seen
+    assert all(step == 0 or step > epochs * STEPS_PER_EPOCH for _, step, _ in seen), seen
+    further = versions(server)[-1]
+    assert json.loads((further / "config.json").read_text())["resume_from"] == str(v / "checkpoints" / "final")
+
+
 def test_reload_mid_run_reattaches_then_stop_and_resume(page, server, tmp_path):
     fill(page, "training.max_train_epochs", 50)  # the demo preset (AdamW), long enough to stop
     page.click("#btn-start-setup")

@@ -1,7 +1,7 @@
 """The Checkpoints tab: every run and version with its state; for the chosen version a table of its
 checkpoints (refreshed live, so rotation is visible while a run goes); actions on one checkpoint:
 Verify, copy the LoRA file's path, Delete (not while running), and one-click Resume with the
-config diff shown first."""
+config diff shown first; for the chosen version, Load settings and Train further (gui/tabs/reuse.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from gui.form import FormError, form_to_config
 from gui.page import Page, dropdown_update, version_choices
 from gui.preview import frozen_summary, resume_command, resume_preview
 from gui.runner import ACTIVE_STATES, StartRefused, plan_for
+from gui.tabs.reuse import ReuseCard
 from gui.tabs.run import RunTab
 
 RUN_HEADERS = ["Run", "Version", "State", "Step", "Started", "Reason", "Folder"]
@@ -80,6 +81,8 @@ class CheckpointsTab:
                 c["resume"] = gr.Button("Resume", variant="primary", elem_id="btn-resume", interactive=False)
                 with gr.Accordion("What can never change on resume", open=False):
                     gr.Markdown(f"{frozen_summary()}.", elem_classes=["lathe-note"])
+            self.reuse = ReuseCard(self.page, self.run_tab, c["version"])
+            self.reuse.build()
 
     def build_hidden(self) -> None:
         self.c["state"] = gr.State({"sig": None, "rev": None})
@@ -257,6 +260,7 @@ class CheckpointsTab:
         self.run_tab.streamed(c["resume"].click(self.on_resume, inputs=form.inputs | {c["choice"], c["source"]},
                                                 outputs=[*live, c["result"], self.run_tab.c["message"],
                                                          self.page.component("tabs")]))
+        self.reuse.wire()
         c["verify"].click(self.on_verify, inputs={c["choice"]}, outputs=[c["result"]])
         c["copy"].click(self.on_export, inputs={c["choice"]}, outputs=[c["path"], c["result"]])
         c["delete"].click(lambda data: {c["confirm"]: gr.update(visible=True)}, inputs=set(), outputs=[c["confirm"]])

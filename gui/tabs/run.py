@@ -41,6 +41,7 @@ from gui.page import Page, version_choices
 from gui.runner import ACTIVE_STATES, StartRefused, launched_command, reproduce_command
 from gui.streams import LIVE_JS, Streams, same_as_sent, session_of
 from gui.tabs.setup import message_updates, validate_values
+from gui.tabs.tensorboard_card import TensorBoardCard
 
 STREAM_S = 0.5  # how often a session's stream looks for news
 SLOW_S = 2.0  # while a run goes, the curves, the log and the progress (by the stream) at most this often
@@ -131,6 +132,8 @@ class RunTab:
             with gr.Accordion("Command", open=True, elem_id="run-command-box"):
                 c["reproduce"] = command_box("Reproduce this run with the CLI", "run-reproduce")
                 c["launched"] = command_box("What was launched (command.txt)", "run-launched", lines=3)
+            self.tensorboard = TensorBoardCard(page, c["choice"])
+            self.tensorboard.build()
 
     def build_hidden(self) -> None:
         """The session state and the timer: outside the tab bar (a non-tab child there breaks the tabs)."""
@@ -387,6 +390,7 @@ class RunTab:
         c["kill_cancel"].click(lambda data: {c["confirm"]: gr.update(visible=False)}, inputs=set(),
                                outputs=[c["confirm"]])
         c["kill_now"].click(self.on_kill, inputs={c["follow"]}, outputs=[c["message"], c["confirm"]])
+        self.tensorboard.wire()
 
 
 def build(page: Page) -> RunTab:
