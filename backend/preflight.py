@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from backend import resources
+from backend import launcher, resources
 from backend.config import LaunchConfig, ModelConfig, TrainingConfig
 from backend.model_family import FAMILY_NAMES, ModelReadError, detect_family
-from backend.resume import IMAGE_EXTS
+from backend.resume import IMAGE_EXTS, plan_resume
 
 # What the recipe supports: one process, or plain DDP on GPUs or CPUs. A sharded optimizer (DeepSpeed,
 # FSDP) would be saved as rank 0's shard, so those are refused until the recipe handles them.
@@ -55,6 +55,16 @@ def preflight(cfg: TrainingConfig) -> list[str]:
     if cfg.resume_from and not Path(cfg.resume_from).expanduser().is_dir():
         out.append(f"resume_from: checkpoint folder {cfg.resume_from} does not exist")
     return out
+
+
+def start_problems(cfg: TrainingConfig) -> list[str]:
+    """Why `cfg` cannot start (`path: message` lines), or []: the preflight and, for a resume, the
+    resume plan's refusals. The GUI's Validate shows exactly these, its Start and the run queue
+    refuse on exactly these."""
+    problems = preflight(cfg)
+    if cfg.resume_from and not problems:
+        problems = [f"resume_from: {r}" for r in plan_resume(cfg.resume_from, launcher.absolutize(cfg)).refused]
+    return problems
 
 
 def model_problems(model: ModelConfig) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from backend import launcher, lock, runs
 from backend.config import ConfigError, TrainingConfig, load_config_file
-from backend.preflight import preflight
+from backend.preflight import preflight, start_problems  # start_problems: re-exported for gui.tabs.setup
 from backend.presets import read_json_object, resolve
 from backend.resume import ResumePlan, plan_resume
 from gui.preview import resume_command
@@ -37,15 +37,6 @@ class StartRefused(Exception):
 @dataclass(frozen=True)
 class Started:
     version_dir: Path
-
-
-def start_problems(cfg: TrainingConfig) -> list[str]:
-    """Why `cfg` cannot start (`path: message` lines), or []: the preflight and, for a resume, the
-    resume plan's refusals. Validate shows exactly these and Start refuses on exactly these."""
-    problems = preflight(cfg)
-    if cfg.resume_from and not problems:
-        problems = [f"resume_from: {r}" for r in plan_resume(cfg.resume_from, launcher.absolutize(cfg)).refused]
-    return problems
 
 
 def resume_config(checkpoint: Path, base: TrainingConfig | None = None) -> TrainingConfig:

@@ -23,6 +23,9 @@ from backend.config import DatasetConfig, SubsetConfig
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 REPEATS_RE = re.compile(r"^(\d+)_(.*)$")
+# What opening an image may raise when the file is not a readable image: such images are skipped.
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+SKIPPED = "skipped unreadable image"  # how the warning for each such image starts
 
 
 class DatasetError(Exception):
@@ -85,7 +88,8 @@ def _read_caption(path: Path, fallback: str) -> str:
     return " ".join(text.split()) or fallback
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def header_size(path: Path) -> tuple[int, int]:
+    """The image's (width, height) from its header, without decoding the pixels."""
     with Image.open(path) as im:
         return im.size
 
@@ -140,7 +144,9 @@ def resolve_subsets(ds: DatasetConfig) -> tuple[list[Subset], list[str]]:
     return out, warnings
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The image files of one subset folder (not its sub-folders), sorted by name: the order
+    discovery and the Dataset view list them in."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
@@ -154,14 +160,14 @@ def discover_subsets(subsets: list[Subset], decode: bool = True) -> Discovery:
         root = Path(sub.image_dir)
         if not root.is_dir():
             raise DatasetError(f"{sub.label}: folder {root} does not exist")
-        meta = _read_metadata(root, warnings)
+        meta = read_metadata(root, warnings)
         found = 0
-        for img in _images_in(root):
-            caption = meta.get(img.name) or _read_caption(img.with_suffix(sub.caption_extension), sub.class_tokens)
+        for img in images_in(root):
+            caption = caption_of(img, sub, meta)
             try:
-                size = _check_image(img) if decode else _header_size(img)
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-                warnings.append(f"skipped unreadable image {img}: {type(e).__name__}: {str(e)[:120]}")
+                size = _check_image(img) if decode else header_size(img)
+            except UNREADABLE as e:
+                warnings.append(f"{SKIPPED} {img}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             items.append(ImageItem(str(img), caption, sub.num_repeats, size, index, sub.is_reg))
             found += 1
@@ -190,7 +196,14 @@ def _no_images(label: str, root: Path) -> str:
             "or images with a metadata.jsonl)")
 
 
-def _read_metadata(root: Path, warnings: list[str]) -> dict[str, str]:
+def caption_of(img: Path, sub: Subset, meta: dict[str, str]) -> str:
+    """An image's caption: its metadata.jsonl text (`meta`, from read_metadata), else its caption
+    file, else the subset's class words."""
+    return meta.get(img.name) or _read_caption(img.with_suffix(sub.caption_extension), sub.class_tokens)
+
+
+def read_metadata(root: Path, warnings: list[str]) -> dict[str, str]:
+    """{image file name: caption} from the folder's metadata.jsonl ({} when it has none)."""
     meta_path = root / "metadata.jsonl"
     out: dict[str, str] = {}
     if not meta_path.is_file():
@@ -249,6 +262,7 @@ class Loaded:
     items: list[ImageItem]
     val_items: list[ImageItem]
     warnings: list[str]
+    found: list[ImageItem] = field(default_factory=list)  # every usable image, before hold-out and balancing
 
 
 def load(ds: DatasetConfig, seed: int, decode: bool = True) -> Loaded:
@@ -270,7 +284,7 @@ def load(ds: DatasetConfig, seed: int, decode: bool = True) -> Loaded:
                         "are not used: the others already balance the training images (as in sd-scripts)")
     if ds.validation_data_dir:
         val_items = discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir", decode).items
-    return Loaded(subsets, train + reg, val_items, warnings + disc.warnings)
+    return Loaded(subsets, train + reg, val_items, warnings + disc.warnings, disc.items)
 
 
 def load_dataset(ds: DatasetConfig, seed: int) -> tuple[list[ImageItem], list[ImageItem], list[str]]:
@@ -479,6 +493,15 @@ def micro_batches_of(step: Batch, rank: int, world: int, accum: int) -> list[Bat
 def steps_per_epoch(items: list[ImageItem], item_buckets: list[tuple[int, int]], s: PlanSettings) -> int:
     """Optimizer steps in one epoch: the global batches of the plan (the same for every epoch)."""
     return len(epoch_plan(items, item_buckets, s, 0))
+
+
+def plan_steps(items: list[ImageItem], item_buckets: list[tuple[int, int]], global_batch: int) -> int:
+    """What steps_per_epoch returns, counted without drawing the plan: each bucket's uses per epoch
+    (images x repeats) make ceil(uses / global batch) batches. For summaries of large datasets."""
+    uses: dict[tuple[int, int], int] = {}
+    for it, b in zip(items, item_buckets, strict=True):
+        uses[b] = uses.get(b, 0) + it.repeats
+    return sum(-(-n // global_batch) for n in uses.values())
 
 
 def dataset_summary(items: list[ImageItem], item_buckets: list[tuple[int, int]]) -> dict[str, object]:
