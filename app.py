@@ -98,11 +98,13 @@ def serve(args: argparse.Namespace, auth: list[tuple[str, str]] | None, block: b
     os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="lathe-gradio-")
     atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
     os.environ["GRADIO_EXAMPLES_CACHE"] = os.path.join(os.environ["GRADIO_TEMP_DIR"], "examples")
+    from gui.queue_worker import QueueWorker
     from gui.security import password_check
     from gui.ui import build_ui, launch_kwargs
 
     blocks, page = build_ui(args.output_dir)
     page.output_dir.mkdir(parents=True, exist_ok=True)
+    page.queue_worker = QueueWorker(page.output_dir).start()  # queued runs start while app.py runs
     print(f"Lathe: runs in {page.output_dir}", flush=True)
     blocks.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, auth=password_check(auth) if auth else None,

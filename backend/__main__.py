@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_import_kohya)
     _add_lifecycle_commands(sub)
+    from backend.queue_cli import add_queue_parser
+
+    add_queue_parser(sub)
     return ap
 
 

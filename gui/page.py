@@ -34,6 +34,7 @@ class Page:
     shared: dict[str, Any] = field(default_factory=dict)  # name -> component shared across tabs
     tabs: dict[str, Any] = field(default_factory=dict)  # name -> the object holding a tab's handlers
     tab_items: dict[str, Any] = field(default_factory=dict)  # tab id -> its gr.Tab
+    queue_worker: Any = None  # gui.queue_worker.QueueWorker, started by app.py (not by tests that build the UI)
     _runs: tuple[float, list[runs.RunInfo]] = (0.0, [])
     _runs_lock: threading.Lock = field(default_factory=threading.Lock)
 

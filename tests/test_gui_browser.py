@@ -9,6 +9,8 @@ the previous ones left). Set LATHE_SCREENSHOT_DIR=docs/screenshots to refresh th
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -505,3 +507,56 @@ def test_kill_asks_first_then_ends_the_run_at_once(page, server):
     page.click("#btn-kill-now")
     seen = watch_to(page, ("stopped", "failed", "finished"), 60)
     assert seen[-1][0] == "stopped" and "killed by request" in text_of(page, "#run-banner")
+
+
+def test_a_queue_of_two_runs_finishes_in_order_across_an_app_restart(browser, demo, tmp_path):
+    """Two setups queued from the Queue tab start one after another; app.py is killed while the first
+    runs, and the next app.py's queue worker records it and starts the second."""
+    from backend.runs import read_status
+
+    out = tmp_path / "runs"
+    apps = [AppServer(demo.parent, out, tmp_path / "app-1.log")]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        apps[0].wait_ready()
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        open_app(pg, apps[0])
+        tab(pg, "Queue")
+        pg.click("#btn-queue-pause")  # fill the queue first, then let it go
+        wait_until(lambda: "paused" in text_of(pg, "#queue-summary"), 20)
+        tab(pg, "Setup")
+        for name in ("first", "second"):
+            fill(pg, "run_name", name)
+            fill(pg, "training.max_train_epochs", 1)
+            tab(pg, "Queue")
+            pg.click("#btn-queue-add")
+            wait_until(lambda n=name: f"Queued **{n}**" in text_of(pg, "#queue-result") or f"Queued {n}" in
+                       text_of(pg, "#queue-result"), 30, what=f"{name} queued")
+            tab(pg, "Setup")
+        tab(pg, "Queue")
+        table = pg.locator("#queue-table")
+        wait_until(lambda: "first" in table.inner_text() and "second" in table.inner_text(), 20)
+        pg.click("#btn-queue-resume")
+        wait_until(lambda: any(out.glob("first/version_*")), 60, what="the first run started by the queue")
+        first = next(out.glob("first/version_*"))
+        wait_until(lambda: (read_status(first).get("step") or 0) >= 1, 90, what="the first run training")
+        os.killpg(apps[0].proc.pid, signal.SIGKILL)  # app.py dies; the run goes on in its own session
+        apps[0].proc.wait(timeout=30)
+        assert not any(out.glob("second/version_*"))
+        apps.append(AppServer(demo.parent, out, tmp_path / "app-2.log"))
+        apps[1].wait_ready()
+        wait_until(lambda: read_status(first).get("state") == "finished", RUN_TIMEOUT, what="the first run's end")
+        wait_until(lambda: any(out.glob("second/version_*")), 60, what="the second run started by the new app.py")
+        second = next(out.glob("second/version_*"))
+        wait_until(lambda: read_status(second).get("state") in ("finished", "failed", "stopped"), RUN_TIMEOUT)
+        assert read_status(second).get("state") == "finished", read_status(second)
+        assert read_status(second)["started_at"] >= read_status(first)["finished_at"]
+        pg = context.new_page()
+        open_app(pg, apps[1])
+        tab(pg, "Queue")
+        wait_until(lambda: pg.locator("#queue-table").inner_text().count("done") == 2, 30, what="both entries done")
+    finally:
+        context.close()
+        for app in reversed(apps):
+            app.stop()
