@@ -15,7 +15,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from gui.page import Page  # noqa: E402
 from gui.security import LOOPBACK_HOSTS, HostCheck, LoginPageFilter, LoginThrottle  # noqa: E402
-from gui.tabs import checkpoints, presets, queue, run, samples, setup  # noqa: E402
+from gui.tabs import checkpoints, dataset, presets, queue, run, samples, setup  # noqa: E402
 
 TITLE = "Lathe"
 CSS_FILE = Path(__file__).with_name("style.css")
@@ -38,11 +38,12 @@ def build_ui(output_dir: str | Path) -> tuple[gr.Blocks, Page]:
         with gr.Tabs(selected="setup", elem_id="lathe-tabs") as tabs:
             page.share("tabs", tabs)
             setup.build(page)
+            dataset_tab = dataset.build(page)
             run_tab = run.build(page)
             ckpt_tab = checkpoints.build(page, run_tab)
             samples_tab, samples_gr_tab = samples.build(page)
             queue_tab = queue.build(page)
-        page.tabs.update(run=run_tab, checkpoints=ckpt_tab, samples=samples_tab, queue=queue_tab)
+        page.tabs.update(run=run_tab, checkpoints=ckpt_tab, samples=samples_tab, queue=queue_tab, dataset=dataset_tab)
         run_tab.build_hidden()
         ckpt_tab.build_hidden()
         presets.wire_page_load(page.tabs["presets"], blocks)
@@ -50,6 +51,7 @@ def build_ui(output_dir: str | Path) -> tuple[gr.Blocks, Page]:
         ckpt_tab.wire(blocks)
         samples_tab.wire(blocks, samples_gr_tab)
         queue_tab.wire(blocks)
+        dataset_tab.wire()
     return blocks, page
 
 

@@ -560,3 +560,44 @@ def test_a_queue_of_two_runs_finishes_in_order_across_an_app_restart(browser, de
         context.close()
         for app in reversed(apps):
             app.stop()
+
+
+def test_the_dataset_tab_counts_buckets_warns_and_saves_a_caption(page, tmp_path):
+    tab(page, "Dataset")
+    page.click("#btn-dataset-show")
+    totals = page.locator("#dataset-totals")
+    wait_until(lambda: "64 samples per epoch" in totals.inner_text(), 60, what="the demo's summary")
+    assert "14 images x repeats = 64 samples per epoch" in totals.inner_text()
+    assert "16 steps per epoch" in totals.inner_text()  # the demo preset's batch of 4
+    subsets = page.locator("#dataset-subsets").inner_text()
+    assert "5_shape" in subsets and "2_yellow star" in subsets
+    assert "64 x 64\n14\n64" in page.locator("#dataset-buckets").inner_text()  # the demo: one 64 px bucket
+    wait_until(lambda: page.locator("#dataset-gallery img").count() == 14, 30, what="the demo's thumbnails")
+
+    # A folder of your own, pointed at one repeats folder itself: the warning says what was meant.
+    mine = tmp_path / "mydata" / "10_thing"
+    mine.mkdir(parents=True)
+    for i, size in enumerate([(64, 64), (96, 48), (48, 96)]):
+        Image.new("RGB", size, (40 * i, 90, 160)).save(mine / f"img_{i}.png")
+        (mine / f"img_{i}.txt").write_text(f"thing, pose {i}")
+    tab(page, "Setup")
+    fill(page, "dataset.train_data_dir", mine)
+    tab(page, "Dataset")
+    page.click("#btn-dataset-show")
+    wait_until(lambda: "looks like a repeats folder" in totals.inner_text(), 60, what="the repeats-folder warning")
+    assert f"did you mean its parent {mine.parent}" in totals.inner_text() or str(mine.parent) in totals.inner_text()
+    tab(page, "Setup")
+    fill(page, "dataset.train_data_dir", mine.parent)
+    tab(page, "Dataset")
+    page.click("#btn-dataset-show")
+    wait_until(lambda: "3 images x repeats = 30 samples per epoch" in totals.inner_text(), 60, what="the new counts")
+    wait_until(lambda: page.locator("#dataset-gallery img").count() == 3, 30)
+    page.locator("#dataset-gallery img").first.click()
+    caption = page.locator("#dataset-caption textarea")
+    wait_until(lambda: caption.input_value() == "thing, pose 0", 20, what="the caption in the editor")
+    caption.fill("thing, pose 0, edited in Lathe")
+    page.click("#btn-caption-save")
+    wait_until(lambda: "Saved" in text_of(page, "#dataset-result"), 20)
+    assert (mine / "img_0.txt").read_text() == "thing, pose 0, edited in Lathe"
+    backups = list((mine / ".lathe-caption-backups").iterdir())
+    assert len(backups) == 1 and backups[0].read_text() == "thing, pose 0"
