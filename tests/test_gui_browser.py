@@ -428,6 +428,7 @@ def test_load_a_runs_settings_and_train_a_finished_run_further(page, server, tmp
     wait_until(lambda: f"{epochs} → {epochs + 1}" in plan.inner_text(), 30, what="the train-further plan")
     assert "training.max_train_epochs" in plan.inner_text() and "Cannot" not in plan.inner_text()
     assert f"--set training.max_train_epochs={epochs + 1}" in box(page, "#reuse-command")
+    shot(page, tmp_path, "reuse", "#reuse-box")
     page.click("#btn-train-further")
     page.locator("#run-banner .lathe-banner").wait_for()
     wait_until(lambda: v.name not in text_of(page, "#run-banner"), 30, what="the new version in the Run tab")
@@ -556,6 +557,7 @@ def test_a_queue_of_two_runs_finishes_in_order_across_an_app_restart(browser, de
         open_app(pg, apps[1])
         tab(pg, "Queue")
         wait_until(lambda: pg.locator("#queue-table").inner_text().count("done") == 2, 30, what="both entries done")
+        shot(pg, tmp_path, "queue")
     finally:
         context.close()
         for app in reversed(apps):
@@ -601,3 +603,16 @@ def test_the_dataset_tab_counts_buckets_warns_and_saves_a_caption(page, tmp_path
     assert (mine / "img_0.txt").read_text() == "thing, pose 0, edited in Lathe"
     backups = list((mine / ".lathe-caption-backups").iterdir())
     assert len(backups) == 1 and backups[0].read_text() == "thing, pose 0"
+    shot(page, tmp_path, "dataset")
+
+
+def test_tensorboard_opens_from_the_run_tab_and_answers(page, server, tmp_path):
+    tab(page, "Run")
+    page.locator("#tensorboard-box").get_by_text("TensorBoard").first.click()  # unfold it
+    page.get_by_label("every run in the output folder").check()
+    page.click("#btn-tensorboard")
+    link = page.locator("#tb-link a")
+    wait_until(lambda: link.count() == 1, 90, what="the TensorBoard link")
+    url = link.get_attribute("href")
+    assert url.startswith("http://127.0.0.1:") and http_status(url) == 200
+    shot(page, tmp_path, "tensorboard", "#tensorboard-box")
