@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from backend.config import validate_config
 from backend.trainer import export, network
+from backend.trainer.families import family
 from backend.trainer.models import load_components
 from backend.trainer.trained import Trained
 
@@ -67,7 +69,7 @@ def _randomize(trained: Trained, seed: int = 0) -> None:
 
 def _export(path: Path, cfg, comps, trained: Trained) -> None:
     """Write the network's file as the trainer's save points do (fp32)."""
-    export.save_export(str(path), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32),
+    export.save_export(str(path), export.state_dict(trained.export_groups(comps.spec), torch.float32),
                        export.network_metadata(cfg.network))
 
 
@@ -119,9 +121,9 @@ def _apply(layer: torch.nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Te
     return F.linear(x, w)
 
 
-def _modules_by_stem(trained: Trained, is_sdxl: bool) -> dict[str, torch.nn.Module]:
+def _modules_by_stem(trained: Trained, spec: Any) -> dict[str, torch.nn.Module]:
     out = {}
-    for prefix, model, is_te, rename in trained.export_groups(is_sdxl):
+    for prefix, model, is_te, rename in trained.export_groups(spec):
         for name, m in network.network_modules(model):
             out[export.kohya_stem(prefix, rename(name), is_te)] = m
     return out
@@ -143,7 +145,7 @@ def test_the_exported_file_applies_the_update_the_module_applies(demo: Path, tmp
     path = tmp_path / "net.safetensors"
     _export(path, cfg, comps, trained)
     stems = _by_stem(load_file(str(path)))
-    modules = _modules_by_stem(trained, comps.is_sdxl)
+    modules = _modules_by_stem(trained, comps.spec)
     assert set(stems) == set(modules) and stems
     convs = [s for s, m in modules.items() if isinstance(m.get_base_layer(), torch.nn.Conv2d)
              and m.get_base_layer().kernel_size == (3, 3)]
@@ -213,7 +215,7 @@ def test_the_file_says_which_network_it_holds_as_lycoris_and_sd_scripts_write_it
         demo: Path, tmp_path: Path, kind: str, module: str, args: dict | None):
     cfg, comps, trained = _built(demo, "sd15", NETWORKS[kind], text_encoder=False)
     path = tmp_path / "net.safetensors"
-    export.save_export(str(path), export.state_dict(trained.export_groups(False), torch.float16),
+    export.save_export(str(path), export.state_dict(trained.export_groups(family('sd15')), torch.float16),
                        export.network_metadata(cfg.network))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -237,13 +239,13 @@ def test_a_network_started_from_a_file_applies_that_files_update(demo: Path, tmp
     cfg, comps, trained = _built(demo, family, NETWORKS[kind])
     _randomize(trained)
     first = tmp_path / "first.safetensors"
-    export.save_export(str(first), export.state_dict(trained.export_groups(comps.is_sdxl), torch.float32), {})
+    export.save_export(str(first), export.state_dict(trained.export_groups(comps.spec), torch.float32), {})
     other = {**NETWORKS[kind], "alpha": NETWORKS[kind]["alpha"] * 3}
     cfg2, comps2, trained2 = _built(demo, family, other)
-    assert trained2.start_from(str(first), comps2.is_sdxl) == []
+    assert trained2.start_from(str(first), comps2.spec) == []
     second = tmp_path / "second.safetensors"
-    export.save_export(str(second), export.state_dict(trained2.export_groups(comps2.is_sdxl), torch.float32), {})
-    modules = _modules_by_stem(trained2, comps2.is_sdxl)
+    export.save_export(str(second), export.state_dict(trained2.export_groups(comps2.spec), torch.float32), {})
+    modules = _modules_by_stem(trained2, comps2.spec)
     want, got = _file_weights(first, modules), _file_weights(second, modules)
     for stem in want:
         torch.testing.assert_close(got[stem], want[stem], atol=1e-6, rtol=1e-5, msg=stem)
@@ -269,7 +271,7 @@ def test_an_sd_scripts_lora_file_starts_the_network_and_a_mismatch_names_the_mod
     }
     path = tmp_path / "sd_scripts.safetensors"
     save_file(file, str(path))
-    fresh = trained.start_from(str(path), False)
+    fresh = trained.start_from(str(path), family('sd15'))
     assert unet_stem not in fresh and te_stem not in fresh and len(fresh) > 10
     x = torch.randn(3, q.in_features, generator=g)
     with trained.evaluating(), torch.no_grad():
@@ -281,16 +283,16 @@ def test_an_sd_scripts_lora_file_starts_the_network_and_a_mismatch_names_the_mod
 
     save_file({**file, f"{unet_stem}.lora_down.weight": torch.randn(8, q.in_features)}, str(path))
     with pytest.raises(export.NetworkFileError, match=rf"{unet_stem}.lora_down.weight is \(8, .*\) in the file and \(4, "):
-        trained.start_from(str(path), False)
+        trained.start_from(str(path), family('sd15'))
     save_file({f"{unet_stem}.hada_w1_a": torch.randn(4, 4), f"{unet_stem}.hada_w1_b": torch.randn(4, 4)}, str(path))
     with pytest.raises(export.NetworkFileError, match=rf"{unet_stem} holds hada_w1_a, hada_w1_b in the file"):
-        trained.start_from(str(path), False)
+        trained.start_from(str(path), family('sd15'))
     save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.randn(4, 4)}, str(path))
     with pytest.raises(export.NetworkFileError, match="lora_unet_mid_block_resnets_0_conv1, a module this network"):
-        trained.start_from(str(path), False)
+        trained.start_from(str(path), family('sd15'))
     path.write_bytes(b"not a tensor file")
     with pytest.raises(export.NetworkFileError, match="not a readable .safetensors file"):
-        trained.start_from(str(path), False)
+        trained.start_from(str(path), family('sd15'))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -305,7 +307,7 @@ def test_diffusers_loads_a_locon_export_with_its_convolutions(demo: Path, tmp_pa
     path = tmp_path / "locon.safetensors"
     _export(path, cfg, comps, trained)
     stems = _by_stem(load_file(str(path)))
-    modules = _stem_names(trained, comps.is_sdxl)
+    modules = _stem_names(trained, comps.spec)
     pipe = DiffusionPipeline.from_pretrained(demo / FAMILIES[family], local_files_only=True)
     before = {name: pipe.unet.get_submodule(name).weight.detach().clone() for name in modules.values()}
     pipe.load_lora_weights(str(path), adapter_name="x")
@@ -320,7 +322,7 @@ def test_diffusers_loads_a_locon_export_with_its_convolutions(demo: Path, tmp_pa
     assert convs > 0
 
 
-def _stem_names(trained: Trained, is_sdxl: bool) -> dict[str, str]:
+def _stem_names(trained: Trained, spec: Any) -> dict[str, str]:
     """kohya stem -> diffusers module path, for the UNet's network modules."""
-    prefix, model, is_te, rename = trained.export_groups(is_sdxl)[0]
+    prefix, model, is_te, rename = trained.export_groups(spec)[0]
     return {export.kohya_stem(prefix, rename(name), is_te): name for name, _ in network.network_modules(model)}

@@ -46,9 +46,9 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     if cfg.training.zero_terminal_snr and not comps.v_prediction:
         io.warn("training.zero_terminal_snr: the model is trained with noise prediction (epsilon), where a zero "
                 "terminal SNR is not meant to be used (sd-scripts warns the same); v-prediction is")
-    if comps.is_sdxl and cfg.training.clip_skip > 1:
-        io.warn(f"training.clip_skip: {cfg.training.clip_skip} is ignored for SDXL, which always uses the "
-                "penultimate text-encoder layer (as sd-scripts does)")
+    for warning in comps.spec.text_warnings(cfg.training):
+        io.warn(warning)
+    comps.spec.check(cfg, comps)
 
     # Data: discover, hold out validation images, bucket, plan.
     ds = cfg.dataset
@@ -82,7 +82,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
     trained = Trained.attach(cfg, comps.unet, comps.text_encoders)
     if cfg.network.network_weights and not cfg.resume_from:  # a resume restores its own state instead
-        fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.is_sdxl)
+        fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.spec)
         if io.is_main:
             print(f"network.network_weights: started from {cfg.network.network_weights}", flush=True)
         if fresh:

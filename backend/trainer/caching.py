@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from backend.trainer.data import Batch, ImageItem, load_pixels
 from backend.trainer.distributed import split_work
-from backend.trainer.models import Components, encode_tokens, tokenize
+from backend.trainer.models import Components
 
 
 class PixelBatches(torch.utils.data.Dataset):
@@ -160,8 +160,7 @@ class TextEncoder:
         return out
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ids = tokenize(self.comps, captions, self.max_token_length)
-        return encode_tokens(self.comps, ids, self.clip_skip, self.encoders)
+        return self.comps.spec.encode_text(self.comps, captions, self.clip_skip, self.max_token_length, self.encoders)
 
     def precompute(self, captions: set[str], rank: int = 0, world: int = 1,
                    exchange: Callable[[list[Any]], list[Any]] | None = None) -> int:
@@ -190,7 +189,7 @@ class TextEncoder:
         if self.cache:
             self.precompute(set(captions))
             ctx = torch.stack([self._memo[c][0].to(device) for c in captions])
-            if not self.comps.is_sdxl:
+            if self._memo[captions[0]][1] is None:  # a family without a pooled embedding
                 return ctx, None
             return ctx, torch.stack([self._memo[c][1].to(device) for c in captions])
         return self.encode(captions)

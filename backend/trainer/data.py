@@ -371,6 +371,13 @@ def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tupl
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
+def geometry(item: ImageItem, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """An image's (original (h, w), crop (top, left), target (h, w)) in its bucket: what SDXL's size
+    conditioning reads."""
+    _, (left, top) = crop_box(item.size, bucket)
+    return (item.size[1], item.size[0]), (top, left), (bucket[1], bucket[0])
+
+
 def crop_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Resize-to-cover then centre-crop: returns ((resized_w, resized_h), (crop_left, crop_top))."""
     w, h = size

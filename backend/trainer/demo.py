@@ -239,12 +239,13 @@ def build_images(out: Path, count: int = 12) -> Path:
     return out
 
 
-DEMO_VERSION = 2  # written into .complete; 2 added model-sd2v/
+DEMO_VERSION = 3  # written into .complete; 2 added model-sd2v/, 3 model-sd3/ and model-flux/
 
 
-def build_demo_assets(target: str | Path, with_sdxl: bool = True, with_sd2v: bool = True) -> Path:
-    """Write model/, model.safetensors, model-sd2v/, model-sdxl/ and images/ under target (built
-    aside, then moved into place)."""
+def build_demo_assets(target: str | Path, with_sdxl: bool = True, with_sd2v: bool = True, with_flow: bool = True) -> Path:
+    """Write model/, model.safetensors, model-sd2v/, model-sdxl/, model-sd3/, model-flux/ and images/
+    under target (built aside, then moved into place). The flow-matching models (SD3.5- and
+    Flux.1-shaped) come from backend/trainer/demo_flow.py."""
     target = Path(target)
     tmp = target.with_name(target.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -254,6 +255,11 @@ def build_demo_assets(target: str | Path, with_sdxl: bool = True, with_sd2v: boo
         build_sd2v(tmp / "model-sd2v")
     if with_sdxl:
         build_sdxl(tmp / "model-sdxl")
+    if with_flow:
+        from backend.trainer.demo_flow import build_flux, build_sd3
+
+        build_sd3(tmp / "model-sd3")
+        build_flux(tmp / "model-flux")
     build_images(tmp / "images")
     _write_single_file(tmp)
     (tmp / "README.txt").write_text(

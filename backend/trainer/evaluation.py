@@ -21,8 +21,7 @@ import torch
 from backend.trainer import data as D
 from backend.trainer.caching import encode_pixels
 from backend.trainer.distributed import split_work
-from backend.trainer.loss import diffusion_loss
-from backend.trainer.models import Components, sdxl_time_ids
+from backend.trainer.models import Components
 from backend.trainer.noise import timestep_range
 from backend.trainer.trained import Trained
 
@@ -34,7 +33,7 @@ REFERENCE_IMAGES = 4
 class EvalSample:
     latent: torch.Tensor  # [C, h, w] on CPU
     caption: str
-    time_ids: list[int]
+    geometry: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # data.geometry
     index: int
 
 
@@ -56,8 +55,7 @@ def prepare(comps: Components, items: list[D.ImageItem], buckets: D.Bucketing, r
     latents, _ = split_work(list(range(len(items))), rank, world, encode, exchange)
     out = []
     for i, (it, b) in enumerate(zip(items, item_buckets, strict=True)):
-        (_, _), (left, top) = D.crop_box(it.size, b)
-        out.append(EvalSample(latents[i], it.caption, sdxl_time_ids((it.size[1], it.size[0]), (top, left), (b[1], b[0])), i))
+        out.append(EvalSample(latents[i], it.caption, D.geometry(it, b), i))
     return out
 
 
@@ -96,17 +94,14 @@ def eval_timesteps(training: Any, num_timesteps: int) -> list[int]:
 
 def _sample_loss(comps: Components, unet: Any, text: Any, smp: EvalSample, seed: int, device: torch.device,
                  weight_dtype: torch.dtype, training: Any, autocast: Any) -> float:
-    steps = torch.tensor(eval_timesteps(training, comps.noise_scheduler.config.num_train_timesteps), device=device)
+    spec = comps.spec
+    steps = torch.tensor(eval_timesteps(training, spec.num_timesteps(comps)), device=device)
     k = len(steps)
     lat = smp.latent.to(device)[None].expand(k, -1, -1, -1).contiguous()
     rng = np.random.default_rng([seed, 7919, smp.index])
     noise = torch.from_numpy(rng.standard_normal(lat.shape).astype(np.float32)).to(device)
     ctx, pooled = text([smp.caption] * k, device)
-    added = None
-    if comps.is_sdxl:
-        added = {"text_embeds": pooled.to(weight_dtype),
-                 "time_ids": torch.tensor([smp.time_ids] * k, device=device, dtype=weight_dtype)}
+    added = spec.added_conditioning(comps, pooled, [smp.geometry] * k, device, weight_dtype)
     with autocast():
-        loss = diffusion_loss(unet, comps.noise_scheduler, lat, ctx, added, noise, steps, comps.v_prediction,
-                              training, weight_dtype)
+        loss = spec.loss(unet, comps, lat, ctx, added, noise, steps, training, weight_dtype)
     return float(loss.mean())

@@ -35,10 +35,6 @@ LYCORIS_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1"
 Group = tuple[str, torch.nn.Module, bool, Callable[[str], str]]  # (prefix, module, is a text encoder, module name map)
 
 
-def te_prefix(index: int, is_sdxl: bool) -> str:
-    return f"lora_te{index + 1}_" if is_sdxl else "lora_te_"
-
-
 def kohya_stem(prefix: str, module_name: str, text_encoder: bool) -> str:
     """The kohya name of one module; transformers 5 dropped `text_model.` from CLIP names: put it back."""
     if text_encoder and not module_name.startswith("text_model."):

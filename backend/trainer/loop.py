@@ -20,9 +20,8 @@ from tqdm import tqdm
 from backend.trainer import data as D
 from backend.trainer.caching import PixelBatches, encode_pixels
 from backend.trainer.context import Progress, Setup
-from backend.trainer.loss import diffusion_loss, mix_seed, sample_generator, seed_micro_step
+from backend.trainer.loss import mix_seed, sample_generator, seed_micro_step
 from backend.trainer.max_norm import apply_max_norm
-from backend.trainer.models import sdxl_time_ids
 from backend.trainer.noise import draw_noise
 from backend.trainer.savepoints import SaveContext, after_epoch, after_step, boundary_due
 from backend.trainer.steplog import StepLog
@@ -30,7 +29,8 @@ from backend.trainer.stopping import StopWatch
 
 
 def batch_tensors(s: Setup, b: D.Batch, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
-    """Latents, text context and (SDXL) added conditioning for one micro-batch."""
+    """Latents, text context and the family's added conditioning (SDXL: pooled text and sizes) for one
+    micro-batch."""
     device = s.acc.device
     if s.latents is not None:
         lat = s.latents.batch(b).to(device, non_blocking=True)
@@ -38,15 +38,8 @@ def batch_tensors(s: Setup, b: D.Batch, pixels: torch.Tensor | None) -> tuple[to
         lat = encode_pixels(s.comps.vae, pixels)
     captions = [smp.caption for smp in b.samples]
     ctx, pooled = s.text(captions, device)
-    added = None
-    if s.comps.is_sdxl:
-        ids = []
-        for smp in b.samples:
-            it = s.items[smp.item]
-            (rw, rh), (left, top) = D.crop_box(it.size, b.bucket)
-            ids.append(sdxl_time_ids((it.size[1], it.size[0]), (top, left), (b.bucket[1], b.bucket[0])))
-        added = {"text_embeds": pooled.to(s.weight_dtype), "time_ids": torch.tensor(ids, device=device, dtype=s.weight_dtype)}
-    return lat, ctx, added
+    shapes = [D.geometry(s.items[smp.item], b.bucket) for smp in b.samples]
+    return lat, ctx, s.comps.spec.added_conditioning(s.comps, pooled, shapes, device, s.weight_dtype)
 
 
 def micro_batches(s: Setup, batches: list[D.Batch], epoch: int) -> Iterator[tuple[D.Batch, Any]]:
@@ -84,8 +77,8 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int,
     share of the step's loss, stepped, the max-norm figures or None). The mean of the shares over the
     ranks is the step's loss."""
     acc, total, ts = s.acc, torch.zeros((), device=s.acc.device), s.cfg.training
-    unet, seed = s.trained.unet_runner(), ts.seed
-    n_timesteps = s.comps.noise_scheduler.config.num_train_timesteps
+    unet, seed, spec = s.trained.unet_runner(), ts.seed, s.comps.spec
+    n_timesteps = spec.num_timesteps(s.comps)
     for micro, (b, pixels) in enumerate(chunk):
         seed_micro_step(seed, step, micro, acc.process_index)
         lat, ctx, added = batch_tensors(s, b, pixels)
@@ -94,8 +87,7 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int,
         # Every trained module skips its all-reduce until the last micro-batch of the step.
         with s.trained.no_sync(acc, active=micro < len(chunk) - 1):
             with acc.autocast():
-                per_sample = diffusion_loss(unet, s.comps.noise_scheduler, lat, ctx, added, noise, t,
-                                            s.comps.v_prediction, ts, s.weight_dtype, input_noise)
+                per_sample = spec.loss(unet, s.comps, lat, ctx, added, noise, t, ts, s.weight_dtype, input_noise)
                 if any(smp.weight != 1.0 for smp in b.samples):  # regularization images: prior_loss_weight
                     per_sample = per_sample * torch.tensor([smp.weight for smp in b.samples], device=per_sample.device,
                                                            dtype=per_sample.dtype)

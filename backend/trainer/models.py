@@ -37,6 +37,13 @@ class Components:
         return self.family == "sdxl"
 
     @property
+    def spec(self) -> Any:
+        """The family's implementation (backend.trainer.families): what differs between families."""
+        from backend.trainer.families import family
+
+        return family(self.family)
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -218,8 +225,3 @@ def encode_tokens(comps: Components, ids: list[torch.Tensor], clip_skip: int = 1
 def _final_norm(te: Any) -> Any:
     """CLIP's final LayerNorm (transformers 5 flattened `text_model` away; older versions have it)."""
     return te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
-
-
-def sdxl_time_ids(original_size: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[int]:
-    """SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-    return [original_size[0], original_size[1], crop[0], crop[1], target[0], target[1]]

@@ -35,31 +35,12 @@ def make_sampler(name: str, comps: Components) -> Any:
 
 
 def _pipeline(comps: Components, unet: Any) -> Any:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    sched = make_sampler("ddim", comps)
-    tes = comps.text_encoders
-    if comps.is_sdxl:
-        return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=tes[0], text_encoder_2=tes[1],
-                                         tokenizer=comps.tokenizers[0], tokenizer_2=comps.tokenizers[1], unet=unet,
-                                         scheduler=sched)
-    return StableDiffusionPipeline(vae=comps.vae, text_encoder=tes[0], tokenizer=comps.tokenizers[0], unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return comps.spec.pipeline(comps, unet, make_sampler("ddim", comps))
 
 
 def prompt_embeddings(comps: Components, text: TextEncoder, prompt: str, negative: str) -> dict[str, torch.Tensor]:
     """The pipeline's embedding arguments for one prompt, encoded as training encodes captions."""
-    ctx, pooled = text.encode([prompt])
-    if comps.is_sdxl and not negative:
-        # diffusers' SDXL default (force_zeros_for_empty_prompt): an empty negative prompt is zeros.
-        neg_ctx, neg_pooled = torch.zeros_like(ctx), torch.zeros_like(pooled)
-    else:
-        neg_ctx, neg_pooled = text.encode([negative])
-    out = {"prompt_embeds": ctx, "negative_prompt_embeds": neg_ctx}
-    if comps.is_sdxl:
-        out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
-    return out
+    return comps.spec.prompt_embeddings(comps, text, prompt, negative)
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:

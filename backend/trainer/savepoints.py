@@ -29,9 +29,6 @@ from backend.trainer.sampling import generate, write_samples
 from backend.trainer.state import rng_state, write_state
 from backend.trainer.trained import RanksDiverged, first_divergence
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-
 
 @dataclass
 class SaveContext:
@@ -240,7 +237,7 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = export.DTYPES[cfg.saving.save_precision]
-    tensors = export.state_dict(s.trained.export_groups(s.comps.is_sdxl), dtype)
+    tensors = export.state_dict(s.trained.export_groups(s.comps.spec), dtype)
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -294,7 +291,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
     res = cfg.dataset.resolution
     return {
         **export.network_metadata(cfg.network),
-        "ss_base_model_version": BASE_MODEL_VERSION[s.comps.family],
+        "ss_base_model_version": s.comps.spec.base_model_version,
         "ss_v2": str(s.comps.family == "sd2"),
         "ss_v_parameterization": str(s.comps.v_prediction),
         "ss_sd_model_name": Path(cfg.model.pretrained_model).name,
@@ -333,7 +330,7 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "ss_output_name": cfg.run_name,
         "ss_training_comment": "trained with Lathe",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[s.comps.family],
+        "modelspec.architecture": s.comps.spec.architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.prediction_type": "v" if s.comps.v_prediction else "epsilon",
         "modelspec.title": cfg.run_name,

@@ -3,7 +3,9 @@
 Folder contents (manifest.json written last, see backend.checkpoints.AtomicDir):
   lora.safetensors        every trainable tensor (Trained.state_dict), fp32; never the frozen base model
   optimizer.safetensors   the optimizer state_dict's tensors (Adam moments, Prodigy's per-parameter
-                          state), by their path in the state_dict
+                          state), by their path in the state_dict; a big state is split over
+                          optimizer-01.safetensors ... too (OPTIMIZER_SHARD_BYTES each), so that its
+                          files are written, hashed and verified on several threads at once
   optimizer.json          the rest of the state_dict (hyperparameters, Prodigy's d, counters) with
                           references to those tensors; older checkpoints hold one optimizer.pt instead
   scheduler.pt            LR scheduler state_dict
@@ -24,6 +26,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,9 @@ from backend.trainer.context import Progress, Setup
 
 SCALER_FILE = "scaler.json"
 OPTIMIZER_TENSORS, OPTIMIZER_SKELETON, OPTIMIZER_PICKLE = "optimizer.safetensors", "optimizer.json", "optimizer.pt"
+OPTIMIZER_SHARD = re.compile(r"^optimizer(?:-\d{2})?\.safetensors$")  # optimizer.safetensors, optimizer-01.safetensors ...
+OPTIMIZER_SHARD_BYTES = 16 << 20  # a shard's size: sha256 of one file runs on one core (~0.5 s per GB)
+OPTIMIZER_MAX_SHARDS = 16
 PLAN_FORMAT = 2  # 2: the plan is in global batches (1: per-rank batches of train_batch_size)
 
 
@@ -45,7 +52,8 @@ class StateError(Exception):
 
 
 # Each file is written by one of these three, so a test probe can wrap them (slow or failing disks).
-# Each serializes in memory and writes once with C.write_file: fsynced, hashed while written.
+# Each serializes in memory and writes once with C.write_file: fsynced, hashed while written. A save
+# writes its files on several threads at once (C.run_parallel), so these must not share state.
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     C.write_file(path, tensorfile.buffers(tensors))
 
@@ -61,7 +69,7 @@ def save_json(path: Path, obj: Any, compact: bool = False) -> None:
     C.write_file(path, text.encode("utf-8"))
 
 
-def load_pickle(path: Path | bytes) -> Any:
+def load_pickle(path: Path | bytes | bytearray | memoryview | Any) -> Any:
     """A .pt state file (a path, or its bytes), tensors and plain containers only. Older checkpoints
     stored numpy's RNG state as an ndarray: those two numpy types are allowed, nothing else."""
     try:
@@ -69,7 +77,7 @@ def load_pickle(path: Path | bytes) -> Any:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
-    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
+    source = path if isinstance(path, (str, Path)) else io.BytesIO(path)  # bytes, or a mapped file
     with torch.serialization.safe_globals(allowed):
         return torch.load(source, map_location="cpu", weights_only=True)
 
@@ -124,17 +132,46 @@ def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_optimizer(folder: Path, state: dict[str, Any]) -> None:
+def shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The tensors cut, in their order, into consecutive groups of about equal size: as many as it
+    takes to keep each under OPTIMIZER_SHARD_BYTES (one, for a small state), at most OPTIMIZER_MAX_SHARDS."""
+    shard_bytes, most = OPTIMIZER_SHARD_BYTES, OPTIMIZER_MAX_SHARDS
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    total = sum(sizes)
+    n = max(1, min(most, -(-total // shard_bytes)))
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    done = 0
+    for (key, t), size in zip(tensors.items(), sizes, strict=True):
+        groups[min(n - 1, done * n // max(1, total))][key] = t
+        done += size
+    return [g for g in groups if g] or [{}]
+
+
+def optimizer_writes(folder: Path, state: dict[str, Any]) -> list[Callable[[], None]]:
+    """The writes of the optimizer state: its tensor files (optimizer.safetensors, optimizer-01 ...)
+    and optimizer.json, biggest first, for C.run_parallel."""
     skeleton, tensors = split_state(state)
-    save_tensors(folder / OPTIMIZER_TENSORS, tensors)
-    save_json(folder / OPTIMIZER_SKELETON, skeleton, compact=True)
+    names = [OPTIMIZER_TENSORS if i == 0 else f"optimizer-{i:02d}.safetensors" for i in range(OPTIMIZER_MAX_SHARDS)]
+    writes = [lambda p=folder / names[i], g=group: save_tensors(p, g) for i, group in enumerate(shards(tensors))]
+    return [*writes, lambda: save_json(folder / OPTIMIZER_SKELETON, skeleton, compact=True)]
+
+
+def save_optimizer(folder: Path, state: dict[str, Any]) -> None:
+    C.run_parallel(optimizer_writes(folder, state))
 
 
 def load_optimizer(read: Any, files: dict[str, Any]) -> Any:
-    """The optimizer state_dict through `read(name) -> bytes`; old checkpoints' optimizer.pt too."""
+    """The optimizer state_dict through `read(name) -> bytes`; old checkpoints' optimizer.pt too.
+    Its tensors are in every optimizer*.safetensors file the manifest lists (one, before shards)."""
     if OPTIMIZER_PICKLE in files:
         return load_pickle(read(OPTIMIZER_PICKLE))
-    return join_state(json.loads(read(OPTIMIZER_SKELETON)), tensorfile.load(read(OPTIMIZER_TENSORS)))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(n for n in files if OPTIMIZER_SHARD.match(n)):
+        tensors.update(tensorfile.load(read(name)))
+    try:
+        return join_state(json.loads(read(OPTIMIZER_SKELETON)), tensors)
+    except KeyError as e:
+        raise C.CorruptFile(f"{OPTIMIZER_SKELETON}: tensor {e} is in no optimizer file") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -180,21 +217,23 @@ def saved_layout(ts: dict[str, Any]) -> Layout | None:
 
 
 def write_state(folder: Path, s: Setup, prog: Progress, all_rng: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-    """Fill a (temporary) checkpoint folder. Called on rank 0 only."""
-    save_tensors(folder / "lora.safetensors", s.trained.state_dict())
-    save_optimizer(folder, s.optimizer.state_dict())
-    save_pickle(folder / "scheduler.pt", s.lr_scheduler.state_dict())
-    save_pickle(folder / "rng.pt", all_rng)
-    if s.scaler is not None:
-        save_json(folder / SCALER_FILE, s.scaler.state_dict())
+    """Fill a (temporary) checkpoint folder, its files written on several threads at once (each
+    fsynced; the manifest comes after all of them, in AtomicDir.commit). Called on rank 0 only."""
     ts = {"global_step": prog.global_step, "epoch": prog.epoch, "batch_in_epoch": prog.batch_in_epoch,
           "epoch_loss_sum": prog.epoch_loss_sum, "epoch_loss_count": prog.epoch_loss_count,
           "best_val_loss": prog.best_val_loss, "skipped_steps": prog.skipped_steps,
           "world_size": s.acc.num_processes, "train_batch_size": s.cfg.training.train_batch_size,
           "gradient_accumulation_steps": s.cfg.training.gradient_accumulation_steps,
           "global_batch": s.plan.global_batch, "plan_format": PLAN_FORMAT, **extra}
-    save_json(folder / "training_state.json", ts)
-    save_json(folder / "config.json", s.cfg.model_dump(mode="json"))
+    lora, sched, scaler = s.trained.state_dict(), s.lr_scheduler.state_dict(), s.scaler
+    optimizer = optimizer_writes(folder, s.optimizer.state_dict())
+    writes = [lambda: save_tensors(folder / "lora.safetensors", lora), *optimizer[:-1],
+              lambda: save_pickle(folder / "scheduler.pt", sched), lambda: save_pickle(folder / "rng.pt", all_rng),
+              lambda: save_json(folder / "training_state.json", ts),
+              lambda: save_json(folder / "config.json", s.cfg.model_dump(mode="json")), optimizer[-1]]
+    if scaler is not None:
+        writes.append(lambda: save_json(folder / SCALER_FILE, scaler.state_dict()))
+    C.run_parallel(writes)
 
 
 def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
@@ -204,6 +243,7 @@ def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
     if status != "valid":
         raise StateError(f"resume_from: checkpoint {folder} is {status}: {'; '.join(problems[:3])}")
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
+    reader.prefetch()  # the big files are read and hashed on several threads meanwhile
     try:
         ts = json.loads(reader.read("training_state.json"))
         problem = layout_refusal(saved_layout(ts), (s.acc.num_processes, s.cfg.training.train_batch_size,

@@ -12,7 +12,6 @@ wrapped and stay in eval mode throughout.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from typing import Any
 import torch
 
 from backend.config import TrainingConfig
-from backend.sdxl_names import ldm_module_name
 from backend.trainer import export, network
 
 UNET = "unet"
@@ -145,10 +143,10 @@ class Trained:
             prefix = e.key + "."
             network.load_trainable_state(e.module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
-    def start_from(self, path: str, is_sdxl: bool) -> list[str]:
+    def start_from(self, path: str, spec: Any) -> list[str]:
         """Set the network's weights from a LoRA/LyCORIS file (network.network_weights); returns the
         stems of the network's modules the file does not hold (they keep their fresh start)."""
-        found, fresh = export.read_network_file(path, self.export_groups(is_sdxl), self.export_groups(is_sdxl, ldm=False))
+        found, fresh = export.read_network_file(path, self.export_groups(spec), self.export_groups(spec, ldm=False))
         with torch.no_grad():
             for gi, tensors in found.items():
                 params = dict(self.entries[int(gi)].module.named_parameters())
@@ -164,17 +162,13 @@ class Trained:
             out.append((name, hashlib.blake2b(t.numpy().tobytes(), digest_size=8).hexdigest()))
         return out
 
-    def export_groups(self, is_sdxl: bool, ldm: bool = True) -> list[export.Group]:
-        """(kohya key prefix, module, is a text encoder, module name map) for each trained module.
-        SDXL's UNet modules carry their original (LDM) names, as sd-scripts writes them, unless `ldm`
-        is off (diffusers names, which Lathe also reads)."""
-        def rename(e: TrainedModule) -> Any:
-            if e.role == UNET and is_sdxl and ldm:
-                return functools.partial(ldm_module_name, unet_config=self.unet.config)
-            return str
-
-        return [("lora_unet_" if e.role == UNET else export.te_prefix(e.index, is_sdxl), e.module, e.role == TEXT_ENCODER,
-                 rename(e)) for e in self.entries]
+    def export_groups(self, spec: Any, ldm: bool = True) -> list[export.Group]:
+        """(kohya key prefix, module, is a text encoder, module name map) for each trained module, as
+        the family names them (`spec`: backend.trainer.families). SDXL's UNet modules carry their
+        original (LDM) names, as sd-scripts writes them, unless `ldm` is off (diffusers names, which
+        Lathe also reads)."""
+        return [(spec.model_prefix(), e.module, False, spec.model_module_names(self.unet.config, ldm)) if e.role == UNET
+                else (spec.text_encoder_prefix(e.index), e.module, True, str) for e in self.entries]
 
 
 def first_divergence(per_rank: list[list[tuple[str, str]]]) -> str | None:

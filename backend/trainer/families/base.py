@@ -1,0 +1,72 @@
+"""The interface every model family implements (see the package docstring). A family object holds
+no state: the loaded weights are in `models.Components`, which names its family."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from backend.config import TrainingConfig, TrainingSection
+    from backend.trainer.models import Components
+
+# One sample's image geometry, as size conditioning reads it: (original (h, w), crop (top, left), target (h, w)).
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+class ModelFamily:
+    name: str = ""
+    label: str = ""  # for people: "SDXL"
+    base_model_version: str = ""  # ss_base_model_version, as sd-scripts writes it
+    architecture: str = ""  # modelspec.architecture of a LoRA for this family
+
+    # ------------------------------------------------------------------------------ text
+    def encode_text(self, comps: Components, captions: list[str], clip_skip: int, max_token_length: int,
+                    encoders: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B, L, C], pooled [B, P] or None): what the model is conditioned on."""
+        raise NotImplementedError
+
+    def text_warnings(self, training: TrainingSection) -> list[str]:
+        """Settings this family ignores, as warnings for the run's log."""
+        return []
+
+    # ------------------------------------------------------------------------------ the model call
+    def added_conditioning(self, comps: Components, pooled: torch.Tensor | None, geometry: list[Geometry],
+                           device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """What the model needs besides the noisy latents, timesteps and context (SDXL: pooled text
+        and size conditioning), or None."""
+        return None
+
+    def num_timesteps(self, comps: Components) -> int:
+        raise NotImplementedError
+
+    def loss(self, model: Any, comps: Components, latents: torch.Tensor, context: torch.Tensor,
+             added: dict[str, torch.Tensor] | None, noise: torch.Tensor, timesteps: torch.Tensor,
+             ts: TrainingSection, weight_dtype: torch.dtype, input_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sample's training loss ([batch]), weights included."""
+        raise NotImplementedError
+
+    def check(self, cfg: TrainingConfig, comps: Components) -> None:
+        """Refuse (with a plain message) settings this family cannot train with; called once at setup."""
+
+    # ------------------------------------------------------------------------------ sampling
+    def pipeline(self, comps: Components, model: Any, scheduler: Any) -> Any:
+        """A diffusers pipeline over the training modules (the trained model, not a copy)."""
+        raise NotImplementedError
+
+    def prompt_embeddings(self, comps: Components, text: Any, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+        """The pipeline's embedding arguments for one prompt, encoded as training encodes captions."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ the exported file
+    def model_prefix(self) -> str:
+        """The kohya key prefix of the denoiser's modules."""
+        return "lora_unet_"
+
+    def text_encoder_prefix(self, index: int) -> str:
+        raise NotImplementedError
+
+    def model_module_names(self, comps_or_config: Any, ldm: bool = True) -> Any:
+        """The map from the denoiser's diffusers module names to the names its exported keys use."""
+        return str
