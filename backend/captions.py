@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend import dataset as D
 from backend.config import TrainingConfig
-from backend.trainer import data as D
 
 BACKUP_DIR = ".lathe-caption-backups"
 MAX_REQUEST = 4096  # characters

@@ -57,8 +57,8 @@ class ModelConfig(Section):
         ".safetensors/.ckpt checkpoint file. Nothing is downloaded.",
         min_length=1,
     )
-    family: Literal["auto", "sd15", "sd2", "sdxl"] = Field(
-        "auto", description="Model family. 'auto' detects SD1.x, SD2.x or SDXL from the weights."
+    family: Literal["auto", "sd15", "sd2", "sdxl", "sd3"] = Field(
+        "auto", description="Model family. 'auto' detects SD1.x, SD2.x, SDXL or SD3/SD3.5 from the weights."
     )
     v_parameterization: bool | None = Field(
         None,
@@ -481,6 +481,42 @@ class TrainingSection(Section):
         "this (1 typical). Empty: off.",
     )
 
+    # Flow-matching families (SD3/SD3.5, Flux.1): sd-scripts' names and choices (docs/families.md).
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = Field(
+        "sigma",
+        description="Flow models: how each sample's noise level is drawn. sigma: from weighting_scheme's density "
+        "(SD3's way); uniform; sigmoid (sigmoid of sigmoid_scale x a normal draw); shift (that, then "
+        "discrete_flow_shift); flux_shift (that, shifted by the image size as Flux.1 samples).",
+    )
+    sigmoid_scale: float = Field(1.0, gt=0, le=100.0, description="Flow models: the scale of the sigmoid timestep draws.")
+    discrete_flow_shift: float = Field(
+        3.0, gt=0, le=100.0, description="Flow models, timestep_sampling shift: values above 1 train noisier steps more."
+    )
+    training_shift: float = Field(
+        1.0, gt=0, le=100.0,
+        description="Flow models, timestep_sampling sigma: shift the drawn noise levels (sd-scripts' SD3 training_shift).",
+    )
+    weighting_scheme: Literal["uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = Field(
+        "uniform",
+        description="Flow models: the density noise levels are drawn from (logit_normal, mode, uniform) or the loss "
+        "weighting (sigma_sqrt, cosmap), as in the SD3 paper and sd-scripts.",
+    )
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="Flow models, logit_normal: the mean.")
+    logit_std: float = Field(1.0, gt=0, le=10.0, description="Flow models, logit_normal: the standard deviation.")
+    mode_scale: float = Field(1.29, ge=0.0, le=10.0, description="Flow models, mode weighting: its scale.")
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = Field(
+        "raw",
+        description="Flux.1: how the model's output is read: raw (the velocity, noise - latents), additive, or "
+        "sigma_scaled (sd-scripts' default, see docs/families.md). SD3 always preconditions as sd-scripts does.",
+    )
+    guidance_scale: float = Field(
+        3.5, ge=0.0, le=100.0, description="Flux.1 dev: the guidance value the model is conditioned on in training.",
+    )
+    t5xxl_max_token_length: int | None = Field(
+        None, ge=16, le=512,
+        description="Flow models: T5 tokens per caption. Empty: the family's (SD3 256; Flux.1 dev 512, schnell 256).",
+    )
+
     @field_validator("max_token_length", mode="before")
     @classmethod
     def _token_count(cls, v: Any) -> Any:
@@ -511,8 +547,11 @@ NOISE_AND_LOSS_FIELDS = (
     "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "zero_terminal_snr",
     "loss_type", "huber_c", "huber_scale", "huber_schedule", "debiased_estimation_loss",
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "scale_weight_norms", "prior_loss_weight",
-    "max_token_length",
+    "max_token_length", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "training_shift",
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "model_prediction_type", "guidance_scale",
+    "t5xxl_max_token_length",
 )
+FLOW_FIELDS = NOISE_AND_LOSS_FIELDS[-11:]  # only the flow-matching families read these
 HASH_NEUTRAL_DEFAULTS["training"] = {name: TrainingSection.model_fields[name].default for name in NOISE_AND_LOSS_FIELDS}
 
 

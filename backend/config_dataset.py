@@ -4,7 +4,7 @@ held out. Torch-free: the GUI and the CLI load it.
 
 A dataset is a list of subsets, as in sd-scripts' dataset TOML. `train_data_dir` and `reg_data_dir`
 are the short forms kohya users know: a folder of `<repeats>_<class words>` sub-folders, each of
-which is one subset (backend.trainer.data.resolve_subsets expands them); `subsets` adds folders given
+which is one subset (backend.dataset.resolve_subsets expands them); `subsets` adds folders given
 one by one. A subset's caption settings left empty take the dataset's.
 """
 

@@ -1,7 +1,7 @@
 """What the Dataset tab and `python -m backend dataset` show: a dataset as training resolves it.
 
 - `summarize(cfg)`: the subsets, counts, samples and steps per epoch, buckets, tag frequencies,
-  warnings and errors, from the trainer's own discovery (backend.trainer.data.load with
+  warnings and errors, from the trainer's own discovery (backend.dataset.load with
   decode=False: image headers only). A dataset that cannot be used comes back with `errors`.
 - `page(summary_or_cfg, offset, limit)`: one page of images in a stable order (subset by subset,
   file names sorted, as discovery lists them); from a config it reads only that page's headers.
@@ -24,12 +24,10 @@ from typing import Any
 
 from PIL import Image
 
+from backend import dataset as D
 from backend.captions import PathRefused, entry_id, resolve_image
 from backend.config import ConfigError, TrainingConfig
 from backend.resume import total_steps_for
-from backend.trainer import data as D
-from backend.trainer.distributed import global_batch
-from backend.trainer.metadata import tag_frequency
 
 FIRST_FEW = 5  # file names a warning lists
 MAX_PAGE = 1000
@@ -223,7 +221,7 @@ def summarize(cfg: TrainingConfig) -> DatasetSummary:
     warnings = repeats_folder_warnings(cfg)
     errors: list[str] = []
     bucketing = D.buckets_for(ds)
-    g = global_batch(t.train_batch_size, cfg.launch.num_processes, t.gradient_accumulation_steps)
+    g = D.global_batch(t.train_batch_size, cfg.launch.num_processes, t.gradient_accumulation_steps)
     try:
         loaded = D.load(ds, t.seed, decode=False)
         subsets, found, used, val = loaded.subsets, loaded.found, loaded.items, loaded.val_items
@@ -244,7 +242,7 @@ def summarize(cfg: TrainingConfig) -> DatasetSummary:
     spe = D.plan_steps(used, used_buckets, g) if used else 0
     total = total_steps_for(cfg, spe) if spe else 0
     epochs = (math.ceil(total / spe) if t.max_train_steps is not None else t.max_train_epochs) if spe else 0
-    freq = tag_frequency(used)
+    freq = D.tag_frequency(used)
     reg_found = sum(1 for it in found if it.is_reg)
     return DatasetSummary(
         subsets=summaries, images=sum(1 for it in found if not it.is_reg), reg_images=reg_found,

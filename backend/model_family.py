@@ -13,7 +13,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5"}
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}  # a diffusers folder's model_index.json _class_name
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors refuses larger headers itself
 # Text-encoder prefixes of the original ("LDM") single-file layout, as in backend/trainer/model_configs/ldm_layout.py.
 SDXL_TE1 = "conditioner.embedders.0.transformer."
@@ -46,10 +47,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def folder_family(folder: Path) -> str | None:
     """The family of a diffusers folder, or None when its configs do not say."""
+    index = _read_json(folder / "model_index.json") or {}
+    if str(index.get("_class_name")) in FLOW_PIPELINES:
+        return FLOW_PIPELINES[str(index["_class_name"])]
     unet = _read_json(folder / "unet" / "config.json")
     if unet is not None:
         return family_from_unet_config(unet)
-    index = _read_json(folder / "model_index.json") or {}
     if "XL" in str(index.get("_class_name", "")) or (folder / "text_encoder_2").is_dir():
         return "sdxl"
     return None

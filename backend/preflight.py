@@ -21,7 +21,7 @@ from backend.resume import IMAGE_EXTS, plan_resume
 # FSDP) would be saved as rank 0's shard, so those are refused until the recipe handles them.
 SUPPORTED_DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-REPEATS_RE = re.compile(r"^(\d+)_(.*)$")  # kohya's <repeats>_<class words> folders, as backend/trainer/data.py reads them
+REPEATS_RE = re.compile(r"^(\d+)_(.*)$")  # kohya's <repeats>_<class words> folders, as backend/dataset.py reads them
 MB = 2**20
 DISK_FLOOR_BYTES = 256 * MB  # room for a typical run's LoRA exports, state folders, samples and logs
 
@@ -232,7 +232,7 @@ def accelerate_config_problems(path: Path) -> list[str]:
 def latent_cache_bytes(cfg: TrainingConfig) -> tuple[int, int, int] | None:
     """(bytes, images, variants per image) the latent cache will hold, from the image headers (no
     decoding); None when latents are not cached or the folder cannot be read."""
-    from backend.trainer import data as D
+    from backend import dataset as D
 
     ds = cfg.dataset
     if not ds.cache_latents:

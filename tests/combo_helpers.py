@@ -32,7 +32,7 @@ Combo = dict[str, Any]
 # AdamW8bit is left out: bitsandbytes' 8-bit optimizers need CUDA (and the package), and this
 # campaign runs on CPUs.
 SPACE: pairwise.Space = {
-    "model": ["sd15", "sd15-file", "sdxl", "sd2v"],
+    "model": ["sd15", "sd15-file", "sdxl", "sd2v", "sd3"],
     "network.type": ["lora", "locon", "loha", "lokr", "dora"],
     "network.conv_rank": [0, 2],  # the ResNet blocks' 3x3 convolutions (locon always has them)
     "network.use_tucker": [False, True],  # loha, lokr with conv_rank
@@ -75,8 +75,15 @@ SPACE: pairwise.Space = {
     "scheduler.warmup_steps": [0, 2],
     "launch.num_processes": [1, 2],
 }
-MODELS = {"sd15": "model", "sd15-file": "model.safetensors", "sdxl": "model-sdxl", "sd2v": "model-sd2v"}
-FAMILY = {"sd15": "sd15", "sd15-file": "sd15", "sdxl": "sdxl", "sd2v": "sd2"}
+MODELS = {"sd15": "model", "sd15-file": "model.safetensors", "sdxl": "model-sdxl", "sd2v": "model-sd2v", "sd3": "model-sd3"}
+FAMILY = {"sd15": "sd15", "sd15-file": "sd15", "sdxl": "sdxl", "sd2v": "sd2", "sd3": "sd3"}
+FLOW_MODELS = {"sd3"}  # flow matching: a plain LoRA on the transformer, none of the DDPM-schedule options
+DDPM_ONLY = {"training.min_snr_gamma": None, "training.zero_terminal_snr": False, "training.debiased_estimation_loss": False,
+             "v_pred_loss": "none", "training.noise_offset": 0.0, "training.adaptive_noise_scale": None,
+             "training.multires_noise_iterations": 0, "model.v_parameterization": None, "network.type": "lora",
+             "network.train_text_encoder": False, "network.conv_rank": 0, "network.use_tucker": False,
+             "network.lokr_factor": -1, "network.decompose_both": False,
+             "training.noise_offset_random_strength": False}
 SCHEDULER_V_PREDICTION = {"sd2v"}  # the models whose scheduler config says v_prediction
 CAPTIONS: dict[str, dict[str, Any]] = {
     "none": {},
@@ -119,6 +126,12 @@ def valid(c: Combo) -> bool:
     # sd-scripts refuses a constant schedule with warmup steps (Lathe makes it a validation error).
     if c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0:
         return False
+    if c.get("model") in FLOW_MODELS:
+        if any(name in c and c[name] != off for name, off in DDPM_ONLY.items()):
+            return False
+        schedule = c.get("training.huber_schedule")
+        if schedule == "exponential" or schedule == "snr" and c.get("training.loss_type") in ("huber", "smooth_l1"):
+            return False  # the snr and exponential Huber schedules read a DDPM schedule
     return _noise_and_loss_valid(c)
 
 
@@ -199,7 +212,7 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
 
 def steps_per_epoch(cfg: TrainingConfig) -> int:
     """Optimizer steps per epoch, computed as the trainer does (build._schedule_length)."""
-    from backend.trainer import data as D
+    from backend import dataset as D
     from backend.trainer.build import plan_settings
 
     ds = cfg.dataset

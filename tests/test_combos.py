@@ -34,6 +34,9 @@ CASES = [
     # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
     # convolution layers (LDM names in the export), module dropout; D-Adaptation Adam; 150-token
     # captions (both encoders chunked, the pooled output from the first chunk).
+    # SD3.5-shaped (MMDiT, CLIP-L + CLIP-G + T5, flow matching) under DDP: a timestep range, LoRA+.
+    ("sd3-ddp-flow", H.baseline(model="sd3", launch__num_processes=2, training__min_timestep=100,
+                                optimizer__loraplus_lr_ratio=16.0)),
     ("sdxl-te-loha", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle", network__type="loha",
                                 network__conv_rank=2, network__module_dropout=0.2, training__max_token_length=150,
                                 optimizer__type="DAdaptAdam")),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend.trainer import data as D
+from backend import dataset as D
 
 
 def img(path: Path, size=(64, 64), color=(200, 10, 10)) -> Path:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from backend import dataset as D
 from backend.captions import BACKUP_DIR, PathRefused, resolve_image, save_caption
 from backend.dataset_view import UnreadableImage, add_dataset_parser, page, summarize, thumbnail
 from backend.presets import resolve
-from backend.trainer import data as D
 from tests.conftest import ROOT, demo_config, events
 
 BUCKETS = {"resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256, "bucket_reso_steps": 64}

@@ -123,7 +123,7 @@ def test_random_kohya_configs_import_or_refuse(data):
 def test_random_bytes_as_images_and_captions_are_skipped_with_warnings(tmp_path_factory, blobs, captions):
     from PIL import Image
 
-    from backend.trainer import data as D
+    from backend import dataset as D
 
     root = tmp_path_factory.mktemp("d")
     folder = root / "3_thing"

@@ -36,7 +36,7 @@ ALTERNATIVES: dict[str, Any] = {
     "optimizer.growth_rate": "1.02", "optimizer.beta3": "0.5", "optimizer.betas": "0.8, 0.95",
     "dataset.caption_extension": ".caption", "launch.gpu_ids": "0,1", "launch.main_process_ip": "10.0.0.1",
     "launch.machine_rank": 1, "launch.num_machines": 2, "training.max_train_steps": "500", "network.train_unet": False,
-    "dataset.validation_split": 0.25, "dataset.max_bucket_reso": 1032,
+    "dataset.validation_split": 0.25, "dataset.max_bucket_reso": 1032, "training.t5xxl_max_token_length": "128",
 }
 # Other fields a value needs to be valid (cross-field rules), by config path.
 NEEDS: dict[str, dict[str, Any]] = {

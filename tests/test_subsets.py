@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from backend import dataset as D
 from backend.config import DatasetConfig, TrainingConfig
-from backend.trainer import data as D
 from backend.trainer.build import plan_settings
 
 

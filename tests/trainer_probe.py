@@ -50,7 +50,7 @@ def _disk_full(name: str) -> OSError:
 
 
 def install() -> None:
-    import backend.trainer.data as D
+    import backend.dataset as D
     import backend.trainer.loop as L
     import backend.trainer.savepoints as SP
     import backend.trainer.state as ST

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
+from backend import dataset as D
 from backend.config import TrainingConfig
 from backend.resume import dataset_fingerprint
-from backend.trainer import data as D
 from backend.trainer import evaluation, models
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.context import Setup
-from backend.trainer.distributed import every_rank, global_batch
+from backend.trainer.distributed import every_rank
 from backend.trainer.loss import check_loss_settings
 from backend.trainer.noise import timestep_range
 from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
@@ -80,7 +80,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     _place(comps.unet, device, wdtype)
     if device.type == "cuda":
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
-    trained = Trained.attach(cfg, comps.unet, comps.text_encoders)
+    trained = Trained.attach(cfg, comps.unet, comps.text_encoders, comps.spec.default_targets())
     if cfg.network.network_weights and not cfg.resume_from:  # a resume restores its own state instead
         fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.spec)
         if io.is_main:
@@ -156,7 +156,7 @@ def _place_latents(cfg: TrainingConfig, io: RunIO, latents: LatentCache, device:
 def plan_settings(cfg: TrainingConfig, world: int, subsets: list[D.Subset]) -> D.PlanSettings:
     """The batch plan's settings, with each subset's own caption rules."""
     ds, t = cfg.dataset, cfg.training
-    return D.PlanSettings(t.seed, global_batch(t.train_batch_size, world, t.gradient_accumulation_steps), ds.random_flip,
+    return D.PlanSettings(t.seed, D.global_batch(t.train_batch_size, world, t.gradient_accumulation_steps), ds.random_flip,
                           ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate, tuple(subsets), t.prior_loss_weight)
 
 

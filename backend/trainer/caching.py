@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from backend.trainer.data import Batch, ImageItem, load_pixels
+from backend.dataset import Batch, ImageItem, load_pixels
 from backend.trainer.distributed import split_work
 from backend.trainer.models import Components
 

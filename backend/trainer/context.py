@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from backend import dataset as D
 from backend.config import TrainingConfig
-from backend.trainer import data as D
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.models import Components
 from backend.trainer.run_io import RunIO

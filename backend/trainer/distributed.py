@@ -28,11 +28,6 @@ SECONDS_PER_SAMPLE_STEP = 3.0  # a pessimistic denoising step (SDXL 1024 px with
 MAX_TIMEOUT_S = 6 * 3600
 
 
-def global_batch(per_device: int, processes: int, accum: int) -> int:
-    """Samples per optimizer step: what the data plan, the schedule and elastic resume are counted in."""
-    return per_device * processes * accum
-
-
 def share(n: int, rank: int, world: int) -> range:
     """The items (by index) rank `rank` of `world` handles."""
     return range(rank, n, world)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.trainer import data as D
+from backend import dataset as D
 from backend.trainer.caching import encode_pixels
 from backend.trainer.distributed import split_work
 from backend.trainer.models import Components

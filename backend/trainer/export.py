@@ -64,6 +64,22 @@ def module_tensors(m: torch.nn.Module) -> tuple[dict[str, torch.Tensor], float]:
     return out, float(m.alpha[ADAPTER])
 
 
+def diffusers_state_dict(groups: list[Group], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The export in diffusers' (peft) LoRA format, `<prefix>.<module>.lora_A.weight` / `lora_B.weight`,
+    which diffusers' load_lora_weights and ComfyUI read for the transformer families. The format has no
+    alpha, so alpha/rank is folded into lora_B (the update up @ down * alpha/rank is unchanged)."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, model, _, rename in groups:
+        for name, m in network_modules(model):
+            if not (hasattr(m, "lora_A") and ADAPTER in m.lora_A) or hasattr(m, "dora_scale"):
+                raise ValueError(f"{name}: diffusers' LoRA format holds plain LoRA layers only")
+            down, up = m.lora_A[ADAPTER].weight.detach().float(), m.lora_B[ADAPTER].weight.detach().float()
+            stem = f"{prefix}{rename(name)}"
+            out[f"{stem}.lora_A.weight"] = down.to("cpu", dtype).contiguous()
+            out[f"{stem}.lora_B.weight"] = (up * m.scaling[ADAPTER]).to("cpu", dtype).contiguous()
+    return out
+
+
 def state_dict(groups: list[Group], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The export's tensors; `groups` are (key prefix, module, is a text encoder, name map), see
     Trained.export_groups."""

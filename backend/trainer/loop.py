@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from backend.trainer import data as D
+from backend import dataset as D
 from backend.trainer.caching import PixelBatches, encode_pixels
 from backend.trainer.context import Progress, Setup
 from backend.trainer.loss import mix_seed, sample_generator, seed_micro_step
@@ -83,7 +83,7 @@ def train_step(s: Setup, chunk: list[tuple[D.Batch, Any]], step: int,
         seed_micro_step(seed, step, micro, acc.process_index)
         lat, ctx, added = batch_tensors(s, b, pixels)
         gens = [sample_generator(seed, epoch, smp.index, acc.device) for smp in b.samples]
-        noise, t, input_noise = draw_noise(lat, gens, ts, n_timesteps)
+        noise, t, input_noise = draw_noise(lat, gens, ts, n_timesteps, spec)
         # Every trained module skips its all-reduce until the last micro-batch of the step.
         with s.trained.no_sync(acc, active=micro < len(chunk) - 1):
             with acc.autocast():

@@ -89,6 +89,13 @@ def huber_threshold(ts: TrainingSection, timesteps: torch.Tensor, scheduler: Any
     return torch.full((timesteps.shape[0],), ts.huber_c * ts.huber_scale, device=timesteps.device)
 
 
+def huber_constant(ts: TrainingSection, latents: torch.Tensor) -> torch.Tensor | None:
+    """Each sample's Huber c with the constant schedule (huber_c * huber_scale), or None for l2/l1."""
+    if ts.loss_type not in ("huber", "smooth_l1"):
+        return None
+    return torch.full((latents.shape[0],), ts.huber_c * ts.huber_scale, device=latents.device)
+
+
 def element_loss(pred: torch.Tensor, target: torch.Tensor, ts: TrainingSection, huber_c: torch.Tensor | None) -> torch.Tensor:
     """The loss per latent element (sd-scripts' train_util.conditional_loss, reduction none): l2
     (pred - target)**2; l1 |pred - target|; huber 2c(sqrt((pred - target)**2 + c**2) - c);

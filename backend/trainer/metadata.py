@@ -21,19 +21,9 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 from typing import Any
 
-
-def tag_frequency(items: list[Any]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for it in items:
-        counts = out.setdefault(Path(it.path).parent.name, {})
-        for tag in it.caption.split(","):
-            tag = tag.strip().lower()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return out
+from backend import dataset as D
 
 
 def bucket_info(items: list[Any], item_buckets: list[tuple[int, int]]) -> dict[str, Any]:
@@ -69,7 +59,7 @@ def dataset_metadata(s: Any) -> dict[str, str]:
         "ss_bucket_no_upscale": str(ds.bucket_no_upscale),
         "ss_min_bucket_reso": str(ds.bucket_range()[0]),
         "ss_max_bucket_reso": str(ds.bucket_range()[1]),
-        "ss_tag_frequency": json.dumps(tag_frequency(s.items)),
+        "ss_tag_frequency": json.dumps(D.tag_frequency(s.items)),
         "ss_bucket_info": json.dumps(bucket_info(s.items, s.item_buckets)),
         "ss_total_batch_size": str(t.train_batch_size * s.acc.num_processes * t.gradient_accumulation_steps),
         "ss_num_batches_per_epoch": str(s.steps_per_epoch),

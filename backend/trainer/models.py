@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from backend.config import TrainingConfig
-from backend.model_family import family_from_unet_config  # one rule, shared with preflight
+from backend.model_family import FLOW_PIPELINES, family_from_unet_config  # one rule, shared with preflight
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
 
 
 class ModelLoadError(Exception):
@@ -61,7 +61,9 @@ def load_components(cfg: TrainingConfig) -> Components:
     path = Path(cfg.model.pretrained_model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model.pretrained_model: {path} does not exist")
-    if path.is_dir():
+    if path.is_dir() and (path / "transformer").is_dir():
+        comps = _load_flow_folder(path, cfg)
+    elif path.is_dir():
         comps = _load_diffusers_folder(path)
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
         comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization)
@@ -74,16 +76,60 @@ def load_components(cfg: TrainingConfig) -> Components:
             f"model.family: set to {cfg.model.family} but {path.name} looks like {comps.family}; "
             "set family to 'auto' or pick the right model"
         )
+    if comps.extra.get("flow"):  # flow matching: no prediction type, no DDPM schedule to rescale
+        _freeze(comps)
+        return comps
     marker = bool(comps.extra.get("v_pred_key"))
     comps.v_prediction = resolve_v_prediction(cfg.model.v_parameterization, comps.v_prediction, marker)
     # The scheduler carries the decision, so every scheduler built from its config (sampling) agrees.
     comps.noise_scheduler.register_to_config(prediction_type="v_prediction" if comps.v_prediction else "epsilon")
     if cfg.training.zero_terminal_snr:
         comps.noise_scheduler = zero_terminal_snr_scheduler(comps.noise_scheduler)
+    _freeze(comps)
+    return comps
+
+
+def _freeze(comps: Components) -> None:
     for m in (comps.unet, comps.vae, *comps.text_encoders):
         m.requires_grad_(False)
         m.eval()
-    return comps
+
+
+
+
+def _load_flow_folder(path: Path, cfg: TrainingConfig) -> Components:
+    """A diffusers folder of a flow-matching family (SD3/SD3.5): the transformer in `unet`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.pretrained_model: {path} has no readable model_index.json ({e})") from e
+    family = FLOW_PIPELINES.get(str(index.get("_class_name")))
+    if family is None:
+        raise ModelLoadError(f"model.pretrained_model: {path} is a {index.get('_class_name')} folder; Lathe trains "
+                             f"SD 1.x, SD 2.x, SDXL and SD3/SD3.5 ({', '.join(FLOW_PIPELINES)})")
+    kw = {"local_files_only": True}
+    missing = [p for p in ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
+                           "tokenizer", "tokenizer_2", "tokenizer_3") if not (path / p).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model.pretrained_model: {path} lacks {', '.join(missing)} (an SD3 folder holds the "
+                             "transformer, the VAE, the scheduler, CLIP-L, CLIP-G and T5 with their tokenizers)")
+    try:
+        model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        tes = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **kw),
+               CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
+               T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **kw)]
+        toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+                CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
+                AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)]
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.pretrained_model: cannot load {path}: {e}") from e
+    extra = {"flow": True, "t5_length": cfg.training.t5xxl_max_token_length or 256}
+    return Components(family, False, model, vae, sched, tes, toks, str(path), extra=extra)
 
 
 def _load_diffusers_folder(path: Path) -> Components:

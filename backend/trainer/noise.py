@@ -21,6 +21,8 @@ multires noise's standard deviation), Lathe takes it per sample, so it does not 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -72,7 +74,7 @@ def pyramid_noise(noise: torch.Tensor, gen: torch.Generator, ratios: list[float]
 
 
 def draw_noise(latents: torch.Tensor, gens: list[torch.Generator], ts: TrainingSection,
-               num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               num_timesteps: int, family: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(noise, timesteps, input noise) for a batch, each sample from its own generator in the order of
     the module docstring. The noise is the target's; the input noise (None unless ip_noise_gamma) is
     what the noisy latents are made from: the noise plus strength * randn, sd-scripts' input
@@ -89,8 +91,12 @@ def draw_noise(latents: torch.Tensor, gens: list[torch.Generator], ts: TrainingS
         draws = [torch.rand(ts.multires_noise_iterations, generator=gen, device=gen.device) for gen in gens]
         ratios = torch.stack(draws).tolist()
         noises = [pyramid_noise(n, gen, r, ts.multires_noise_discount) for n, gen, r in zip(noises, gens, ratios, strict=True)]
-    low, high = timestep_range(ts, num_timesteps)
-    steps = [torch.randint(low, high, (1,), generator=gen, device=gen.device) for gen in gens]
+    drawn = family.draw_timestep(gens[0], ts, tuple(shape[-2:])) if family is not None and gens else None
+    if drawn is not None:  # the family's own draw (flow matching): the first sample's is `drawn`
+        steps = [drawn] + [family.draw_timestep(gen, ts, tuple(shape[-2:])) for gen in gens[1:]]
+    else:
+        low, high = timestep_range(ts, num_timesteps)
+        steps = [torch.randint(low, high, (1,), generator=gen, device=gen.device) for gen in gens]
     inputs = None
     if ts.ip_noise_gamma:
         inputs = []

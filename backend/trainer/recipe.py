@@ -106,7 +106,7 @@ def network_summary(s: Any) -> str:
 
 def failure_reason(exc: BaseException) -> str:
     """One plain line saying why the run failed."""
-    from backend.trainer.data import DatasetError
+    from backend.dataset import DatasetError
     from backend.trainer.export import NetworkFileError
     from backend.trainer.loss import LossSettingError
     from backend.trainer.models import ModelLoadError

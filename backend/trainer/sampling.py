@@ -30,6 +30,9 @@ def make_sampler(name: str, comps: Components) -> Any:
     (which carries models.resolve_v_prediction's decision and zero terminal SNR)."""
     import diffusers
 
+    own = comps.spec.sampler(comps)  # a flow-matching family samples with its own scheduler
+    if own is not None:
+        return own
     cls_name, extra = SAMPLERS[name]
     return getattr(diffusers, cls_name).from_config(comps.noise_scheduler.config, **extra)
 

@@ -237,7 +237,7 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = export.DTYPES[cfg.saving.save_precision]
-    tensors = export.state_dict(s.trained.export_groups(s.comps.spec), dtype)
+    tensors = s.comps.spec.export_tensors(s.trained.export_groups(s.comps.spec), dtype)
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from backend.config import TrainingConfig
+from backend.config import UNET_TARGETS_DEFAULT, TrainingConfig
 from backend.trainer import export, network
 
 UNET = "unet"
@@ -47,7 +47,8 @@ class Trained:
 
     # ------------------------------------------------------------------------------ building
     @classmethod
-    def attach(cls, cfg: TrainingConfig, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> Trained:
+    def attach(cls, cfg: TrainingConfig, unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
+               default_targets: list[str] | None = None) -> Trained:
         """Inject the network into what the config trains, freeze the rest, set every mode.
 
         The modules are changed in place (they are the loaded components); network weights are fp32."""
@@ -56,7 +57,10 @@ class Trained:
         for m in (unet, *text_encoders):
             m.requires_grad_(False)
         if net.train_unet:
-            network.inject(unet, net, net.target_modules, "unet", with_conv=True)
+            targets = net.target_modules
+            if default_targets is not None and targets == UNET_TARGETS_DEFAULT:  # left at the SD default
+                targets = default_targets
+            network.inject(unet, net, targets, "unet", with_conv=True)
             entries.append(TrainedModule(UNET, UNET, 0, unet, unet))
         if net.train_text_encoder:
             for i, te in enumerate(text_encoders):

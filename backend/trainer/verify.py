@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from backend import checkpoints as C
+from backend import dataset as D
 from backend.config import validate_config
-from backend.trainer import data as D
 from backend.trainer import evaluation
 from backend.trainer.caching import TextEncoder
 from backend.trainer.models import load_components
@@ -46,7 +46,7 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
         comps = load_components(cfg)
     except Exception as e:  # noqa: BLE001
         return False, [*lines, f"model: cannot load the base model to check shapes: {e}"]
-    trained = Trained.attach(cfg, comps.unet, comps.text_encoders)  # the network the trainer built
+    trained = Trained.attach(cfg, comps.unet, comps.text_encoders, comps.spec.default_targets())  # as the trainer built it
     try:
         trained.load_state_dict(tensors)
     except ValueError as e:

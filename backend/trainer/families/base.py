@@ -41,6 +41,15 @@ class ModelFamily:
     def num_timesteps(self, comps: Components) -> int:
         raise NotImplementedError
 
+    def draw_timestep(self, gen: torch.Generator, ts: TrainingSection, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """One sample's timestep from its generator (shape (1,)), or None for the DDPM draw
+        (noise.draw_noise: randint over training.min_timestep..max_timestep)."""
+        return None
+
+    def default_targets(self) -> list[str] | None:
+        """The denoiser's LoRA targets when network.target_modules is left at its (SD) default; None: that default."""
+        return None
+
     def loss(self, model: Any, comps: Components, latents: torch.Tensor, context: torch.Tensor,
              added: dict[str, torch.Tensor] | None, noise: torch.Tensor, timesteps: torch.Tensor,
              ts: TrainingSection, weight_dtype: torch.dtype, input_noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,6 +60,10 @@ class ModelFamily:
         """Refuse (with a plain message) settings this family cannot train with; called once at setup."""
 
     # ------------------------------------------------------------------------------ sampling
+    def sampler(self, comps: Components) -> Any:
+        """The sampling scheduler when the family has one only (flow matching), else None (sample_sampler)."""
+        return None
+
     def pipeline(self, comps: Components, model: Any, scheduler: Any) -> Any:
         """A diffusers pipeline over the training modules (the trained model, not a copy)."""
         raise NotImplementedError
@@ -60,6 +73,12 @@ class ModelFamily:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ the exported file
+    def export_tensors(self, groups: list[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The exported LoRA file's tensors (kohya/LyCORIS names unless the family says otherwise)."""
+        from backend.trainer.export import state_dict
+
+        return state_dict(groups, dtype)
+
     def model_prefix(self) -> str:
         """The kohya key prefix of the denoiser's modules."""
         return "lora_unet_"

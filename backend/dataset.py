@@ -520,3 +520,19 @@ def dataset_summary(items: list[ImageItem], item_buckets: list[tuple[int, int]])
         "images_with_repeats": sum(it.repeats for it in items),
         "buckets": counts,
     }
+
+
+def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for it in items:
+        counts = out.setdefault(Path(it.path).parent.name, {})
+        for tag in it.caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return out
+
+
+def global_batch(per_device: int, processes: int, accum: int) -> int:
+    """Samples per optimizer step: what the data plan, the schedule and elastic resume are counted in."""
+    return per_device * processes * accum
