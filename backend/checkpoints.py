@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,11 +71,30 @@ STATUSES = ("valid", "incomplete", "corrupt", "config-mismatch")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size >= MAP_MIN:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return hashlib.sha256(m).hexdigest()
+        h = hashlib.sha256()
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# File I/O and sha256 release the GIL, so files are written, read and hashed on several threads.
+IO_THREADS = max(2, min(16, os.cpu_count() or 2))
+MAP_MIN = 1 << 20  # files from this size on are hashed and read through a memory map (no copy)
+
+
+def run_parallel(calls: list[Callable[[], Any]], threads: int = IO_THREADS) -> list[Any]:
+    """Run the calls on up to `threads` threads (in the given order: biggest first balances best);
+    their results in order. Every call has finished before the first error is raised, so nothing
+    is still writing into a folder that the error is about to remove."""
+    if len(calls) <= 1 or threads <= 1:
+        return [c() for c in calls]
+    with ThreadPoolExecutor(min(threads, len(calls)), thread_name_prefix="ckpt-io") as pool:
+        futures = [pool.submit(c) for c in calls]
+    return [f.result() for f in futures]
 
 
 # Files written by `write_file` in this process: path -> (bytes, mtime_ns, sha256). The manifest
@@ -113,18 +135,19 @@ class _ChunkHasher:
 def write_file(path: Path, data: bytes | bytearray | memoryview | list[Any]) -> None:
     """Write `data` (one buffer, or a list of buffers written back to back) to `path` durably
     (flushed and fsynced), hashing it while it is written: the sha256 runs in a thread on the same
-    chunks as the writes (both release the GIL), and is remembered for write_manifest."""
+    chunks as the writes (both release the GIL), and is remembered for write_manifest. Files may be
+    written by several threads at once (run_parallel)."""
     parts = data if isinstance(data, list) else [data]
     hasher = _ChunkHasher()
     try:
-        with open(path, "wb") as fh:
+        with open(path, "wb", buffering=0) as fh:
             for part in parts:
                 view = memoryview(part).cast("B")
                 for k in range(0, len(view), WRITE_CHUNK):
                     chunk = view[k : k + WRITE_CHUNK]
                     hasher.add(chunk)
-                    fh.write(chunk)
-            fh.flush()
+                    while chunk:  # an unbuffered write may be partial
+                        chunk = chunk[fh.write(chunk) :]
             os.fsync(fh.fileno())
     finally:
         sha = hasher.hexdigest()
@@ -141,25 +164,21 @@ def _known_hash(p: Path) -> str | None:
     return known[2] if (st.st_size, st.st_mtime_ns) == known[:2] else None
 
 
-def read_hashed(path: Path) -> tuple[bytearray, str]:
-    """(the file's bytes, their sha256), read once in 1 MB chunks into one buffer while a thread
-    hashes the chunks already read."""
-    size = path.stat().st_size
-    buf = bytearray(size)
-    view = memoryview(buf)
-    hasher = _ChunkHasher()
-    got = 0
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            while got < size:
-                n = fh.readinto(view[got : got + WRITE_CHUNK])
-                if not n:
-                    break
-                hasher.add(view[got : got + n])
-                got += n
-    finally:
-        sha = hasher.hexdigest()
-    return (buf if got == size else buf[:got]), sha
+def read_hashed(path: Path) -> tuple[bytearray | mmap.mmap, str]:
+    """(the file's bytes, their sha256), read once. A file of MAP_MIN bytes or more is a private
+    (copy-on-write) memory map of the file, hashed in place: no copy and no zero-filled buffer, and
+    tensors built over it read the page cache as safetensors' own loader does. Checkpoint files are
+    never modified in place (atomic folders), so the bytes hashed are the bytes used."""
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size >= MAP_MIN:
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            return m, hashlib.sha256(m).hexdigest()
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size and (n := fh.readinto(view[got:])):
+            got += n
+    return (buf if got == size else buf[:got]), hashlib.sha256(view[:got]).hexdigest()
 
 
 class CorruptFile(Exception):
@@ -169,13 +188,32 @@ class CorruptFile(Exception):
 class VerifiedReader:
     """Reads the files of a checkpoint folder once each: every read is checked against the manifest
     (size, sha256) from the same bytes that are then deserialized, so verification costs no second
-    pass. `finish()` checks what was not read (small files), so the whole folder is verified."""
+    pass. `prefetch()` reads and hashes the big files on several threads at once; `finish()` checks
+    what was not read (small files), so the whole folder is verified."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any]):
         self.folder, self.manifest = folder, manifest
         self.read_names: set[str] = set()
+        self._pending: dict[str, Future[Any]] = {}
 
-    def read(self, rel: str) -> bytearray:
+    def prefetch(self) -> None:
+        """Start reading and verifying every listed file of MAP_MIN bytes or more, biggest first, on
+        IO_THREADS threads; `read` then waits for its own. (Small files are read when asked for.)"""
+        files = self.manifest["files"]
+        big = sorted((r for r, m in files.items() if (m.get("bytes") or 0) >= MAP_MIN), key=lambda r: -files[r]["bytes"])
+        if not big:
+            return
+        pool = ThreadPoolExecutor(min(IO_THREADS, len(big)), thread_name_prefix="ckpt-read")
+        self._pending = {rel: pool.submit(self._read, rel) for rel in big}
+        pool.shutdown(wait=False)  # the threads end when the queued reads are done
+
+    def read(self, rel: str) -> bytearray | mmap.mmap:
+        pending = self._pending.pop(rel, None)
+        data = pending.result() if pending is not None else self._read(rel)
+        self.read_names.add(rel)
+        return data
+
+    def _read(self, rel: str) -> bytearray | mmap.mmap:
         meta = self.manifest["files"].get(rel)
         if meta is None:
             raise CorruptFile(f"{rel}: not listed in the manifest")
@@ -187,7 +225,6 @@ class VerifiedReader:
             raise CorruptFile(f"{rel}: size {len(data)} != {meta.get('bytes')} in the manifest")
         if sha != meta.get("sha256"):
             raise CorruptFile(f"{rel}: sha256 differs from the manifest (file changed or corrupt)")
-        self.read_names.add(rel)
         return data
 
     def finish(self) -> None:
@@ -232,16 +269,21 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def check_files(folder: Path, manifest: dict[str, Any], hashes: bool = True) -> list[str]:
-    """Problems with the files a manifest lists: missing, wrong size, wrong hash. Empty means intact."""
-    problems = []
+    """Problems with the files a manifest lists: missing, wrong size, wrong hash. Empty means intact.
+    The hashes are computed on IO_THREADS threads."""
+    problems, to_hash = [], []
     for rel, meta in manifest["files"].items():
         p = folder / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
         elif p.stat().st_size != meta.get("bytes"):
             problems.append(f"{rel}: size {p.stat().st_size} != {meta.get('bytes')} in the manifest")
-        elif hashes and sha256_file(p) != meta.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the manifest (file changed or corrupt)")
+        elif hashes:
+            to_hash.append(rel)
+    to_hash.sort(key=lambda r: -(manifest["files"][r].get("bytes") or 0))
+    shas = run_parallel([lambda p=folder / rel: sha256_file(p) for rel in to_hash])
+    problems += [f"{rel}: sha256 differs from the manifest (file changed or corrupt)"
+                 for rel, sha in zip(to_hash, shas, strict=True) if sha != manifest["files"][rel].get("sha256")]
     return problems
 
 

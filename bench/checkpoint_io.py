@@ -5,8 +5,8 @@ fresh-start-to-first-step. Interleaved repetitions; medians with min/max; a JSON
 
 The state is shaped like a real LoRA: the LoRA tensors of the published SD1.5 (or SDXL) UNet
 architecture (built on the meta device, no weights needed) plus AdamW's two moments per tensor.
-The save and load are the trainer's own (state.save_tensors / save_pickle in an AtomicDir; the
-VerifiedReader that state.load_state uses).
+The save and load are the trainer's own (state.save_tensors / optimizer_writes on C.run_parallel
+in an AtomicDir; the prefetching VerifiedReader that state.load_state uses).
 """
 
 from __future__ import annotations
@@ -48,19 +48,21 @@ def lora_state(rank: int, family: str = "sd15") -> dict[str, torch.Tensor]:
 
 
 def lathe_save(folder: Path, lora: dict, optim: dict) -> None:
-    """What a save point does with the two big files (state.write_state's writers, AtomicDir)."""
+    """What a save point does with the big files (state.write_state: the LoRA and the optimizer's
+    files written on several threads at once, in an AtomicDir)."""
     atomic = C.AtomicDir(folder.parent, folder.name)
     with atomic as tmp:
-        ST.save_tensors(tmp / "lora.safetensors", lora)
-        ST.save_optimizer(tmp, optim)
+        C.run_parallel([lambda: ST.save_tensors(tmp / "lora.safetensors", lora), *ST.optimizer_writes(tmp, optim)])
         atomic.commit({"run_name": "bench", "step": 1})
 
 
 def lathe_load(folder: Path) -> None:
-    """What state.load_state does: manifest and sizes, then each file read once, verified, deserialized."""
+    """What state.load_state does: manifest and sizes, then each file read once (the big ones on
+    several threads at once), verified, deserialized."""
     status, _ = C.checkpoint_status(folder, hashes=False)
     assert status == "valid"
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
+    reader.prefetch()
     tensorfile.load(reader.read("lora.safetensors"))
     ST.load_optimizer(reader.read, reader.manifest["files"])
     reader.finish()
