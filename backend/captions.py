@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend import dataset as D
+from backend.checkpoints import fsync_dir
 from backend.config import TrainingConfig
 
 BACKUP_DIR = ".lathe-caption-backups"
@@ -184,14 +185,6 @@ def _refuse_link(path: Path, what: str) -> None:
         raise PathRefused(f"{what} {path} exists and is not a regular file; not written")
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(path: Path, data: bytes) -> None:
     """Create `path` (never an existing file, never through a link) with `data`, synced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -217,7 +210,7 @@ def backup_caption(cap: Path) -> Path:
             _write_new(target, old)
         except FileExistsError:
             continue
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return target
     raise PathRefused(f"could not find a free backup name in {folder}")
 
@@ -257,5 +250,5 @@ def save_caption(cfg: TrainingConfig, image: str, text: str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(cap.parent)
+    fsync_dir(cap.parent)
     return cap
