@@ -57,8 +57,8 @@ class ModelConfig(Section):
         ".safetensors/.ckpt checkpoint file. Nothing is downloaded.",
         min_length=1,
     )
-    family: Literal["auto", "sd15", "sd2", "sdxl", "sd3"] = Field(
-        "auto", description="Model family. 'auto' detects SD1.x, SD2.x, SDXL or SD3/SD3.5 from the weights."
+    family: Literal["auto", "sd15", "sd2", "sdxl", "sd3", "flux"] = Field(
+        "auto", description="Model family. 'auto' detects SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 from the weights."
     )
     v_parameterization: bool | None = Field(
         None,
@@ -571,6 +571,12 @@ class SavingConfig(Section):
     save_state: bool = Field(True, description="Save the full training state (resumable), not only the LoRA file.")
     save_on_stop: bool = Field(True, description="When stopped (Stop button, Ctrl+C), save a resumable checkpoint first.")
     save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="Precision of exported LoRA files.")
+    export_format: Literal["auto", "sd-scripts", "diffusers"] = Field(
+        "auto",
+        description="Key names of exported LoRA files. auto: the family's usual (SD 1.x/2.x/SDXL and Flux.1: "
+        "sd-scripts' (kohya) names; SD3: diffusers'); diffusers: diffusers' transformer.* names (Flux.1). ComfyUI, "
+        "diffusers and A1111 read the usual one.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SavingConfig:
@@ -614,6 +620,7 @@ class SamplingConfig(Section):
 
 
 HASH_NEUTRAL_DEFAULTS["sampling"] = {"sample_sampler": "ddim"}
+HASH_NEUTRAL_DEFAULTS["saving"] = {"export_format": "auto"}
 
 
 # ------------------------------------------------------------------------------------------- logging

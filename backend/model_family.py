@@ -13,8 +13,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5"}
-FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}  # a diffusers folder's model_index.json _class_name
+FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "Flux.1"}
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}  # a diffusers folder's model_index.json _class_name
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors refuses larger headers itself
 # Text-encoder prefixes of the original ("LDM") single-file layout, as in backend/trainer/model_configs/ldm_layout.py.
 SDXL_TE1 = "conditioner.embedders.0.transformer."

@@ -49,6 +49,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     for warning in comps.spec.text_warnings(cfg.training):
         io.warn(warning)
     comps.spec.check(cfg, comps)
+    comps.spec.export_format(cfg)
 
     # Data: discover, hold out validation images, bucket, plan.
     ds = cfg.dataset
@@ -80,7 +81,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     _place(comps.unet, device, wdtype)
     if device.type == "cuda":
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
-    trained = Trained.attach(cfg, comps.unet, comps.text_encoders, comps.spec.default_targets())
+    trained = Trained.attach(cfg, comps.unet, comps.text_encoders, comps.spec.default_targets(comps.unet))
     if cfg.network.network_weights and not cfg.resume_from:  # a resume restores its own state instead
         fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.spec)
         if io.is_main:

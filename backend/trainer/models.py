@@ -1,4 +1,4 @@
-"""Load the base model (SD1.x, SD2.x, SDXL) from a diffusers folder or a single checkpoint file,
+"""Load the base model (SD1.x, SD2.x, SDXL; SD3/SD3.5 and Flux.1 from a diffusers folder) from a diffusers folder or a single checkpoint file,
 and encode prompts the way each family expects."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from backend.config import TrainingConfig
 from backend.model_family import FLOW_PIPELINES, family_from_unet_config  # one rule, shared with preflight
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 
 
 class ModelLoadError(Exception):
@@ -97,10 +97,32 @@ def _freeze(comps: Components) -> None:
 
 
 
+# The parts of each flow family's diffusers folder: (subfolder, what it is) in the pipeline's order.
+FLOW_PARTS = {
+    "sd3": [("transformer", "the MMDiT"), ("vae", "the VAE"), ("scheduler", "the scheduler"),
+            ("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G"), ("text_encoder_3", "T5-XXL"),
+            ("tokenizer", "CLIP-L's tokenizer"), ("tokenizer_2", "CLIP-G's tokenizer"), ("tokenizer_3", "T5's tokenizer")],
+    "flux": [("transformer", "the transformer"), ("vae", "the VAE"), ("scheduler", "the scheduler"),
+             ("text_encoder", "CLIP-L"), ("text_encoder_2", "T5-XXL"), ("tokenizer", "CLIP-L's tokenizer"),
+             ("tokenizer_2", "T5's tokenizer")],
+}
+
+
 def _load_flow_folder(path: Path, cfg: TrainingConfig) -> Components:
-    """A diffusers folder of a flow-matching family (SD3/SD3.5): the transformer in `unet`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+    """A diffusers folder of a flow-matching family (SD3/SD3.5, Flux.1): the transformer in `unet`."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+    )
 
     try:
         index = json.loads((path / "model_index.json").read_text())
@@ -109,26 +131,33 @@ def _load_flow_folder(path: Path, cfg: TrainingConfig) -> Components:
     family = FLOW_PIPELINES.get(str(index.get("_class_name")))
     if family is None:
         raise ModelLoadError(f"model.pretrained_model: {path} is a {index.get('_class_name')} folder; Lathe trains "
-                             f"SD 1.x, SD 2.x, SDXL and SD3/SD3.5 ({', '.join(FLOW_PIPELINES)})")
+                             f"SD 1.x, SD 2.x, SDXL, SD3/SD3.5 and Flux.1 ({', '.join(FLOW_PIPELINES)})")
     kw = {"local_files_only": True}
-    missing = [p for p in ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
-                           "tokenizer", "tokenizer_2", "tokenizer_3") if not (path / p).is_dir()]
+    missing = [f"{sub} ({what})" for sub, what in FLOW_PARTS[family] if not (path / sub).is_dir()]
     if missing:
-        raise ModelLoadError(f"model.pretrained_model: {path} lacks {', '.join(missing)} (an SD3 folder holds the "
-                             "transformer, the VAE, the scheduler, CLIP-L, CLIP-G and T5 with their tokenizers)")
+        raise ModelLoadError(f"model.pretrained_model: {path} lacks {', '.join(missing)}")
     try:
-        model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        tes = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **kw),
-               CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
-               T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **kw)]
-        toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-                CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
-                AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)]
+        if family == "sd3":
+            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+            tes = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **kw),
+                   CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
+                   T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **kw)]
+            toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+                    CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
+                    AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)]
+        else:
+            model = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+            tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                   T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+            toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+                    AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)]
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.pretrained_model: cannot load {path}: {e}") from e
-    extra = {"flow": True, "t5_length": cfg.training.t5xxl_max_token_length or 256}
+    extra = {"flow": True, "t5_length": cfg.training.t5xxl_max_token_length}
+    if family == "sd3":
+        extra["t5_length"] = extra["t5_length"] or 256
     return Components(family, False, model, vae, sched, tes, toks, str(path), extra=extra)
 
 

@@ -94,6 +94,7 @@ def generate(comps: Components, unet: Any, text: TextEncoder, sc: SamplingConfig
                 embeds = prompt_embeddings(comps, text, p.prompt, p.negative)
                 latents = pipe(**embeds, num_inference_steps=p.steps, guidance_scale=p.guidance,
                                width=p.width, height=p.height, generator=gen, output_type="latent").images
+            latents = comps.spec.sample_latents(comps, latents, p.height, p.width)
             image = pipe.image_processor.postprocess(decode(comps.vae, latents), output_type="pil")[0]
             info = PngInfo()
             info.add_text("parameters", parameters_text(p))

@@ -237,7 +237,7 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = export.DTYPES[cfg.saving.save_precision]
-    tensors = s.comps.spec.export_tensors(s.trained.export_groups(s.comps.spec), dtype)
+    tensors = s.comps.spec.export_tensors(s.trained.export_groups(s.comps.spec), dtype, s.comps.spec.export_format(s.cfg))
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -335,4 +335,5 @@ def export_metadata(sc: SaveContext, s: Setup, prog: Progress) -> dict[str, Any]
         "modelspec.prediction_type": "v" if s.comps.v_prediction else "epsilon",
         "modelspec.title": cfg.run_name,
         "lathe_config_hash": cfg.config_hash(),
+        **s.comps.spec.metadata(cfg, s.comps),
     }

@@ -46,8 +46,9 @@ class ModelFamily:
         (noise.draw_noise: randint over training.min_timestep..max_timestep)."""
         return None
 
-    def default_targets(self) -> list[str] | None:
-        """The denoiser's LoRA targets when network.target_modules is left at its (SD) default; None: that default."""
+    def default_targets(self, model: Any = None) -> list[str] | None:
+        """The denoiser's LoRA targets (for `model`, the loaded denoiser) when network.target_modules is left
+        at its (SD) default; None: that default."""
         return None
 
     def loss(self, model: Any, comps: Components, latents: torch.Tensor, context: torch.Tensor,
@@ -72,8 +73,30 @@ class ModelFamily:
         """The pipeline's embedding arguments for one prompt, encoded as training encodes captions."""
         raise NotImplementedError
 
+    def sample_latents(self, comps: Components, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's latent output as the VAE decodes it (Flux: unpacked)."""
+        return latents
+
     # ------------------------------------------------------------------------------ the exported file
-    def export_tensors(self, groups: list[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    export_formats: tuple[str, ...] = ("sd-scripts",)  # saving.export_format values this family writes; the first is auto
+
+    def metadata(self, cfg: TrainingConfig, comps: Components) -> dict[str, str | None]:
+        """The export's family-specific `ss_*`/modelspec keys (they replace the common ones; None: not written)."""
+        return {}
+
+    def export_format(self, cfg: TrainingConfig) -> str:
+        """saving.export_format resolved for this family; a format it does not write is refused by name."""
+        fmt = cfg.saving.export_format
+        if fmt == "auto":
+            return self.export_formats[0]
+        if fmt not in self.export_formats:
+            from backend.trainer.loss import LossSettingError
+
+            raise LossSettingError(f"saving.export_format: {self.label} LoRAs are written with "
+                                   f"{' or '.join(self.export_formats)} names, not {fmt}; use auto")
+        return fmt
+
+    def export_tensors(self, groups: list[Any], dtype: torch.dtype, export_format: str = "auto") -> dict[str, torch.Tensor]:
         """The exported LoRA file's tensors (kohya/LyCORIS names unless the family says otherwise)."""
         from backend.trainer.export import state_dict
 

@@ -63,7 +63,7 @@ class StableDiffusion3(ModelFamily):
 
             raise LossSettingError("; ".join(problems))
 
-    def default_targets(self) -> list[str]:
+    def default_targets(self, model: Any = None) -> list[str]:
         return list(TARGETS)
 
     # ------------------------------------------------------------------------------ text
@@ -137,10 +137,18 @@ class StableDiffusion3(ModelFamily):
                 "negative_pooled_prompt_embeds": neg_pooled}
 
     # ------------------------------------------------------------------------------ the exported file
-    def export_tensors(self, groups: list[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    export_formats = ("diffusers",)
+
+    def export_tensors(self, groups: list[Any], dtype: torch.dtype, export_format: str = "auto") -> dict[str, torch.Tensor]:
         from backend.trainer.export import diffusers_state_dict
 
         return diffusers_state_dict(groups, dtype)
+
+    def metadata(self, cfg: TrainingConfig, comps: Components) -> dict[str, str]:
+        """sd-scripts' sd3_train_network.update_metadata keys."""
+        t = cfg.training
+        return {f"ss_{name}": str(getattr(t, name)) for name in (
+            "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift")}
 
     def model_prefix(self) -> str:
         return "transformer."
