@@ -65,6 +65,25 @@ class ModelConfig(Section):
         description="Train with v-prediction (SD2.x 768 models). Empty: read it from the model's "
         "scheduler config (diffusers folder) or assume epsilon (single file).",
     )
+    # SD3/SD3.5 and Flux.1 as users download them: the transformer as pretrained_model, the rest beside it
+    # (sd-scripts' names; its Flux --ae is `vae` here).
+    clip_l: str | None = Field(
+        None, description="SD3/Flux.1 single file: the CLIP-L text encoder (.safetensors). Empty: from the model file."
+    )
+    clip_g: str | None = Field(
+        None, description="SD3 single file: the CLIP-G text encoder (.safetensors). Empty: from the model file."
+    )
+    t5xxl: str | None = Field(
+        None, description="SD3/Flux.1 single file: the T5-XXL text encoder (.safetensors). Empty: from the model file."
+    )
+    vae: str | None = Field(
+        None, description="SD3/Flux.1 single file: the VAE / autoencoder (.safetensors; sd-scripts' --ae for Flux.1). "
+        "Empty: from the model file.",
+    )
+    fp8_base: bool = Field(
+        False, description="Store the frozen base weights of the transformer/UNet in fp8 and upcast each layer as "
+        "it runs (about half the memory of bf16; the LoRA trains in full precision).",
+    )
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -215,7 +234,9 @@ NetworkConfig = Annotated[
 ]
 HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None, "rank_dropout": 0.0, "module_dropout": 0.0},
                          "dataset": DATASET_HASH_NEUTRAL,
-                         "scheduler": {"lr_warmup": None}}  # added after schema 1, see config_hash
+                         "scheduler": {"lr_warmup": None},
+                         "model": {"clip_l": None, "clip_g": None, "t5xxl": None, "vae": None, "fp8_base": False}}
+# added after schema 1, see config_hash
 
 
 # ----------------------------------------------------------------------------------------- optimizer
