@@ -32,7 +32,7 @@ Combo = dict[str, Any]
 # AdamW8bit is left out: bitsandbytes' 8-bit optimizers need CUDA (and the package), and this
 # campaign runs on CPUs.
 SPACE: pairwise.Space = {
-    "model": ["sd15", "sd15-file", "sdxl", "sd2v", "sd3"],
+    "model": ["sd15", "sd15-file", "sdxl", "sd2v", "sd3", "flux"],
     "network.type": ["lora", "locon", "loha", "lokr", "dora"],
     "network.conv_rank": [0, 2],  # the ResNet blocks' 3x3 convolutions (locon always has them)
     "network.use_tucker": [False, True],  # loha, lokr with conv_rank
@@ -73,11 +73,18 @@ SPACE: pairwise.Space = {
     "optimizer.loraplus_lr_ratio": [None, 16.0],  # LoRA+ (lora, locon, dora)
     "scheduler.type": ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"],
     "scheduler.warmup_steps": [0, 2],
+    # Flow matching (SD3, Flux.1): how noise levels are drawn and weighted, how Flux.1's output is read.
+    "training.timestep_sampling": ["sigma", "shift", "flux_shift", "sigmoid", "uniform"],  # Flux.1 reads it
+    "training.weighting_scheme": ["uniform", "logit_normal", "mode", "sigma_sqrt"],
+    "training.model_prediction_type": ["raw", "sigma_scaled", "additive"],  # Flux.1 reads it
     "launch.num_processes": [1, 2],
 }
-MODELS = {"sd15": "model", "sd15-file": "model.safetensors", "sdxl": "model-sdxl", "sd2v": "model-sd2v", "sd3": "model-sd3"}
-FAMILY = {"sd15": "sd15", "sd15-file": "sd15", "sdxl": "sdxl", "sd2v": "sd2", "sd3": "sd3"}
-FLOW_MODELS = {"sd3"}  # flow matching: a plain LoRA on the transformer, none of the DDPM-schedule options
+MODELS = {"sd15": "model", "sd15-file": "model.safetensors", "sdxl": "model-sdxl", "sd2v": "model-sd2v", "sd3": "model-sd3",
+          "flux": "model-flux"}
+FAMILY = {"sd15": "sd15", "sd15-file": "sd15", "sdxl": "sdxl", "sd2v": "sd2", "sd3": "sd3", "flux": "flux"}
+FLOW_MODELS = {"sd3", "flux"}  # flow matching: a plain LoRA on the transformer, none of the DDPM-schedule options
+FLOW_ONLY = {"training.weighting_scheme": "uniform"}  # off (at their defaults) for the DDPM models
+FLUX_ONLY = {"training.timestep_sampling": "sigma", "training.model_prediction_type": "raw"}
 DDPM_ONLY = {"training.min_snr_gamma": None, "training.zero_terminal_snr": False, "training.debiased_estimation_loss": False,
              "v_pred_loss": "none", "training.noise_offset": 0.0, "training.adaptive_noise_scale": None,
              "training.multires_noise_iterations": 0, "model.v_parameterization": None, "network.type": "lora",
@@ -126,7 +133,14 @@ def valid(c: Combo) -> bool:
     # sd-scripts refuses a constant schedule with warmup steps (Lathe makes it a validation error).
     if c.get("scheduler.type") == "constant" and c.get("scheduler.warmup_steps", 0) > 0:
         return False
-    if c.get("model") in FLOW_MODELS:
+    # A flow option only where a family reads it (so a pair with it is a real test): set, it implies the
+    # model, and that model's rules apply before the model factor is assigned.
+    model = c.get("model")
+    needs_flux = any(name in c and c[name] != off for name, off in FLUX_ONLY.items())
+    needs_flow = needs_flux or any(name in c and c[name] != off for name, off in FLOW_ONLY.items())
+    if needs_flux and model not in (None, "flux") or needs_flow and model not in (None, *FLOW_MODELS):
+        return False
+    if model in FLOW_MODELS or needs_flow:
         if any(name in c and c[name] != off for name, off in DDPM_ONLY.items()):
             return False
         schedule = c.get("training.huber_schedule")
@@ -192,6 +206,8 @@ def _sections(c: Combo, demo_dir: Path) -> dict[str, dict[str, Any]]:
     for name, level in c.items():
         if name == "model":
             s["model"].update(pretrained_model=str(demo_dir / MODELS[level]), family="auto")
+            if level in FLOW_MODELS:  # the demo captions are short; T5's own 256/512 tokens only cost time
+                s["training"]["t5xxl_max_token_length"] = 32
         elif name == "captions":
             s["dataset"].update(CAPTIONS[level])
         elif name == "v_pred_loss":

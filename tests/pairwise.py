@@ -130,8 +130,22 @@ def random_valid(space: Space, seed: int, n: int, valid: Valid = always, exclude
     for _ in range(tries):
         if len(out) == n:
             break
-        c = {name: levels[rng.randrange(len(levels))] for name, levels in space.items()}
-        if valid(c) and c not in seen:
+        c = _random_row(space, rng, valid)
+        if c is not None and valid(c) and c not in seen:
             seen.append(c)
             out.append(c)
     return out
+
+
+def _random_row(space: Space, rng: random.Random, valid: Valid) -> Combo | None:
+    """Factors in a random order, each a random level among those the constraints still allow (so
+    tightly constrained spaces still give valid rows); None at a dead end."""
+    names = list(space)
+    rng.shuffle(names)
+    row: Combo = {}
+    for name in names:
+        allowed = [lv for lv in space[name] if valid({**row, name: lv})]
+        if not allowed:
+            return None
+        row[name] = allowed[rng.randrange(len(allowed))]
+    return {name: row[name] for name in space}

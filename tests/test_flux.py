@@ -2,8 +2,9 @@
 definitions (library/flux_utils.py, written out again here), the sd-scripts LoRA format read back by
 diffusers' own converter at the real model's widths, and real runs of the tiny Flux.1-dev-shaped demo
 (presets/demo-flux.json): it learns, samples, its export holds exactly the trained update, and the
-diffusers-format export loads with load_lora_weights and changes the image. Exact mid-epoch resume,
-verify, rotation and 2-process DDP on Flux are tests/test_combos.py's flux-ddp-shift case."""
+diffusers-format export loads with load_lora_weights and changes the image; step save points rotate
+and verify. Exact mid-epoch resume, verify and 2-process DDP on Flux are tests/test_combos.py's
+flux-ddp-shift case."""
 
 from __future__ import annotations
 
@@ -186,8 +187,17 @@ def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tm
         torch.testing.assert_close(got[stem], want[stem], rtol=2e-3, atol=2e-4)
 
     # The same training written with diffusers' names: load_lora_weights takes it and the image changes.
+    # A step save point after every step, the newest two kept: rotation prunes the others, state and export.
     d = _run(_config(demo, tmp_path, "runs-diffusers", training={"max_train_epochs": 1}, sampling={"prompts": []},
-                     saving={"export_format": "diffusers", "save_every_n_epochs": None}))
+                     saving={"export_format": "diffusers", "save_every_n_epochs": None, "save_every_n_steps": 1,
+                             "save_last_n_steps": 2}))
+    last = max(e["step"] for e in events(d, "step"))
+    assert last >= 3 and [e["step"] for e in events(d, "checkpoint_saved") if e["kind"] == "step"] == list(range(1, last + 1))
+    assert sorted(p.name for p in (d / "checkpoints").glob("step-*")) == [f"step-{k:08d}" for k in (last - 1, last)]
+    assert sorted(p.name for p in (d / "exports").glob("*-step*")) == [f"demo-flux-step{k:08d}.safetensors"
+                                                                       for k in (last - 1, last)]
+    verified = run_cli("verify", str(d / "checkpoints" / f"step-{last - 1:08d}"), timeout=300)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     export_d = d / "exports" / "demo-flux.safetensors"
     tensors = load_file(str(export_d))
     assert tensors and all(k.startswith("transformer.") for k in tensors)
