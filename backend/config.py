@@ -418,6 +418,11 @@ class TrainingSection(Section):
         "no", description="Mixed precision on GPU. CPU runs always compute in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade speed for memory: recompute activations in backward.")
+    blocks_to_swap: int = Field(
+        0, ge=0, le=200,
+        description="SD3/Flux.1 on a GPU: keep this many transformer blocks' frozen weights in CPU memory, each copied "
+        "in just before it runs (forward and backward): less GPU memory, slower steps. 0: off.",
+    )
     torch_compile: bool = Field(
         False, description="Compile the UNet with torch.compile (faster steps on a GPU after a slow first step)."
     )
@@ -574,6 +579,7 @@ NOISE_AND_LOSS_FIELDS = (
 )
 FLOW_FIELDS = NOISE_AND_LOSS_FIELDS[-11:]  # only the flow-matching families read these
 HASH_NEUTRAL_DEFAULTS["training"] = {name: TrainingSection.model_fields[name].default for name in NOISE_AND_LOSS_FIELDS}
+HASH_NEUTRAL_DEFAULTS["training"]["blocks_to_swap"] = 0
 
 
 # -------------------------------------------------------------------------------------------- saving

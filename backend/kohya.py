@@ -3,8 +3,9 @@
 Every key of a kohya file is listed: in `mapped` (with the Lathe setting it became) or in `unmapped`
 (with the reason: unsupported feature, GUI-only setting, not applicable, secret). Values stored as
 strings ("1", "True") are coerced. A config for something Lathe does not train (DyLoRA, (IA)^3, OFT,
-DreamBooth, Flux...) is refused with a plain reason; LoRA, LoCon, LoHa, LoKr and DoRA become the
-matching network.type. A setting that would change training but has no Lathe equivalent is a warning
+DreamBooth, Lumina...) is refused with a plain reason; LoRA, LoCon, LoHa, LoKr and DoRA become the
+matching network.type; a Flux.1 or SD3 config becomes model.family flux or sd3 with a plain LoRA
+(backend.kohya_flow). A setting that would change training but has no Lathe equivalent is a warning
 naming the value; a value Lathe cannot use (a typo in optimizer_args, a number out of range) is an
 error. Nothing here raises on bad input. Never imports torch.
 
@@ -205,6 +206,7 @@ def import_kohya(data: dict[str, Any], source_name: str = "", base_dir: Path | N
     rules.map_duration(m)
     otype = rules.map_optimizer(m)
     rules.map_learning_rates(m, family)
+    rules.map_flow(m, family)
     rules.map_scheduler(m, otype)
     rules.map_noise(m)
     rules.map_saving(m)

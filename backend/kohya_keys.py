@@ -111,6 +111,7 @@ SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "main_process_port": ("launch.main_process_port", off(to_int)),
     "gpu_ids": ("launch.gpu_ids", off(to_str)),
     "v_parameterization": ("model.v_parameterization", to_bool),
+    "fp8_base": ("model.fp8_base", to_bool),
     "output_dir": ("output_dir", to_str),
     "learning_rate": ("optimizer.learning_rate", to_float),
     "max_grad_norm": ("optimizer.max_grad_norm", off(to_float)),
@@ -129,9 +130,11 @@ NETWORK_KINDS: dict[str, tuple[str, str]] = {
     "LoCon": (LYCORIS, "locon"), "LyCORIS/LoCon": (LYCORIS, "locon"),
     "LyCORIS/LoHa": (LYCORIS, "loha"), "LyCORIS/LoKr": (LYCORIS, "lokr"),
     "Kohya LoHa": ("networks.loha", "loha"), "Kohya LoKr": ("networks.lokr", "lokr"),
+    "Flux1": ("networks.lora_flux", "lora"),
 }
 NETWORK_MODULES = {  # sd-scripts network_module (a config without LoRA_type) -> Lathe type
     "networks.lora": "lora", LYCORIS: "locon", "networks.loha": "loha", "networks.lokr": "lokr",
+    "networks.lora_flux": "lora", "networks.lora_sd3": "lora",
 }
 LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}  # network_args algo=
 # What Lathe does not train: kohya LoRA_type or LyCORIS algo -> plain name, for the refusal.
@@ -140,11 +143,14 @@ NOT_TRAINED = {
     "LyCORIS/iA3": "(IA)^3", "ia3": "(IA)^3", "LyCORIS/GLoRA": "GLoRA", "glora": "GLoRA",
     "LyCORIS/Diag-OFT": "Diag-OFT", "diag-oft": "Diag-OFT", "LyCORIS/BOFT": "BOFT", "boft": "BOFT",
     "LyCORIS/Native Fine-Tuning": "LyCORIS native fine-tuning", "full": "LyCORIS native fine-tuning",
+    "Flux1 OFT": "OFT (networks.oft_flux)",
 }
 OTHER_MODELS = {"Anima": "Anima", "Lumina": "Lumina", "HunyuanImage-2.1": "HunyuanImage-2.1"}
-LATHE_NETWORKS = ("LoRA (Standard), LoCon (Kohya LoCon, LyCORIS/LoCon), LoHa (LyCORIS/LoHa, Kohya LoHa), "
+OTHER_MODEL_CHECKBOXES = {"hunyuan_image_checkbox": "HunyuanImage-2.1", "anima_checkbox": "Anima",
+                          "lumina_checkbox": "Lumina Image 2.0"}
+LATHE_NETWORKS = ("LoRA (Standard, Flux1), LoCon (Kohya LoCon, LyCORIS/LoCon), LoHa (LyCORIS/LoHa, Kohya LoHa), "
                   "LoKr (LyCORIS/LoKr, Kohya LoKr) and DoRA (dora_wd on LyCORIS/LoCon)")
-LATHE_MODELS = "Lathe trains LoRAs for Stable Diffusion 1.x, 2.x and SDXL only"
+LATHE_MODELS = "Lathe trains LoRAs for Stable Diffusion 1.x, 2.x, SDXL, SD3/SD3.5 and Flux.1 only"
 
 # The GUI fields that kohya_ss passes to each network module (as --network_args), besides network_dim,
 # network_alpha, network_dropout and network_weights, which every type gets. A field not listed here for
@@ -153,6 +159,8 @@ _LYCORIS_ARGS = ("conv_dim conv_alpha use_tucker dora_wd LyCORIS_preset use_scal
                  "rank_dropout module_dropout")
 GUI_NETWORK_ARGS: dict[tuple[str, str], set[str]] = {
     ("networks.lora", "lora"): {"rank_dropout", "module_dropout"},
+    ("networks.lora_flux", "lora"): {"rank_dropout", "module_dropout"},
+    ("networks.lora_sd3", "lora"): {"rank_dropout", "module_dropout"},
     ("networks.lora", "locon"): {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"},
     (LYCORIS, "locon"): set(_LYCORIS_ARGS.split()),
     (LYCORIS, "loha"): {*_LYCORIS_ARGS.split(), "use_cp"},  # use_cp: the older name of use_tucker
@@ -200,7 +208,9 @@ SAVE_PRECISION = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16
 
 # ------------------------------------------------------------------------ keys that are not imported
 SECRET = "secret: never copied into a preset"
-_FLUX = "not applicable: a Flux.1/SD3 setting"
+_FLUX = "not applicable: a Flux.1 setting (kohya_ss passes it only with flux1_checkbox)"
+_SD3 = "not applicable: an SD3 setting (kohya_ss passes it only with sd3_checkbox)"
+_FLOW = "not applicable: a Flux.1/SD3 setting (kohya_ss passes it only with flux1_checkbox or sd3_checkbox)"
 
 
 def _table(*groups: tuple[str, bool, str]) -> dict[str, tuple[str, bool]]:
@@ -253,27 +263,42 @@ NOT_IMPORTED = _table(
     ("unsupported feature: stopping text-encoder training part-way", True,
      "stop_text_encoder_training stop_text_encoder_training_pct"),
     ("unsupported feature: full fp16/bf16 training (Lathe keeps LoRA weights in fp32)", True, "full_fp16 full_bf16"),
-    ("unsupported feature: an fp8 base model", True, "fp8_base"),
     ("unsupported feature: fused backward pass", True,
      "fused_backward_pass fused_optimizer_groups blockwise_fused_optimizers"),
-    ("unsupported feature: a separate VAE file (Lathe uses the base model's VAE)", True, "vae"),
+    ("unsupported feature: a separate VAE file for SD 1.x/2.x/SDXL (Lathe uses the base model's VAE; an SD3 config's "
+     "vae becomes model.vae)", True, "vae"),
     ("unsupported feature: extra accelerate arguments (use launch.accelerate_config_file)", True,
      "extra_accelerate_launch_args"),
     ("unsupported feature: torch.compile", True, "dynamo_backend"),
     ("unsupported feature: a custom scheduler class", True, "lr_scheduler_type"),
     (_FLUX, False,
-     "ae clip_l clip_g apply_t5_attn_mask blocks_to_swap double_blocks_to_swap single_blocks_to_swap "
-     "cpu_offload_checkpointing discrete_flow_shift guidance_scale logit_mean logit_std mode_scale "
-     "model_prediction_type timestep_sampling weighting_scheme split_mode train_blocks save_clip save_t5xxl"),
+     "ae clip_l t5xxl model_type fp8_base_unet apply_t5_attn_mask double_blocks_to_swap single_blocks_to_swap "
+     "cpu_offload_checkpointing discrete_flow_shift guidance_scale model_prediction_type timestep_sampling split_mode "
+     "train_blocks split_qkv train_t5xxl t5xxl_lr t5xxl_max_token_length enable_all_linear train_lora_ggpo ggpo_sigma "
+     "ggpo_beta img_attn_dim img_mlp_dim img_mod_dim single_dim txt_attn_dim txt_mlp_dim txt_mod_dim single_mod_dim "
+     "in_dims train_double_block_indices train_single_block_indices flux1_cache_text_encoder_outputs "
+     "flux1_cache_text_encoder_outputs_to_disk"),
+    (_SD3, False,
+     "clip_g clip_g_dropout_rate sd3_clip_l sd3_clip_l_dropout_rate sd3_t5xxl sd3_t5_dropout_rate "
+     "sd3_enable_scaled_pos_embed pos_emb_random_crop_rate save_clip save_t5xxl t5xxl_device t5xxl_dtype "
+     "sd3_text_encoder_batch_size weighting_scheme logit_mean logit_std mode_scale sd3_cache_text_encoder_outputs "
+     "sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass sd3_disable_mmap_load_safetensors"),
+    (_FLOW, False, "blocks_to_swap show_timesteps show_timesteps_resolution"),
+    ("not applicable: a flow-model setting (Flux.1, SD3), and this config is for another model", False,
+     "sigmoid_scale training_shift apply_lg_attn_mask"),
+    ("unsupported feature: inpainting training (random masks over the source image)", True, "train_inpainting"),
     (SECRET, False, "wandb_api_key huggingface_token"),
 )
 _PREFIXES = (
-    ("flux", _FLUX), ("sd3_", _FLUX), ("t5xxl", _FLUX),
+    ("flux", _FLUX), ("sd3_", _SD3), ("t5xxl", _FLOW),
+    ("hunyuan_", "not applicable: a HunyuanImage-2.1 setting"), ("anima_", "not applicable: an Anima setting"),
+    ("lumina_", "not applicable: a Lumina Image 2.0 setting"),
     ("huggingface_", "not applicable: Lathe never uploads or downloads"),
     ("metadata_", "not applicable: Lathe writes its own metadata into exported LoRA files"),
 )
 _SECRET_NAME = re.compile(r"(?:^|_)(?:token|api_?key|secret|password|passwd|credentials?)$", re.I)
-_NEUTRAL = {"save_model_as": "safetensors", "dynamo_backend": "no"}
+_NEUTRAL = {"save_model_as": "safetensors", "dynamo_backend": "no", "train_blocks": "all",
+            "train_double_block_indices": "all", "train_single_block_indices": "all"}
 UNKNOWN = "unknown kohya_ss setting: this importer does not know it"
 
 

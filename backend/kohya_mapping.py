@@ -20,6 +20,29 @@ MAPPING: list[tuple[str, str, str]] = [  # the file's keys, topic by topic
     ("`sdxl`, `v2`",
      "`model.family`",
      "`sdxl` → sdxl, `v2` → sd2, both false → sd15; both true is an error"),
+    ("`flux1_checkbox`, `sd3_checkbox`",
+     "`model.family`",
+     "flux, sd3 (SD3 and SD3.5); with `sdxl` or `v2`, or both on, an error. `LoRA_type` Flux1 without "
+     "`flux1_checkbox` is an error (kohya_ss would start SD's script with a Flux network); see [Flux.1 and SD3](#flux1-and-sd3)"),
+    ("`ae`, `clip_l`, `t5xxl` (Flux.1); `sd3_clip_l`, `clip_g`, `sd3_t5xxl`, `vae` (SD3)",
+     "`model.vae`, `model.clip_l`, `model.clip_g`, `model.t5xxl`",
+     "the files beside a single-file transformer; empty → empty (from the model file). Flux.1's `ae` is Lathe's "
+     "`model.vae`; a Flux.1 config's `vae` is not used (kohya_ss reads `ae`), an SD3 config's `clip_l`/`t5xxl` "
+     "neither (the GUI's SD3 fields are `sd3_clip_l`/`sd3_t5xxl`) unless given in `additional_parameters`"),
+    ("`fp8_base`, `fp8_base_unet` (Flux.1)",
+     "`model.fp8_base`",
+     "the frozen transformer/UNet weights in fp8; either one on turns it on (Lathe keeps the text encoders in "
+     "their own precision)"),
+    ("`timestep_sampling`, `discrete_flow_shift`, `model_prediction_type`, `guidance_scale`, `t5xxl_max_token_length` (Flux.1)",
+     "`training.*` (same names)",
+     "kohya_ss passes them only with `flux1_checkbox`; a Flux.1 file without `model_prediction_type` gets "
+     "sd-scripts' default sigma_scaled (Lathe's own default is raw)"),
+    ("`weighting_scheme`, `logit_mean`, `logit_std`, `mode_scale` (SD3)",
+     "`training.*` (same names)",
+     "kohya_ss passes them only with `sd3_checkbox`"),
+    ("`sigmoid_scale`, `training_shift`",
+     "`training.*` (same names)",
+     "no GUI field: from `additional_parameters`, for either family"),
     ("`v_parameterization`",
      "`model.v_parameterization`",
      ""),
@@ -71,9 +94,10 @@ MAPPING: list[tuple[str, str, str]] = [  # the file's keys, topic by topic
     ("`text_encoder_lr`, `unet_lr`",
      "`optimizer.text_encoder_lr`, `optimizer.unet_lr`, `network.train_text_encoder`, `network.train_unet`",
      "kohya trains the text encoder too; `text_encoder_lr` 0 → UNet only, `unet_lr` 0 → text encoder only"),
-    ("`network_train_unet_only`, `sdxl_cache_text_encoder_outputs` (SDXL)",
+    ("`network_train_unet_only`, `sdxl_cache_text_encoder_outputs` (SDXL), `flux1_cache_text_encoder_outputs` (Flux.1), `sd3_cache_text_encoder_outputs` (SD3)",
      "`network.train_text_encoder` = false",
-     ""),
+     "for Flux.1 and SD3 the text encoders trained are the CLIP ones (CLIP-L; SD3 also CLIP-G), T5-XXL stays "
+     "frozen; a text-encoder-only Flux.1/SD3 config is refused"),
     ("`optimizer`",
      "`optimizer.type`",
      "AdamW, AdamW8bit, Prodigy, DAdaptAdam, DAdaptLion, Lion, Adafactor; SGDNesterov → SGD with nesterov; paged/8-bit variants → the base type with a warning; others refused. Library defaults that differ from Lathe's are set: Adafactor `relative_step`/`scale_parameter` true, Lion `weight_decay` 0"),
@@ -189,8 +213,11 @@ MAPPING: list[tuple[str, str, str]] = [  # the file's keys, topic by topic
 
 NETWORK_TYPES: list[tuple[str, str, str]] = [  # LoRA_type -> the module kohya_ss trains it with -> network.type
     ("`Standard` (or none)",
-     "networks.lora",
+     "networks.lora (networks.lora_sd3 with `sd3_checkbox`)",
      "`lora`; `locon` when `network_args` has `conv_dim` > 0"),
+    ("`Flux1`",
+     "networks.lora_flux",
+     "`lora` (with `flux1_checkbox`)"),
     ("`Kohya LoCon`",
      "networks.lora with `conv_dim`",
      "`locon`; `lora` when `conv_dim` is 0"),
@@ -203,9 +230,9 @@ NETWORK_TYPES: list[tuple[str, str, str]] = [  # LoRA_type -> the module kohya_s
     ("`LyCORIS/LoKr`, `Kohya LoKr`",
      "lycoris.kohya algo lokr; networks.lokr",
      "`lokr` (refused with `dora_wd`)"),
-    ("anything else ((IA)^3, GLoRA, Diag-OFT, BOFT, DyLoRA, LoRA-FA, Native Fine-Tuning, ...)",
+    ("anything else ((IA)^3, GLoRA, Diag-OFT, BOFT, DyLoRA, LoRA-FA, Native Fine-Tuning, Flux1 OFT, ...)",
      "",
-     "refused, naming the type"),
+     "refused, naming the type; on Flux.1 and SD3 every type but a plain LoRA (LyCORIS ones included) is refused"),
 ]
 
 NETWORK_FIELDS: list[tuple[str, str, str]] = [  # the network's own keys

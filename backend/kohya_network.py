@@ -170,7 +170,9 @@ def _type_note(module: str, ltype: str, final: str) -> str:
     if module == LYCORIS:
         return f"LyCORIS {ltype}"
     return {"networks.loha": "sd-scripts' own LoHa", "networks.lokr": "sd-scripts' own LoKr",
-            "networks.lora": "kohya's LoCon: networks.lora with convolution layers" if ltype == "locon" else ""}[module]
+            "networks.lora": "kohya's LoCon: networks.lora with convolution layers" if ltype == "locon" else "",
+            "networks.lora_flux": "sd-scripts' Flux.1 LoRA (networks.lora_flux)",
+            "networks.lora_sd3": "sd-scripts' SD3 LoRA (networks.lora_sd3)"}[module]
 
 
 def map_network(m: Mapper) -> None:

@@ -20,12 +20,16 @@ from typing import TYPE_CHECKING, Any
 from backend.config import OPTIMIZER_TYPES, TrainingConfig
 from backend.config_keys import optimizer_classes
 from backend.kohya_dataset import map_dataset_folders
+from backend.kohya_flow import LABELS as FLOW_LABELS
+from backend.kohya_flow import map_family
+from backend.kohya_flow import map_flow as map_flow  # re-exported for backend.kohya
 from backend.kohya_keys import (
     BOOL_ARGS,
     LATHE_MODELS,
     LIBRARY_DEFAULTS,
     NOT_ARGS,
     OPTIMIZERS,
+    OTHER_MODEL_CHECKBOXES,
     OTHER_MODELS,
     SAVE_PRECISION,
     SCHEDULERS,
@@ -53,10 +57,12 @@ def refusal(m: Mapper) -> str | None:
     """Why this config cannot become a Lathe preset (a model or network Lathe does not train), or None."""
     d = m.data
     lora_type = m.get("LoRA_type", to_str)
-    if (lora_type or "").startswith("Flux") or m.get("flux1_checkbox", to_bool):
-        return f"a Flux.1 config: {LATHE_MODELS}"
-    if m.get("sd3_checkbox", to_bool):
-        return f"an SD3 config: {LATHE_MODELS}"
+    for key, name in OTHER_MODEL_CHECKBOXES.items():
+        if m.get(key, to_bool):
+            return f"{key} is set: a config for the {name} model: {LATHE_MODELS}"
+    if m.get("flux1_checkbox", to_bool) and (m.get("model_type", to_str) or "flux").lower() != "flux":
+        return (f"model_type {m.data['model_type']!r}: a LoRA for a model built on Flux.1 (not Flux.1 itself): "
+                "Lathe trains Flux.1 dev and schnell")
     if lora_type in OTHER_MODELS:
         return f"LoRA_type {lora_type!r}: a LoRA for the {OTHER_MODELS[lora_type]} model: {LATHE_MODELS}"
     if "LoRA_type" not in d and "network_dim" not in d:
@@ -94,6 +100,16 @@ def map_model(m: Mapper) -> str | None:
             m.warn(f"{key}: the kohya file names no {what}; the preset keeps Lathe's placeholder "
                    f"{default!r}: set {path} before training")
     sdxl, v2 = m.get("sdxl", to_bool), m.get("v2", to_bool)
+    flow = map_family(m)
+    if flow and (sdxl or v2):
+        key = "sdxl" if sdxl else "v2"
+        m.error(f"{key}: {key} and {'flux1_checkbox' if flow == 'flux' else 'sd3_checkbox'} are both set; a model "
+                f"is either {'SDXL' if sdxl else 'SD2'} or {FLOW_LABELS[flow]}")
+        return None
+    if flow:
+        for key in ("sdxl", "v2"):
+            m.skip(key, "not applicable: off")
+        return flow
     if sdxl and v2:
         m.error("sdxl: both sdxl and v2 are set; a model is either SDXL or SD2")
         return None
@@ -253,8 +269,13 @@ def map_optimizer_args(m: Mapper, otype: str) -> None:
     m.done.add("optimizer_args")
 
 
+TE_CACHE_KEYS = {"sdxl": "sdxl_cache_text_encoder_outputs", "flux": "flux1_cache_text_encoder_outputs",
+                 "sd3": "sd3_cache_text_encoder_outputs"}
+
+
 def map_learning_rates(m: Mapper, family: str | None) -> None:
-    """kohya_ss trains the text encoder too, unless its learning rate is 0 (or its outputs are cached)."""
+    """kohya_ss trains the text encoder too, unless its learning rate is 0 (or its outputs are cached).
+    For SD3 and Flux.1 that is their CLIP encoders (T5-XXL stays frozen, as kohya_ss leaves it by default)."""
     unet, te = m.get("unet_lr", off(to_float)), m.get("text_encoder_lr", off(to_float))
     for key, value in (("unet_lr", unet), ("text_encoder_lr", te)):
         if value is not None:
@@ -262,13 +283,16 @@ def map_learning_rates(m: Mapper, family: str | None) -> None:
     why_not_te = ""
     if m.get("network_train_unet_only", to_bool):
         why_not_te, key = "network_train_unet_only is set", "network_train_unet_only"
-    elif family == "sdxl" and m.get("sdxl_cache_text_encoder_outputs", to_bool):
-        why_not_te, key = "cached text-encoder outputs leave them untrained", "sdxl_cache_text_encoder_outputs"
+    elif family in TE_CACHE_KEYS and m.get(TE_CACHE_KEYS[family], to_bool):
+        why_not_te, key = "cached text-encoder outputs leave them untrained", TE_CACHE_KEYS[family]
     elif te is UNSET and real(unet):
         why_not_te, key = "kohya_ss trains only the UNet when text_encoder_lr is 0", "text_encoder_lr"
     else:
         key = "text_encoder_lr" if "text_encoder_lr" in m.data else "(kohya default)"
     te_only = m.get("network_train_text_encoder_only", to_bool) or (unet is UNSET and real(te))
+    if family in FLOW_LABELS and te_only:
+        m.res.refused = m.res.refused or (f"a text-encoder-only LoRA on {FLOW_LABELS[family]}: Lathe trains the "
+                                          f"transformer of {FLOW_LABELS[family]}, with or without its CLIP encoders")
     if te_only:
         m.put("unet_lr" if unet is UNSET else "network_train_text_encoder_only", "network.train_unet", False,
               "kohya_ss trains only the text encoder")

@@ -18,9 +18,11 @@ from backend.presets import load_config_or_preset, resolve
 ROOT = Path(__file__).resolve().parent.parent
 # The real kohya_ss configs users bring: ../shared/kohya-presets beside the checkout when present,
 # else the frozen copies in tests/fixtures/kohya (the same files), so the suite runs anywhere.
-SAMPLES = next(p for p in (ROOT.parent / "shared" / "kohya-presets", ROOT / "tests" / "fixtures" / "kohya")
-               if p.is_dir() and any(p.glob("*.json")))
-FILES = sorted(SAMPLES.glob("*.json"))
+FIXTURES = ROOT / "tests" / "fixtures" / "kohya"
+SAMPLES = next(p for p in (ROOT.parent / "shared" / "kohya-presets", FIXTURES) if p.is_dir() and any(p.glob("*.json")))
+# ... plus the fixtures written from the current kohya_ss GUI's saved-config key set (Flux.1, SD3.5),
+# which the shared folder does not hold.
+FILES = sorted({p.name: p for p in [*FIXTURES.glob("*.json"), *SAMPLES.glob("*.json")]}.values())
 CATEGORIES = ("unsupported feature", "GUI-only setting", "not applicable", "secret", "unknown kohya_ss setting",
               "not imported")
 
@@ -37,12 +39,14 @@ EXPECTED = {
     "locon-Prodigy.json": None,
     "loha-sd15.json": None,
     "sd15 - EDG_LoraOptiSettings.json": None,
+    "flux1-dev - AdamW8bit fp8.json": None,  # tests/test_kohya_flow.py checks their values
+    "sd3.5-medium - AdamW8bit.json": None,
 }
 REFUSED = [n for n, why in EXPECTED.items() if why and why.startswith("refused: ")]
 
 
 def sample(name: str) -> dict:
-    return json.loads((SAMPLES / name).read_text())
+    return json.loads(next(p for p in FILES if p.name == name).read_text())
 
 
 def standard(**changes: object) -> dict:
@@ -155,7 +159,7 @@ def test_refusals_are_plain_and_still_list_every_key(name: str):
 
 
 # ------------------------------------------------------------------------------------------ networks
-LATHE_TRAINS = "Lathe trains LoRA (Standard), LoCon (Kohya LoCon, LyCORIS/LoCon), LoHa"
+LATHE_TRAINS = "Lathe trains LoRA (Standard, Flux1), LoCon (Kohya LoCon, LyCORIS/LoCon), LoHa"
 
 
 def gui(base: str = "loha-sd15.json", **changes: object) -> dict:
@@ -524,9 +528,13 @@ def test_resume_and_launch():
     assert (r.config.launch.gpu_ids, r.config.launch.num_processes) == ("0,1", 2)
 
 
-def test_flux_and_others_are_refused():
-    assert "Flux.1" in import_kohya(standard(flux1_checkbox=True)).refused
-    assert "SD3" in import_kohya(standard(sd3_checkbox="True")).refused
+def test_other_models_are_refused():
+    """Flux.1 and SD3 import (tests/test_kohya_flow.py); the models Lathe does not train are refused."""
+    assert ok(import_kohya(standard(sdxl=False, flux1_checkbox=True))).config.model.family == "flux"
+    assert ok(import_kohya(standard(sdxl=False, sd3_checkbox="True"))).config.model.family == "sd3"
+    assert "Lumina Image 2.0" in import_kohya(standard(lumina_checkbox=True)).refused
+    assert "Lathe trains LoRAs for Stable Diffusion 1.x, 2.x, SDXL, SD3/SD3.5 and Flux.1 only" in import_kohya(
+        standard(LoRA_type="Anima")).refused
     assert "DyLoRA" in import_kohya(standard(LoRA_type="Kohya DyLoRA")).refused
     assert "Textual Inversion" in import_kohya({"token_string": "x", "init_word": "y"}).refused
     assert "JSON object" in import_kohya([1, 2]).refused  # type: ignore[arg-type]
@@ -650,13 +658,13 @@ def test_the_mapping_tables_name_every_key_the_rules_import():
     text = kohya_docs.DOC.read_text(encoding="utf-8")
     assert not kohya_docs.missing(text) and kohya_docs.updated(text) == text, "run python -m backend.kohya_docs"
     imported = set()
-    for path in sorted(SAMPLES.glob("*.json")):
+    for path in FILES:
         r = load_kohya_file(path)
         imported |= {key for key, _ in r.mapped if " " not in key and key not in SIMPLE}
     assert imported, "no sample imported anything"
     assert imported - documented_keys() == set()
     source = "".join((ROOT / "backend" / name).read_text(encoding="utf-8") for name in (
         "kohya.py", "kohya_rules.py", "kohya_network.py", "kohya_noise.py", "kohya_dataset.py", "kohya_args.py",
-        "kohya_keys.py"))
+        "kohya_keys.py", "kohya_flow.py"))
     unread = {key for key in documented_keys() if f'"{key}"' not in source and f"'{key}'" not in source}
     assert unread == set(), f"documented but never read by the importer: {sorted(unread)}"
