@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from gui.family_fields import family_specs, visibility
 from gui.schema import FieldSpec
 
 NUMBER_STEP = {"int": 1, "float": 0.01}
@@ -19,10 +20,10 @@ def elem_id(key: str) -> str:
     return "f-" + key.replace(".", "-")
 
 
-def build_field(spec: FieldSpec, value: Any) -> gr.components.Component:
-    """One input component for a field, showing `value`."""
+def build_field(spec: FieldSpec, value: Any, visible: bool = True) -> gr.components.Component:
+    """One input component for a field, showing `value` (hidden, value kept, when not `visible`)."""
     common: dict[str, Any] = {"label": spec.label, "info": spec.help, "elem_id": elem_id(spec.key),
-                              "interactive": True, "min_width": 220}
+                              "interactive": True, "min_width": 220, "visible": visible}
     kind = spec.kind
     if kind in ("int", "float") and not spec.as_text:
         return gr.Number(value=value, step=NUMBER_STEP[kind], **common)
@@ -64,6 +65,29 @@ class Form:
         """{component: value} for a handler's return mapping."""
         wanted = values.keys() if keys is None else keys
         return {self.components[k]: values[k] for k in wanted if k in self.components and k in values}
+
+    def shown(self, visible: Mapping[str, bool]) -> dict[Any, Any]:
+        """{component: visibility update} for `visible` ({key: shown}, from gui.family_fields.visibility)."""
+        return {self.components[k]: gr.update(visible=v) for k, v in visible.items() if k in self.components}
+
+    @property
+    def family_outputs(self) -> list[gr.components.Component]:
+        """The components whose showing depends on the model family."""
+        return [self.components[s.key] for s in family_specs() if s.key in self.components]
+
+    @property
+    def family_inputs(self) -> set[gr.components.Component]:
+        """What the showing reads: the family, the base model (for auto) and the fields themselves."""
+        return {self.components["model.family"], self.components["model.pretrained_model"], *self.family_outputs}
+
+    def on_family(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        """The family's fields shown, the others hidden (values kept), for the form in `data`."""
+        return self.shown(visibility(self.values(data)))
+
+    def follow_family(self, event: Any) -> None:
+        """After `event` (a load that sets the whole form) show the loaded family's fields, even where the
+        load left the family and the base model as they were."""
+        event.then(self.on_family, inputs=self.family_inputs, outputs=self.family_outputs, show_progress="hidden")
 
 
 def command_box(label: str, elem_id: str, lines: int = 2, visible: bool = True) -> gr.Textbox:

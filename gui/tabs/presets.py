@@ -202,9 +202,9 @@ def wire(page: Page, parts: dict[str, Any]) -> PresetsPanel:
     form, p = page.form, parts
     loaded_out = [*form.components.values(), p["status"], p["report"], p["choice"], p["loaded"]]
     with_choice = form.inputs | {p["choice"]}
-    p["load"].click(panel.on_load, inputs=with_choice, outputs=loaded_out)
-    p["upload"].upload(panel.on_upload, inputs=with_choice | {p["upload"]}, outputs=loaded_out)
-    p["kohya"].upload(panel.on_kohya, inputs=with_choice | {p["kohya"]}, outputs=loaded_out)
+    form.follow_family(p["load"].click(panel.on_load, inputs=with_choice, outputs=loaded_out))
+    form.follow_family(p["upload"].upload(panel.on_upload, inputs=with_choice | {p["upload"]}, outputs=loaded_out))
+    form.follow_family(p["kohya"].upload(panel.on_kohya, inputs=with_choice | {p["kohya"]}, outputs=loaded_out))
     p["save"].click(panel.on_save, inputs=with_choice | {p["name"], p["overwrite"]},
                     outputs=[p["status"], p["choice"], p["loaded"]])
     p["delete"].click(panel.on_delete, inputs={p["choice"]}, outputs=[p["status"], p["choice"]])

@@ -110,5 +110,5 @@ class ReuseCard:
         self.run_tab.streamed(c["go"].click(self.on_go, inputs=picks, outputs=[
             *live, c["result"], self.run_tab.c["message"], page.component("tabs")]))
         status = page.tabs["presets"].p["status"]
-        c["load"].click(self.on_load, inputs=form.inputs | {self.version},
-                        outputs=[*form.components.values(), status, c["result"], page.component("tabs")])
+        form.follow_family(c["load"].click(self.on_load, inputs=form.inputs | {self.version},
+                                           outputs=[*form.components.values(), status, c["result"], page.component("tabs")]))

@@ -12,6 +12,7 @@ import gradio as gr
 from backend import launcher
 from backend.config import TrainingConfig
 from backend.config_keys import union_sections
+from gui.family_fields import family_problems, visibility
 from gui.fields import build_field, command_box
 from gui.form import (
     GENERAL,
@@ -33,23 +34,24 @@ PER_ROW = 3
 PREVIEW_TRIGGERS = ("saving.", "training.max_train_")
 
 
-def _rows(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+def _rows(page: Page, specs: list[FieldSpec], values: dict[str, Any], shown: dict[str, bool]) -> None:
     for i in range(0, len(specs), PER_ROW):
         with gr.Row(equal_height=False):
             for spec in specs[i:i + PER_ROW]:
-                page.form.add(spec.key, build_field(spec, values[spec.key]))
+                page.form.add(spec.key, build_field(spec, values[spec.key], shown.get(spec.key, True)))
 
 
-def _fields(page: Page, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+def _fields(page: Page, specs: list[FieldSpec], values: dict[str, Any], shown: dict[str, bool]) -> None:
     basic = [s for s in specs if not s.advanced]
     advanced = [s for s in specs if s.advanced]
-    _rows(page, basic, values)
+    _rows(page, basic, values, shown)
     if advanced:
         with gr.Accordion("Advanced", open=False, elem_classes=["lathe-advanced"]):
-            _rows(page, advanced, values)
+            _rows(page, advanced, values, shown)
 
 
-def _union_section(page: Page, union: str, specs: list[FieldSpec], values: dict[str, Any]) -> None:
+def _union_section(page: Page, union: str, specs: list[FieldSpec], values: dict[str, Any],
+                   shown: dict[str, bool]) -> None:
     """A discriminated section (network, optimizer): its type selector, then one column of fields per
     type, of which only the chosen type's is shown."""
     type_key = f"{union}.type"
@@ -58,7 +60,7 @@ def _union_section(page: Page, union: str, specs: list[FieldSpec], values: dict[
     groups = {}
     for kind in type_spec.choices:
         with gr.Column(visible=values[type_key] == kind, elem_id=f"{union}-{kind}") as col:
-            _fields(page, [s for s in specs if s.union == union and s.variant == kind], values)
+            _fields(page, [s for s in specs if s.union == union and s.variant == kind], values, shown)
         groups[kind] = col
     page.share(f"{union}_groups", groups)
     type_box = page.form.components[type_key]
@@ -66,16 +68,16 @@ def _union_section(page: Page, union: str, specs: list[FieldSpec], values: dict[
                     inputs={type_box}, outputs=list(groups.values()), show_progress="hidden")
 
 
-def _section(page: Page, section: str, values: dict[str, Any]) -> None:
+def _section(page: Page, section: str, values: dict[str, Any], shown: dict[str, bool]) -> None:
     with gr.Accordion(section, open=True, elem_id=f"sec-{section}", elem_classes=["lathe-section"]):
         page.shared.setdefault("section_errors", {})[section] = gr.Markdown(
             "", visible=False, elem_id=f"err-{section}", elem_classes=["lathe-errors"])
         specs = section_specs(section)
         unions = [u for u in union_sections() if SECTION_OF[u] == section]
         selectors = {f"{u}.type" for u in unions}
-        _fields(page, [s for s in specs if s.union is None and s.key not in selectors], values)
+        _fields(page, [s for s in specs if s.union is None and s.key not in selectors], values, shown)
         for union in unions:
-            _union_section(page, union, specs, values)
+            _union_section(page, union, specs, values, shown)
         if section == "Saving":
             page.share("saving_preview", gr.Markdown(_preview_text(values), elem_id="saving-preview",
                                                      elem_classes=["lathe-preview"]))
@@ -122,7 +124,8 @@ def check_form(values: dict[str, Any]) -> Checked:
     except FormError as e:
         return Checked(None, e.errors, [])
     chosen = config_types(cfg)
-    return Checked(cfg, [field_error(line, chosen) for line in start_problems(cfg)], form_warnings(cfg))
+    problems = family_problems(cfg) + start_problems(cfg)
+    return Checked(cfg, [field_error(line, chosen) for line in problems], form_warnings(cfg))
 
 
 def checked_messages(page: Page, checked: Checked) -> dict:
@@ -159,8 +162,9 @@ def build(page: Page) -> None:
         page.share("setup_summary", gr.Markdown("", visible=False, elem_id="setup-summary",
                                                 elem_classes=["lathe-summary"]))
         command = command_box("The CLI command that reproduces this run", "command-preview", lines=12, visible=False)
+        shown = visibility(values)  # the first form's family's fields (gui/family_fields.py)
         for section in SECTIONS:
-            _section(page, section, values)
+            _section(page, section, values, shown)
     page.tabs["presets"] = presets.wire(page, preset_parts)
     _wire(page, validate, show, command)
 
@@ -188,7 +192,16 @@ def _wire(page: Page, validate: gr.Button, show: gr.Button, command: gr.Textbox)
         return {**messages, command: gr.update(value=text, visible=True)}
 
     show.click(on_show, inputs=form.inputs, outputs=[*outputs, command])
+    _wire_family(page)
     preview = page.component("saving_preview")
     triggers = [c.change for k, c in form.components.items() if k.startswith(PREVIEW_TRIGGERS)]
     gr.on(triggers, lambda data: {preview: _preview_text(form.values(data))}, inputs=form.inputs,
           outputs=[preview], show_progress="hidden", trigger_mode="always_last")
+
+
+def _wire_family(page: Page) -> None:
+    """Picking the model family, or (auto) another base model, shows that family's fields only."""
+    form = page.form
+    family, model = form.components["model.family"], form.components["model.pretrained_model"]
+    gr.on([family.change, model.change], form.on_family, inputs=form.family_inputs, outputs=form.family_outputs,
+          show_progress="hidden", trigger_mode="always_last")
