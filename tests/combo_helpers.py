@@ -88,7 +88,7 @@ FLUX_ONLY = {"training.timestep_sampling": "sigma", "training.model_prediction_t
 DDPM_ONLY = {"training.min_snr_gamma": None, "training.zero_terminal_snr": False, "training.debiased_estimation_loss": False,
              "v_pred_loss": "none", "training.noise_offset": 0.0, "training.adaptive_noise_scale": None,
              "training.multires_noise_iterations": 0, "model.v_parameterization": None, "network.type": "lora",
-             "network.train_text_encoder": False, "network.conv_rank": 0, "network.use_tucker": False,
+             "network.conv_rank": 0, "network.use_tucker": False,
              "network.lokr_factor": -1, "network.decompose_both": False,
              "training.noise_offset_random_strength": False}
 SCHEDULER_V_PREDICTION = {"sd2v"}  # the models whose scheduler config says v_prediction

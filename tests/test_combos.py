@@ -31,17 +31,18 @@ CASES = [
     # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed.
     ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr",
                                    optimizer__type="DAdaptLion")),
-    # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
-    # convolution layers (LDM names in the export), module dropout; D-Adaptation Adam; 150-token
-    # captions (both encoders chunked, the pooled output from the first chunk).
     # SD3.5-shaped (MMDiT, CLIP-L + CLIP-G + T5, flow matching) under DDP: a timestep range, LoRA+.
     ("sd3-ddp-flow", H.baseline(model="sd3", launch__num_processes=2, training__min_timestep=100,
                                 optimizer__loraplus_lr_ratio=16.0)),
-    # Flux.1-dev-shaped (double/single-stream transformer, CLIP-L + T5, guidance embedding) under DDP:
-    # shifted sigmoid timesteps, the output read sigma-scaled with the sigma_sqrt loss weighting, the
-    # export fused into sd-scripts' qkv/linear1 layers.
+    # Flux.1-dev-shaped (double/single-stream transformer, CLIP-L + T5, guidance embedding) under DDP,
+    # CLIP-L trained too (T5 frozen): shifted sigmoid timesteps, the output read sigma-scaled with the
+    # sigma_sqrt loss weighting, the export fused into sd-scripts' qkv/linear1 layers plus lora_te1_.
     ("flux-ddp-shift", H.baseline(model="flux", launch__num_processes=2, training__timestep_sampling="shift",
+                                  network__train_text_encoder=True,
                                   training__model_prediction_type="sigma_scaled", training__weighting_scheme="sigma_sqrt")),
+    # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
+    # convolution layers (LDM names in the export), module dropout; D-Adaptation Adam; 150-token
+    # captions (both encoders chunked, the pooled output from the first chunk).
     ("sdxl-te-loha", H.baseline(model="sdxl", network__train_text_encoder=True, captions="shuffle", network__type="loha",
                                 network__conv_rank=2, network__module_dropout=0.2, training__max_token_length=150,
                                 optimizer__type="DAdaptAdam")),

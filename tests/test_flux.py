@@ -136,10 +136,10 @@ def _run(config: Path) -> Path:
     return Path(proc.stdout.splitlines()[0])
 
 
-def _updates(path: Path) -> dict[str, torch.Tensor]:
+def _updates(path: Path, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
     """Each original (sd-scripts) layer's update up @ down x alpha / rank, from an sd-scripts-format file."""
     t = load_file(str(path))
-    stems = {k.split(".")[0] for k in t}
+    stems = {k.split(".")[0] for k in t if k.startswith(prefix)}
     return {s: t[f"{s}.lora_up.weight"].float() @ t[f"{s}.lora_down.weight"].float()
             * (float(t[f"{s}.alpha"]) / t[f"{s}.lora_down.weight"].shape[0]) for s in stems}
 
@@ -149,7 +149,7 @@ def _diffusers_updates(tensors: dict[str, torch.Tensor], prefix: str, scale: flo
     `scale`, or a diffusers-format export's), fused as the original layers hold them."""
     layers = {}
     for k, down in tensors.items():
-        if ".lora_A." in k:
+        if k.startswith(prefix) and ".lora_A." in k:
             name = k[len(prefix):].split(".lora_A.")[0]
             layers[name] = (down.float(), tensors[k.replace(".lora_A.", ".lora_B.")].float(), scale * down.shape[0])
     t = flux.to_sd_scripts(layers)
@@ -160,7 +160,7 @@ def _diffusers_updates(tensors: dict[str, torch.Tensor], prefix: str, scale: flo
 
 @pytest.mark.train
 def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tmp_path: Path):
-    v = _run(_config(demo, tmp_path, "runs"))
+    v = _run(_config(demo, tmp_path, "runs", network={"train_text_encoder": True}))  # CLIP-L too; T5 stays frozen
     assert events(v, "run_started")[0]["family"] == "flux"
     ref = [json.loads((v / "checkpoints" / f"epoch-{e:06d}" / "manifest.json").read_text())["ref_loss"] for e in (1, 4)]
     assert ref[1] < ref[0], ref  # the fixed-noise reference loss went down
@@ -172,7 +172,7 @@ def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tm
     export = v / "exports" / "demo-flux.safetensors"
     with safe_open(str(export), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in keys)
+    assert keys and all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_")) for k in keys)
     assert {"lora_unet_double_blocks_0_img_attn_qkv.alpha", "lora_unet_single_blocks_1_linear1.lora_up.weight",
             "lora_unet_double_blocks_0_txt_mod_lin.lora_down.weight", "lora_unet_single_blocks_0_linear2.alpha"} <= set(keys)
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
@@ -185,10 +185,17 @@ def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tm
     assert set(got) == set(want) and len(got) == 1 * 10 + 2 * 3  # 10 original layers per double block, 3 per single
     for stem in want:
         torch.testing.assert_close(got[stem], want[stem], rtol=2e-3, atol=2e-4)
+    # CLIP-L's LoRA under sd-scripts' lora_te1_ names (kohya's, with CLIP's text_model.), nothing of T5's.
+    te = {k.split(".lora_A.")[0][len("text_encoder_0."):] for k in state if k.startswith("text_encoder_0.") and ".lora_A." in k}
+    assert te and not any(k.startswith("text_encoder_1.") for k in state)
+    te_stems = {k.split(".")[0] for k in keys if k.startswith("lora_te1_")}
+    assert te_stems == {"lora_te1_text_model_" + n.replace(".", "_") for n in te}
+    assert all(_updates(export, "lora_te1_")[s].abs().max() > 0 for s in te_stems)
 
     # The same training written with diffusers' names: load_lora_weights takes it and the image changes.
     # A step save point after every step, the newest two kept: rotation prunes the others, state and export.
     d = _run(_config(demo, tmp_path, "runs-diffusers", training={"max_train_epochs": 1}, sampling={"prompts": []},
+                     network={"train_text_encoder": True},
                      saving={"export_format": "diffusers", "save_every_n_epochs": None, "save_every_n_steps": 1,
                              "save_last_n_steps": 2}))
     last = max(e["step"] for e in events(d, "step"))
@@ -200,7 +207,8 @@ def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tm
     assert verified.returncode == 0, verified.stdout + verified.stderr
     export_d = d / "exports" / "demo-flux.safetensors"
     tensors = load_file(str(export_d))
-    assert tensors and all(k.startswith("transformer.") for k in tensors)
+    assert tensors and all(k.startswith(("transformer.", "text_encoder.text_model.")) for k in tensors)
+    assert any(k.startswith("text_encoder.") for k in tensors)
     first = _updates(v / "exports" / "demo-flux-000001.safetensors")
     same = _diffusers_updates(tensors, "transformer.", 1.0)  # alpha / rank is folded into lora_B
     for stem in first:
@@ -212,6 +220,6 @@ def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tm
               guidance_scale=3.5, output_type="np")
     before = pipe(generator=gen(0), **kw).images
     pipe.load_lora_weights(str(export_d))
-    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"], "text_encoder": ["default_0"]}
     after = pipe(generator=gen(0), **kw).images
     assert abs(after - before).max() > 1e-3  # the LoRA changes the image

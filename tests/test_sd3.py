@@ -84,7 +84,7 @@ def test_ddpm_options_are_refused_for_sd3_not_ignored():
                            "training": {"min_snr_gamma": 5, "noise_offset": 0.05, "loss_type": "huber"}})
     problems = flow_refusals(cfg, "SD3/SD3.5")
     assert [p.split(":")[0] for p in problems] == ["training.min_snr_gamma", "training.noise_offset",
-                                                   "training.huber_schedule", "network.train_text_encoder"]
+                                                   "training.huber_schedule"]  # CLIP-L/G LoRA trains
 
 
 # ------------------------------------------------------------------------------------------ a real run
@@ -95,6 +95,7 @@ def test_the_sd3_demo_learns_samples_and_exports_a_lora_diffusers_loads(demo: Pa
     data["dataset"]["train_data_dir"] = str(demo / "images")
     data.update(output_dir=str(tmp_path / "runs"))
     data["saving"]["save_last_n_epochs"] = None
+    data["network"]["train_text_encoder"] = True  # CLIP-L and CLIP-G; T5 stays frozen
     proc = run_cli("train", str(write_config(tmp_path / "sd3.json", data)), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     v = Path(proc.stdout.splitlines()[0])
@@ -107,7 +108,9 @@ def test_the_sd3_demo_learns_samples_and_exports_a_lora_diffusers_loads(demo: Pa
     export = v / "exports" / "demo-sd3.safetensors"
     with safe_open(str(export), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert keys and all(k.startswith(("transformer.", "text_encoder.text_model.", "text_encoder_2.text_model."))
+                        and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder", "text_encoder_2"}
     assert meta["ss_base_model_version"] == "sd3" and meta["modelspec.architecture"] == "stable-diffusion-3/lora"
 
     from diffusers import StableDiffusion3Pipeline
@@ -117,6 +120,7 @@ def test_the_sd3_demo_learns_samples_and_exports_a_lora_diffusers_loads(demo: Pa
               output_type="np")
     before = pipe(generator=gen(0), **kw).images
     pipe.load_lora_weights(str(export))
-    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"], "text_encoder": ["default_0"],
+                                        "text_encoder_2": ["default_0"]}
     after = pipe(generator=gen(0), **kw).images
     assert abs(after - before).max() > 1e-3  # the LoRA changes the image

@@ -80,6 +80,28 @@ def diffusers_state_dict(groups: list[Group], dtype: torch.dtype) -> dict[str, t
     return out
 
 
+DIFFUSERS_TEXT_ENCODERS = {"lora_te1_": "text_encoder.", "lora_te2_": "text_encoder_2."}  # kohya prefix -> diffusers
+
+
+def _clip_name(name: str) -> str:
+    return name if name.startswith("text_model.") else "text_model." + name  # as kohya_stem
+
+
+def diffusers_groups(groups: list[Group], model_prefix: str = "transformer.") -> list[Group]:
+    """Export groups renamed for diffusers_state_dict: the denoiser under `model_prefix`, the CLIP text
+    encoders under `text_encoder.` / `text_encoder_2.` with CLIP's `text_model.` names (diffusers'
+    loader strips that prefix where transformers has none; ComfyUI reads it)."""
+    out: list[Group] = []
+    for prefix, model, is_te, rename in groups:
+        if not is_te:
+            out.append((model_prefix, model, False, rename))
+        elif prefix in DIFFUSERS_TEXT_ENCODERS:
+            out.append((DIFFUSERS_TEXT_ENCODERS[prefix], model, True, _clip_name))
+        else:
+            raise ValueError(f"{prefix}: diffusers' LoRA format has no name for this text encoder")
+    return out
+
+
 def state_dict(groups: list[Group], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The export's tensors; `groups` are (key prefix, module, is a text encoder, name map), see
     Trained.export_groups."""

@@ -47,9 +47,19 @@ class Trained:
 
     # ------------------------------------------------------------------------------ building
     @classmethod
+    def for_components(cls, cfg: TrainingConfig, comps: Any) -> Trained:
+        """attach() as the trainer and `verify` build it for loaded components (their family's targets and
+        trained text encoders)."""
+        spec = comps.spec
+        return cls.attach(cfg, comps.unet, comps.text_encoders, spec.default_targets(comps.unet),
+                          spec.trained_text_encoders(len(comps.text_encoders)))
+
+    @classmethod
     def attach(cls, cfg: TrainingConfig, unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
-               default_targets: list[str] | None = None) -> Trained:
+               default_targets: list[str] | None = None, text_encoder_indices: list[int] | None = None) -> Trained:
         """Inject the network into what the config trains, freeze the rest, set every mode.
+        `text_encoder_indices`: the encoders a text-encoder LoRA trains (the family's
+        trained_text_encoders; all when None).
 
         The modules are changed in place (they are the loaded components); network weights are fp32."""
         net = cfg.network
@@ -64,6 +74,8 @@ class Trained:
             entries.append(TrainedModule(UNET, UNET, 0, unet, unet))
         if net.train_text_encoder:
             for i, te in enumerate(text_encoders):
+                if text_encoder_indices is not None and i not in text_encoder_indices:
+                    continue
                 network.inject(te, net, net.text_encoder_target_modules, "text encoder")
                 entries.append(TrainedModule(f"{TEXT_ENCODER}_{i}", TEXT_ENCODER, i, te, te))
         for e in entries:

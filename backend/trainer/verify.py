@@ -46,7 +46,7 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
         comps = load_components(cfg)
     except Exception as e:  # noqa: BLE001
         return False, [*lines, f"model: cannot load the base model to check shapes: {e}"]
-    trained = Trained.attach(cfg, comps.unet, comps.text_encoders, comps.spec.default_targets(comps.unet))  # as the trainer built it
+    trained = Trained.for_components(cfg, comps)  # as the trainer built it
     try:
         trained.load_state_dict(tensors)
     except ValueError as e:

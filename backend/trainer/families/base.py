@@ -109,6 +109,11 @@ class ModelFamily:
     def text_encoder_prefix(self, index: int) -> str:
         raise NotImplementedError
 
+    def trained_text_encoders(self, count: int) -> list[int]:
+        """The text encoders (by index) that network.train_text_encoder trains: all of them unless the
+        family says otherwise (Flux.1 and SD3 train their CLIPs, not T5, as sd-scripts does by default)."""
+        return list(range(count))
+
     def model_module_names(self, comps_or_config: Any, ldm: bool = True) -> Any:
         """The map from the denoiser's diffusers module names to the names its exported keys use."""
         return str

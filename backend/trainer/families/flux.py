@@ -208,10 +208,10 @@ class Flux(ModelFamily):
     export_formats = ("sd-scripts", "diffusers")
 
     def export_tensors(self, groups: list[Any], dtype: torch.dtype, export_format: str = "sd-scripts") -> dict[str, torch.Tensor]:
-        from backend.trainer.export import diffusers_state_dict
+        from backend.trainer.export import diffusers_groups, diffusers_state_dict
 
-        if export_format == "diffusers":  # diffusers' names: `transformer.<module>` (the text encoders are not trained)
-            return diffusers_state_dict([("transformer.", *rest) for _, *rest in groups], dtype)
+        if export_format == "diffusers":  # diffusers' names: `transformer.<module>`, CLIP-L's `text_encoder.<module>`
+            return diffusers_state_dict(diffusers_groups(groups), dtype)
         return sd_scripts_state_dict(groups, dtype)
 
     def metadata(self, cfg: TrainingConfig, comps: Components) -> dict[str, str | None]:
@@ -231,21 +231,27 @@ class Flux(ModelFamily):
     def text_encoder_prefix(self, index: int) -> str:
         return ("lora_te1_", "lora_te3_")[index]  # sd-scripts: CLIP-L lora_te1, T5-XXL lora_te3 (ComfyUI's names)
 
+    def trained_text_encoders(self, count: int) -> list[int]:
+        return [0]  # CLIP-L; T5-XXL stays frozen (sd-scripts' train_t5xxl is off by default)
+
 
 def sd_scripts_state_dict(groups: list[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The transformer's LoRA under sd-scripts' Flux keys (see the module docstring)."""
+    """The transformer's LoRA under sd-scripts' Flux keys (see the module docstring); CLIP-L's under
+    `lora_te1_` with kohya's names, as sd-scripts' lora_flux writes it."""
+    from backend.trainer.export import state_dict
     from backend.trainer.network import ADAPTER, network_modules
 
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    out = state_dict([g for g in groups if g[2]], dtype)
     for _, model, is_te, _ in groups:
         if is_te:
-            raise ValueError("text-encoder LoRA is not trained for Flux.1 yet")
+            continue
         for name, m in network_modules(model):
             if not (hasattr(m, "lora_A") and ADAPTER in m.lora_A) or hasattr(m, "dora_scale"):
                 raise ValueError(f"{name}: sd-scripts' Flux LoRA format holds plain LoRA layers only")
             layers[name] = (m.lora_A[ADAPTER].weight.detach().float(), m.lora_B[ADAPTER].weight.detach().float(),
                             float(m.lora_alpha[ADAPTER]))
-    return {k: t.to("cpu", dtype).contiguous() for k, t in to_sd_scripts(layers).items()}
+    return out | {k: t.to("cpu", dtype).contiguous() for k, t in to_sd_scripts(layers).items()}
 
 
 def to_sd_scripts(layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> dict[str, torch.Tensor]:

@@ -39,8 +39,6 @@ def flow_refusals(cfg: TrainingConfig, family_label: str, extra: dict[str, Any] 
     if t.loss_type in ("huber", "smooth_l1") and t.huber_schedule != "constant":
         out.append(f"training.huber_schedule: {t.huber_schedule} reads a DDPM noise schedule; with {family_label} "
                    "use constant")
-    if cfg.network.train_text_encoder:
-        out.append(f"network.train_text_encoder: Lathe does not train {family_label}'s text encoders yet; turn it off")
     if cfg.model.v_parameterization:
         out.append(f"model.v_parameterization: {family_label} is trained by flow matching; leave it empty")
     return out
@@ -140,9 +138,9 @@ class StableDiffusion3(ModelFamily):
     export_formats = ("diffusers",)
 
     def export_tensors(self, groups: list[Any], dtype: torch.dtype, export_format: str = "auto") -> dict[str, torch.Tensor]:
-        from backend.trainer.export import diffusers_state_dict
+        from backend.trainer.export import diffusers_groups, diffusers_state_dict
 
-        return diffusers_state_dict(groups, dtype)
+        return diffusers_state_dict(diffusers_groups(groups), dtype)
 
     def metadata(self, cfg: TrainingConfig, comps: Components) -> dict[str, str]:
         """sd-scripts' sd3_train_network.update_metadata keys."""
@@ -155,6 +153,9 @@ class StableDiffusion3(ModelFamily):
 
     def text_encoder_prefix(self, index: int) -> str:
         return ("lora_te1_", "lora_te2_", "lora_te3_")[index]
+
+    def trained_text_encoders(self, count: int) -> list[int]:
+        return [0, 1]  # CLIP-L and CLIP-G; T5-XXL stays frozen (sd-scripts' train_t5xxl is off by default)
 
 
 SD3 = StableDiffusion3()
