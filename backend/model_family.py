@@ -1,4 +1,4 @@
-"""Which Stable Diffusion family a model on disk belongs to, read without torch (the GUI imports it).
+"""Which model family (SD1.x/2.x/XL, SD3/SD3.5, Flux.1) a model on disk is, read without torch (the GUI imports it).
 
 A diffusers folder tells from its UNet config (the rule the trainer's loader uses) or, without one,
 from model_index.json; a .safetensors file from the tensor names in its JSON header (the first 8
@@ -21,6 +21,11 @@ SDXL_TE1 = "conditioner.embedders.0.transformer."
 SDXL_TE2 = "conditioner.embedders.1.model."
 SD2_TE = "cond_stage_model.model."
 SD1_TE = "cond_stage_model.transformer."
+# Transformer tensor names of the flow families' single files (see backend/trainer/single_file_flow.py).
+DIFFUSION_PREFIX = "model.diffusion_model."
+FLUX_ORIGINAL = {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"}  # Black Forest Labs' layout
+FLUX_DIFFUSERS = "transformer_blocks.0.attn.to_q.weight"  # + single_transformer_blocks.*
+SD3_DIFFUSERS = {"pos_embed.proj.weight", "transformer_blocks.0.attn.add_q_proj.weight"}  # no single blocks
 
 
 class ModelReadError(ValueError):
@@ -91,11 +96,23 @@ def keys_family(keys: list[str]) -> str | None:
         return "sd2"
     if has(SD1_TE):
         return "sd15"
+    return flow_keys_family(keys)
+
+
+def flow_keys_family(keys: list[str]) -> str | None:
+    """"sd3" or "flux" for an SD3/SD3.5 or Flux.1 transformer file (the original or the diffusers
+    layout, with or without the `model.diffusion_model.` prefix; an SD3 checkpoint that also holds
+    `text_encoders.*` and `first_stage_model.*` counts), else None."""
+    bare = {k.removeprefix(DIFFUSION_PREFIX) for k in keys}
+    if FLUX_ORIGINAL & bare or (FLUX_DIFFUSERS in bare and any(k.startswith("single_transformer_blocks.") for k in bare)):
+        return "flux"
+    if any(k.startswith("joint_blocks.") for k in bare) or SD3_DIFFUSERS.issubset(bare):
+        return "sd3"
     return None
 
 
 def detect_family(path: Path) -> str | None:
-    """"sd15", "sd2", "sdxl", or None when it cannot be told without torch (a .ckpt, an unknown
+    """"sd15", "sd2", "sdxl", "sd3", "flux", or None when it cannot be told without torch (a .ckpt, an unknown
     layout). ModelReadError for a .safetensors file that is not one."""
     path = Path(path)
     if path.is_dir():

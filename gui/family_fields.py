@@ -68,11 +68,16 @@ FLOW_ACCEPTS: dict[str, tuple[Any, ...]] = {
     "training.zero_terminal_snr": (False,), "training.debiased_estimation_loss": (False,),
     "training.scale_v_pred_loss_like_noise_pred": (False,), "training.v_pred_like_loss": (None,),
     "model.v_parameterization": (None, False), "network.network_weights": (None,),
+    "training.min_timestep": (None,), "training.max_timestep": (None,),  # Flux.1 (SD3 reads them)
 }
 DDPM_OPTION = "a DDPM-schedule option; {label} trains by flow matching, where it has no meaning: clear it"
 FLOW_REASONS = {
     "model.v_parameterization": "{label} is trained by flow matching: leave it empty",
     "network.network_weights": "starting a {label} run from a LoRA file is not built yet: clear it",
+    "training.min_timestep": "{label}'s noise levels come from training.timestep_sampling, which does not read a "
+    "timestep range: clear it",
+    "training.max_timestep": "{label}'s noise levels come from training.timestep_sampling, which does not read a "
+    "timestep range: clear it",
 }
 
 

@@ -140,6 +140,9 @@ def valid(c: Combo) -> bool:
     needs_flow = needs_flux or any(name in c and c[name] != off for name, off in FLOW_ONLY.items())
     if needs_flux and model not in (None, "flux") or needs_flow and model not in (None, *FLOW_MODELS):
         return False
+    if (model == "flux" or needs_flux) and (c.get("training.min_timestep") is not None
+                                            or c.get("training.max_timestep") is not None):
+        return False  # Flux.1 draws its noise levels without a timestep range (refused)
     if model in FLOW_MODELS or needs_flow:
         if any(name in c and c[name] != off for name, off in DDPM_ONLY.items()):
             return False

@@ -1,4 +1,4 @@
-"""Load the base model (SD1.x, SD2.x, SDXL; SD3/SD3.5 and Flux.1 from a diffusers folder) from a diffusers folder or a single checkpoint file,
+"""Load the base model (SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux.1) from a diffusers folder or single checkpoint files,
 and encode prompts the way each family expects."""
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from backend.config import TrainingConfig
-from backend.model_family import FLOW_PIPELINES, family_from_unet_config  # one rule, shared with preflight
+from backend.model_family import (  # one rule, shared with preflight
+    FLOW_PIPELINES,
+    ModelReadError,
+    family_from_unet_config,
+    keys_family,
+    safetensors_keys,
+)
 
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 
@@ -65,6 +71,10 @@ def load_components(cfg: TrainingConfig) -> Components:
         comps = _load_flow_folder(path, cfg)
     elif path.is_dir():
         comps = _load_diffusers_folder(path)
+    elif _is_flow_file(path):
+        from backend.trainer.single_file_flow import load_flow_single_file
+
+        comps = load_flow_single_file(path, cfg)
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
         comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization)
     else:
@@ -155,10 +165,25 @@ def _load_flow_folder(path: Path, cfg: TrainingConfig) -> Components:
                     AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)]
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.pretrained_model: cannot load {path}: {e}") from e
+    return Components(family, False, model, vae, sched, tes, toks, str(path), extra=flow_extra(family, cfg))
+
+
+def flow_extra(family: str, cfg: TrainingConfig) -> dict[str, Any]:
+    """Components.extra of a flow-matching family, whether loaded from a folder or single files."""
     extra = {"flow": True, "t5_length": cfg.training.t5xxl_max_token_length}
     if family == "sd3":
         extra["t5_length"] = extra["t5_length"] or 256
-    return Components(family, False, model, vae, sched, tes, toks, str(path), extra=extra)
+    return extra
+
+
+def _is_flow_file(path: Path) -> bool:
+    """An SD3/SD3.5 or Flux.1 .safetensors file, told from its header's tensor names."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        return keys_family(safetensors_keys(path)) in ("sd3", "flux")
+    except ModelReadError:
+        return False  # the single-file loader says what is wrong with it
 
 
 def _load_diffusers_folder(path: Path) -> Components:

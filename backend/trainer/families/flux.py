@@ -88,6 +88,10 @@ class Flux(ModelFamily):
 
     def check(self, cfg: TrainingConfig, comps: Components) -> None:
         problems = flow_refusals(cfg, self.label)
+        for name in ("min_timestep", "max_timestep"):
+            if getattr(cfg.training, name) is not None:  # sd-scripts' flux_train_utils draws without them too
+                problems.append(f"training.{name}: {self.label}'s noise levels come from training.timestep_sampling, "
+                                "which does not read a timestep range; clear it")
         if cfg.network.type != "lora":
             problems.append(f"network.type: {cfg.network.type} is not trained for {self.label} yet (sd-scripts' Flux "
                             "LoRA format holds plain LoRA); use lora")

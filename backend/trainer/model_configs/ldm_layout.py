@@ -221,9 +221,9 @@ def describe_unrecognised(keys: set[str]) -> str:
     elif contains("emb_params", "string_to_param") or keys <= {"clip_l", "clip_g"}:
         what = "a textual-inversion embedding, not a base model"
     elif contains("joint_blocks."):
-        what = "a Stable Diffusion 3 model (joint_blocks.*), which Lathe does not support"
+        what = "a Stable Diffusion 3 model (joint_blocks.*), which Lathe loads from a .safetensors file only"
     elif contains("double_blocks.", "single_blocks.", "double_stream_blocks"):
-        what = "a Flux-style transformer model (double_blocks.*), which Lathe does not support"
+        what = "a Flux-style transformer model (double_blocks.*), which Lathe loads from a .safetensors file only"
     elif contains("control_model.", "controlnet_cond_embedding", "input_hint_block"):
         what = "a ControlNet, not a base model"
     elif all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for k in keys):
