@@ -14,7 +14,7 @@ from accelerate.utils import gather_object
 from backend import dataset as D
 from backend.config import TrainingConfig
 from backend.resume import dataset_fingerprint
-from backend.trainer import evaluation, models
+from backend.trainer import evaluation, fp8, models
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.context import Setup
 from backend.trainer.distributed import every_rank
@@ -76,12 +76,18 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
 
     # The trained modules: the network injected, the rest frozen; base weights in weight_dtype.
     train_te = cfg.network.train_text_encoder
-    for te in comps.text_encoders:
-        _place(te, device, torch.float32 if train_te else wdtype)
-    _place(comps.unet, device, wdtype)
+    trained_tes = comps.spec.trained_text_encoders(len(comps.text_encoders)) if train_te else []
+    for i, te in enumerate(comps.text_encoders):
+        _place(te, device, torch.float32 if i in trained_tes else wdtype)
+    if not cfg.model.fp8_base:  # fp8_base: the denoiser moves once it is fp8, after the network is injected
+        _place(comps.unet, device, wdtype)
     if device.type == "cuda":
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
-    trained = Trained.attach(cfg, comps.unet, comps.text_encoders, comps.spec.default_targets(comps.unet))
+    trained = Trained.for_components(cfg, comps)
+    if cfg.model.fp8_base:
+        report = fp8.store_base_in_fp8(comps.unet, device, wdtype)
+        if io.is_main:
+            print(report.line(), flush=True)
     if cfg.network.network_weights and not cfg.resume_from:  # a resume restores its own state instead
         fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.spec)
         if io.is_main:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from backend import checkpoints as C
 from backend import dataset as D
 from backend.config import validate_config
-from backend.trainer import evaluation
+from backend.trainer import evaluation, fp8
 from backend.trainer.caching import TextEncoder
 from backend.trainer.models import load_components
 from backend.trainer.state import load_optimizer, load_pickle
@@ -47,6 +47,8 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
     except Exception as e:  # noqa: BLE001
         return False, [*lines, f"model: cannot load the base model to check shapes: {e}"]
     trained = Trained.for_components(cfg, comps)  # as the trainer built it
+    if cfg.model.fp8_base:  # the base weights the trainer computed with (backend/trainer/fp8.py)
+        fp8.store_base_in_fp8(comps.unet, torch.device("cpu"), torch.float32)
     try:
         trained.load_state_dict(tensors)
     except ValueError as e:
