@@ -69,6 +69,7 @@ SPACE: pairwise.Space = {
     "training.scale_weight_norms": [None, 0.02],  # small enough that the demo's layers reach it
     "v_pred_loss": ["none", "scale_like_noise", "like_loss"],
     "model.v_parameterization": [None, True],
+    "model.fp8_base": [False, True],  # the frozen denoiser weights in fp8, upcast per layer
     "optimizer.type": ["AdamW", "Prodigy", "DAdaptAdam", "DAdaptLion", "Lion", "Adafactor", "SGD"],
     "optimizer.loraplus_lr_ratio": [None, 16.0],  # LoRA+ (lora, locon, dora)
     "scheduler.type": ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"],

@@ -28,17 +28,18 @@ CASES = [
                                        network__dropout=0.1, network__rank_dropout=0.1, network__module_dropout=0.2,
                                        training__max_token_length=150, launch__num_processes=2)),
     # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's
-    # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed.
+    # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed; the base UNet in fp8.
     ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr",
-                                   optimizer__type="DAdaptLion")),
+                                   optimizer__type="DAdaptLion", model__fp8_base=True)),
     # SD3.5-shaped (MMDiT, CLIP-L + CLIP-G + T5, flow matching) under DDP: a timestep range, LoRA+.
     ("sd3-ddp-flow", H.baseline(model="sd3", launch__num_processes=2, training__min_timestep=100,
                                 optimizer__loraplus_lr_ratio=16.0)),
     # Flux.1-dev-shaped (double/single-stream transformer, CLIP-L + T5, guidance embedding) under DDP,
-    # CLIP-L trained too (T5 frozen): shifted sigmoid timesteps, the output read sigma-scaled with the
-    # sigma_sqrt loss weighting, the export fused into sd-scripts' qkv/linear1 layers plus lora_te1_.
+    # CLIP-L trained too (T5 frozen), the transformer's base in fp8: shifted sigmoid timesteps, the output
+    # read sigma-scaled with the sigma_sqrt loss weighting, the export fused into sd-scripts' qkv/linear1
+    # layers plus lora_te1_.
     ("flux-ddp-shift", H.baseline(model="flux", launch__num_processes=2, training__timestep_sampling="shift",
-                                  network__train_text_encoder=True,
+                                  network__train_text_encoder=True, model__fp8_base=True,
                                   training__model_prediction_type="sigma_scaled", training__weighting_scheme="sigma_sqrt")),
     # SDXL's two text encoders trained, captions re-encoded every step (shuffled); LoHa with its
     # convolution layers (LDM names in the export), module dropout; D-Adaptation Adam; 150-token
