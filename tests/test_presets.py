@@ -92,6 +92,25 @@ def test_library_values():
     assert [sdxl[g].training.train_batch_size for g in (12, 16, 24)] == [1, 2, 4]
     assert [sdxl[g].network.train_text_encoder for g in (12, 16, 24)] == [False, False, True]
 
+    flux = {gb: load_preset(f"flux1-dev-lora-{gb}gb").config for gb in (12, 16, 24)}
+    for cfg in flux.values():
+        m = cfg.model
+        assert m.family == "flux" and m.fp8_base and cfg.dataset.resolution == 1024
+        assert (m.pretrained_model, m.clip_l, m.t5xxl, m.vae) == (
+            "models/flux1-dev.safetensors", "models/clip_l.safetensors", "models/t5xxl_fp16.safetensors", "models/ae.safetensors")
+        t = cfg.training
+        assert t.gradient_checkpointing and t.mixed_precision == "bf16" and cfg.dataset.cache_latents
+        assert (t.timestep_sampling, t.model_prediction_type, t.guidance_scale) == ("flux_shift", "raw", 1.0)
+        assert not cfg.network.train_text_encoder  # the text embeddings are cached and the encoders leave the GPU
+    # Less memory: a smaller batch, more blocks in CPU memory, then an optimizer with less state.
+    assert [flux[g].training.train_batch_size for g in (12, 16, 24)] == [1, 1, 2]
+    assert [flux[g].training.blocks_to_swap for g in (12, 16, 24)] == [16, 8, 0]
+    assert [flux[g].optimizer.type for g in (12, 16, 24)] == ["Adafactor", "AdamW", "AdamW"]
+    sd35 = {size: load_preset(f"sd35-{size}-lora").config for size in ("medium", "large")}
+    for cfg in sd35.values():
+        assert cfg.model.family == "sd3" and cfg.model.clip_g and cfg.training.weighting_scheme == "logit_normal"
+    assert (sd35["medium"].model.fp8_base, sd35["large"].model.fp8_base) == (False, True)
+
     prodigy = load_preset("sdxl-prodigy").config
     assert prodigy.model.family == "sdxl" and prodigy.optimizer.type == "Prodigy"
     assert prodigy.optimizer.d_coef == 1.0 and prodigy.optimizer.use_bias_correction

@@ -256,6 +256,14 @@ def test_a_missing_part_or_path_names_the_field(flux_files: dict[str, Any], tmp_
         load_components(_cfg(pretrained_model=str(f["model"]), clip_l=str(f["clip_l"]), t5xxl=str(f["clip_l"]),
                              vae=str(f["vae"])))
 
+    # A part set where no part is read is refused, not ignored: a folder holds its own; Flux.1 has no CLIP-G.
+    with pytest.raises(ModelLoadError, match=r"^model\.clip_l: only for SD3/Flux\.1 single-file models; model-flux is a "
+                                             r"diffusers folder, which holds its own parts: clear it$"):
+        load_components(_cfg(pretrained_model=f["ref"].source, clip_l=str(f["clip_l"])))
+    with pytest.raises(ModelLoadError, match=r"^model\.clip_g: flux has no such part \(clip_g is for sd3\): clear it$"):
+        load_components(_cfg(pretrained_model=str(f["model"]), clip_l=str(f["clip_l"]), t5xxl=str(f["t5xxl"]),
+                             vae=str(f["vae"]), clip_g=str(f["clip_l"])))
+
 
 def test_detection_from_tensor_names():
     flux = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"]

@@ -81,6 +81,7 @@ def load_components(cfg: TrainingConfig) -> Components:
         raise ModelLoadError(
             f"model.pretrained_model: {path} is neither a diffusers folder nor a .safetensors/.ckpt file"
         )
+    _check_part_files(cfg, path, comps.family, from_parts=not path.is_dir() and _is_flow_file(path))
     if cfg.model.family != "auto" and cfg.model.family != comps.family:
         raise ModelLoadError(
             f"model.family: set to {cfg.model.family} but {path.name} looks like {comps.family}; "
@@ -97,6 +98,24 @@ def load_components(cfg: TrainingConfig) -> Components:
         comps.noise_scheduler = zero_terminal_snr_scheduler(comps.noise_scheduler)
     _freeze(comps)
     return comps
+
+
+PART_FIELDS = {"clip_l": ("sd3", "flux"), "clip_g": ("sd3",), "t5xxl": ("sd3", "flux"), "vae": ("sd3", "flux")}
+
+
+def _check_part_files(cfg: TrainingConfig, path: Path, family: str, from_parts: bool) -> None:
+    """model.clip_l/clip_g/t5xxl/vae name the parts of an SD3/Flux.1 single-file model; set anywhere else they
+    would be ignored, so they are refused by name."""
+    for name, families in PART_FIELDS.items():
+        if getattr(cfg.model, name) is None:
+            continue
+        if not from_parts:
+            what = "a diffusers folder, which holds its own parts" if path.is_dir() else f"a {family} checkpoint"
+            raise ModelLoadError(f"model.{name}: only for SD3/Flux.1 single-file models; {path.name} is {what}: "
+                                 "clear it")
+        if family not in families:
+            raise ModelLoadError(f"model.{name}: {family} has no such part ({name} is for "
+                                 f"{' and '.join(families)}): clear it")
 
 
 def _freeze(comps: Components) -> None:
