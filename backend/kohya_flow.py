@@ -4,14 +4,14 @@ the separate model files, the flow-matching settings, and what those families do
 kohya_ss (kohya_gui/lora_gui.py) saves every family's fields in every config and passes each to
 sd-scripts only for its family: with flux1_checkbox `ae`, `clip_l`, `t5xxl`, `timestep_sampling`,
 `discrete_flow_shift`, `model_prediction_type`, `guidance_scale`, `t5xxl_max_token_length`,
-`apply_t5_attn_mask`, `split_mode`, the block swapping and the lora_flux layer settings; with sd3_checkbox
+`apply_t5_attn_mask`, `split_mode`, `blocks_to_swap` and the lora_flux layer settings; with sd3_checkbox
 `sd3_clip_l`, `clip_g`, `sd3_t5xxl`, `vae`, `weighting_scheme`, `logit_mean`, `logit_std`, `mode_scale` and
 the text-encoder dropouts. An sd-scripts argument given in additional_parameters (`--sigmoid_scale`,
 `--training_shift`, ...) is passed for either family. sd-scripts' flux_train_network.py and
 sd3_train_network.py draw plain Gaussian noise and leave the loss unweighted by the DDPM schedule, so
 noise offsets, min-SNR and the v-prediction options have no effect there: they are not carried, and a
 value that is on is a warning (Lathe refuses them for flow models). A setting Lathe has no equivalent for
-(block swapping, split mode, per-layer ranks, T5 training, ...) is a warning naming what Lathe does
+(split mode, per-layer ranks, T5 training, ...) is a warning naming what Lathe does
 instead; a network Lathe does not train for these families is refused.
 """
 
@@ -52,14 +52,14 @@ SETTINGS: dict[str, tuple[str, Callable[[Any], Any], frozenset[str]]] = {
     "logit_mean": ("training.logit_mean", to_float, SD3),
     "logit_std": ("training.logit_std", to_float, SD3),
     "mode_scale": ("training.mode_scale", to_float, SD3),
+    "blocks_to_swap": ("training.blocks_to_swap", to_int, BOTH),
 }
 SD_SCRIPTS_DEFAULTS = {"flux": {"model_prediction_type": "sigma_scaled"}}  # where sd-scripts' default is not Lathe's
 
-_SWAP = "Lathe keeps every block on the GPU (no block swapping)"
+_SWAP = "Lathe swaps whole blocks by training.blocks_to_swap (sd-scripts' current option): set blocks_to_swap instead"
 _LAYERS = "Lathe trains every linear layer of the double and single blocks at network_dim"
 # Settings Lathe does not have: kohya key -> (families, what it is, what Lathe does instead). A warning when on.
 UNSUPPORTED: dict[str, tuple[frozenset[str], str, str]] = {
-    "blocks_to_swap": (BOTH, "block swapping to CPU memory", _SWAP),
     "single_blocks_to_swap": (FLUX, "block swapping to CPU memory", _SWAP),
     "double_blocks_to_swap": (FLUX, "block swapping to CPU memory", _SWAP),
     "cpu_offload_checkpointing": (FLUX, "offloading checkpointed activations to CPU memory",

@@ -40,6 +40,10 @@ MAPPING: list[tuple[str, str, str]] = [  # the file's keys, topic by topic
     ("`weighting_scheme`, `logit_mean`, `logit_std`, `mode_scale` (SD3)",
      "`training.*` (same names)",
      "kohya_ss passes them only with `sd3_checkbox`"),
+    ("`blocks_to_swap` (Flux.1, SD3)",
+     "`training.blocks_to_swap`",
+     "the last blocks' frozen weights kept in CPU memory; the older `double_blocks_to_swap`/`single_blocks_to_swap` "
+     "are warned about (set blocks_to_swap)"),
     ("`sigmoid_scale`, `training_shift`",
      "`training.*` (same names)",
      "no GUI field: from `additional_parameters`, for either family"),

@@ -79,7 +79,7 @@ def test_flux_dev_config_imports_with_its_files_and_flow_settings():
     # The other families' fields, which kohya_ss saves in every config, are not needed and not warned about.
     assert reason(r, "weighting_scheme") == "not applicable: an SD3 setting (kohya_ss passes it only with sd3_checkbox)"
     assert reason(r, "vae") == "not applicable: Flux.1 reads its autoencoder from ae"
-    assert reason(r, "blocks_to_swap") == "not applicable: off"
+    assert r.config.training.blocks_to_swap == 0  # the fixture's own value
     assert reason(r, "hunyuan_vae").startswith("not applicable: a HunyuanImage-2.1 setting")
     assert not [w for w in r.warnings if w.startswith(("weighting_scheme", "blocks_to_swap", "hunyuan", "sd3_"))]
 
@@ -103,8 +103,7 @@ def test_sd35_config_imports_with_its_files_and_weighting():
 
 
 @pytest.mark.parametrize(("name", "key", "value", "text"), [
-    (FLUX, "blocks_to_swap", 10, "block swapping to CPU memory; Lathe keeps every block on the GPU"),
-    (SD3, "blocks_to_swap", "10", "block swapping to CPU memory; Lathe keeps every block on the GPU"),
+    (FLUX, "double_blocks_to_swap", 10, "block swapping to CPU memory; Lathe swaps whole blocks by training.blocks_to_swap"),
     (FLUX, "split_mode", True, "split mode (training the single blocks only, to save memory)"),
     (FLUX, "cpu_offload_checkpointing", True, "offloading checkpointed activations to CPU memory"),
     (FLUX, "train_double_block_indices", "0-9", "lora_flux's train_double_block_indices"),
@@ -189,3 +188,9 @@ def test_an_sd_config_still_lists_the_flow_fields_as_not_applicable():
 def test_flow_arguments_in_additional_parameters_import_and_win():
     r = ok(import_kohya(data(SD3, additional_parameters="--training_shift 3.0 --clip_l /m/x.safetensors")))
     assert r.config.training.training_shift == 3.0 and r.config.model.clip_l == "/m/x.safetensors"
+
+
+@pytest.mark.parametrize(("name", "value"), [(FLUX, 18), (SD3, "10")])
+def test_blocks_to_swap_is_carried(name: str, value: object):
+    r = ok(import_kohya(data(name, blocks_to_swap=value)))
+    assert r.config.training.blocks_to_swap == int(value) and not warned(r, "blocks_to_swap")

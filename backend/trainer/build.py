@@ -14,11 +14,11 @@ from accelerate.utils import gather_object
 from backend import dataset as D
 from backend.config import TrainingConfig
 from backend.resume import dataset_fingerprint
-from backend.trainer import evaluation, fp8, models
+from backend.trainer import block_swap, evaluation, fp8, models
 from backend.trainer.caching import LatentCache, TextEncoder
 from backend.trainer.context import Setup
 from backend.trainer.distributed import every_rank
-from backend.trainer.loss import check_loss_settings
+from backend.trainer.loss import LossSettingError, check_loss_settings
 from backend.trainer.noise import timestep_range
 from backend.trainer.optim import build_optimizer, build_scheduler, param_groups
 from backend.trainer.run_io import RunIO
@@ -79,15 +79,28 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     trained_tes = comps.spec.trained_text_encoders(len(comps.text_encoders)) if train_te else []
     for i, te in enumerate(comps.text_encoders):
         _place(te, device, torch.float32 if i in trained_tes else wdtype)
+    # blocks_to_swap: the denoiser stays in CPU memory until block_swap.attach places it, so the swapped
+    # blocks' weights never sit on the GPU (sd-scripts' move_to_device_except_swap_blocks)
+    swap_errors, swap_warnings = block_swap.check(comps.unet, cfg.training.blocks_to_swap, device,
+                                                  cfg.training.torch_compile)
+    if swap_errors:
+        raise LossSettingError("; ".join(swap_errors))
+    for w in swap_warnings:
+        io.warn(w)
+    unet_home = torch.device("cpu") if cfg.training.blocks_to_swap and device.type == "cuda" else device
     if not cfg.model.fp8_base:  # fp8_base: the denoiser moves once it is fp8, after the network is injected
-        _place(comps.unet, device, wdtype)
+        _place(comps.unet, unet_home, wdtype)
     if device.type == "cuda":
         comps.unet.to(memory_format=torch.channels_last)  # faster convolutions under autocast on tensor cores
     trained = Trained.for_components(cfg, comps)
     if cfg.model.fp8_base:
-        report = fp8.store_base_in_fp8(comps.unet, device, wdtype)
+        report = fp8.store_base_in_fp8(comps.unet, unet_home, wdtype)
         if io.is_main:
             print(report.line(), flush=True)
+    # after the network and the fp8 cast, before accelerate wraps the model (DDP's first broadcast skips the placeholders)
+    swapper = block_swap.attach(comps.unet, cfg.training.blocks_to_swap, device)  # None when 0 or on the CPU
+    if swapper is not None and io.is_main:
+        print(swapper.line(), flush=True)
     if cfg.network.network_weights and not cfg.resume_from:  # a resume restores its own state instead
         fresh = trained.start_from(str(Path(cfg.network.network_weights).expanduser()), comps.spec)
         if io.is_main:
