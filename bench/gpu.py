@@ -1,8 +1,12 @@
-"""GPU benchmark: Lathe's trainer against a bare LoRA loop on full-size SD1.5 and SDXL UNets, bf16.
+"""GPU benchmark: Lathe's trainer against a bare LoRA loop on full-size SD1.5 and SDXL UNets, bf16;
+and Lathe's trainer on Flux.1-dev and SD3.5 large under each memory lever.
 
     .venv/bin/python bench/gpu.py --json gpu.json                # one GPU; under 10 minutes on an H200
     .venv/bin/python bench/gpu.py --models sd15 --steps 30
+    .venv/bin/python bench/gpu.py --models flux,sd35 --json flow.json   # the levers; ~6 minutes (estimated)
+    .venv/bin/python bench/gpu.py --models all                   # both of the above, one after the other
     .venv/bin/python bench/gpu.py --dry-run --json /tmp/dry.json # tiny shapes on the CPU: checks the harness
+    .venv/bin/python bench/gpu.py --dry-run --models flux,sd35   # the same for the levers (under a minute)
 
 Shapes: the SD1.5 UNet at 512 px, batch 4 and 8; the SDXL UNet at 1024 px, batch 1 and 2; built from
 the shipped configs (backend/trainer/model_configs/<family>/) with random weights: nothing is
@@ -28,6 +32,36 @@ with torch.utils.flop_counter.FlopCounterMode in the bare worker; frozen weights
 gradients, so this is what a LoRA step really computes) per second, over the device's dense bf16 peak
 (PEAK_BF16, by device name; other devices get no MFU). Then lathe/bare ratios per shape. Nothing
 here asserts a speed.
+
+Flow families (`--models flux,sd35`, not in the default): Flux.1-dev and SD3.5 large at 1024 px,
+batch 1, rank 16, LoRA on the family's default targets, latents and text embeddings cached (the text
+encoders do not train, so Lathe encodes every caption once and sends CLIP and T5-XXL back to the CPU).
+Lathe's real trainer runs once per memory lever, each lever on top of the one before:
+
+  bf16                     training.mixed_precision bf16
+  + gradient_checkpointing training.gradient_checkpointing
+  + fp8_base               model.fp8_base (the frozen transformer weights in fp8)
+  + blocks_to_swap 18 / 28 training.blocks_to_swap (Flux.1; SD3.5 large: 18 / 32), after sd-scripts'
+                           docs/flux_train_network.md 6.1 (18: its example, for 16 GB; 28: its 8 GB row)
+                           and docs/sd3_train_network.md (its example swaps 32 of 38 blocks)
+
+and a bare loop (bench/gpu_flow.py: the transformer in bf16, peft LoRA, random latents and text
+context, the velocity target) for the bf16 case only, as the reference ratio. Every component (the
+transformer, VAE, CLIP-L, CLIP-G for SD3, T5-XXL) is built from the shipped configs
+(model_configs/flux-dev/, sd3.5-large/, t5_tokenizer/) with random weights directly on the GPU in
+bf16, so a build takes seconds, not the minutes a 12B model initialized on the CPU would; under
+fp8_base and blocks_to_swap the transformer then goes to the CPU, where a real load leaves it, so
+that the cast and the swap start where they start in a real run. Reported per lever: s/step, the
+peak GPU memory of training (torch.cuda.max_memory_allocated from the first step through the final
+export) and of setup (placement, latent and text caching: T5-XXL is on the GPU then), MFU from the
+bare loop's FLOP count, and the ratios to the bf16 case. Defaults: 3 warm-up + 5 timed steps.
+
+Cost on one H200 (estimated, not measured yet): each lever is a process of 25-65 s (start-up and
+imports ~10 s, the random build ~5 s, moving 24 GB to the CPU and the fp8 cast there ~15 s under
+fp8_base, pinning the swapped blocks, 8 steps of 0.5-3 s), so Flux.1 ~4 minutes with its bare loop
+and SD3.5 large ~3, about 6-7 minutes for `--models flux,sd35`: run one family per device call if
+time is short. Host memory: ~40 GB (the transformer and T5-XXL parked on the CPU, pinned copies of
+the swapped blocks).
 """
 
 from __future__ import annotations
@@ -50,6 +84,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "backend" / "trainer" / "model_configs"
 
+from bench import gpu_flow  # noqa: E402  (after the path: bench/ runs as a script)
+
 RANK, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 16, 1e-4, 0.01, 1.0
 RESULT = "BENCH_RESULT "  # prefix of the one stdout line a worker reports with
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by a substring of torch.cuda.get_device_name().
@@ -69,17 +105,27 @@ TINY_VAE = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_
 
 @dataclass(frozen=True)
 class Shape:
-    model: str  # sd15 | sdxl
+    model: str  # sd15 | sdxl | flux | sd35
     resolution: int
     batch: int
+    lever: str = ""  # flow families: the gpu_flow.Lever key
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.resolution}px b{self.batch}"
+        return f"{self.model} {self.resolution}px b{self.batch}" + (f" {self.lever}" if self.lever else "")
+
+    @property
+    def flow(self) -> bool:
+        return self.model in gpu_flow.MODELS
 
 
-FULL = {"sd15": [Shape("sd15", 512, 4), Shape("sd15", 512, 8)], "sdxl": [Shape("sdxl", 1024, 1), Shape("sdxl", 1024, 2)]}
-DRY = {"sd15": [Shape("sd15", 64, 2)], "sdxl": [Shape("sdxl", 64, 1)]}
+def _lever_shapes(model: str, resolution: int, dry: bool) -> list[Shape]:
+    return [Shape(model, resolution, 1, lv.key) for lv in gpu_flow.levers(model, dry)]
+
+
+FULL = {"sd15": [Shape("sd15", 512, 4), Shape("sd15", 512, 8)], "sdxl": [Shape("sdxl", 1024, 1), Shape("sdxl", 1024, 2)],
+        **{m: _lever_shapes(m, 1024, False) for m in gpu_flow.MODELS}}
+DRY = {"sd15": [Shape("sd15", 64, 2)], "sdxl": [Shape("sdxl", 64, 1)], **{m: _lever_shapes(m, 64, True) for m in gpu_flow.MODELS}}
 
 
 # ------------------------------------------------------------------------------ random-weight models
@@ -117,6 +163,8 @@ def random_components(cfg: Any, dry: bool) -> Any:
     from backend.trainer.clip_tokenizer import load_tokenizer
     from backend.trainer.models import Components
 
+    if cfg.model.family in gpu_flow.FAMILY.values():
+        return gpu_flow.flow_components(cfg, dry)
     family, cuda = cfg.model.family, cfg.launch.device == "cuda"
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     folder = CONFIGS / family
@@ -152,6 +200,9 @@ def _device_info() -> tuple[Any, str, float | None]:
 
 def bare_worker(shape: Shape, steps: int, warmup: int, dry: bool) -> dict[str, Any]:
     """The reference loop; also counts the FLOPs of one forward+backward step."""
+    if shape.flow:
+        return gpu_flow.bare_worker(shape.model, shape.resolution, shape.batch, steps, warmup, dry, _device_info,
+                                    RANK, LR, WEIGHT_DECAY, MAX_GRAD_NORM)
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -243,10 +294,10 @@ def write_images(folder: Path, shape: Shape, total_steps: int, count: int = 4) -
 
 
 def lathe_config(shape: Shape, total_steps: int, dry: bool, root: Path) -> dict[str, Any]:
-    """A sparse config: Lathe's defaults plus the bench shape; nothing saved or sampled mid-run."""
+    """A sparse config: Lathe's defaults plus the bench shape (and its lever); nothing saved or sampled mid-run."""
     res = shape.resolution
-    return {
-        "run_name": f"bench-{shape.model}-{res}-b{shape.batch}",
+    cfg = {
+        "run_name": f"bench-{shape.model}-{res}-b{shape.batch}" + (f"-{shape.lever}" if shape.lever else ""),
         "output_dir": str(root / "runs"),
         "model": {"pretrained_model": str(CONFIGS / shape.model), "family": shape.model},
         "dataset": {"train_data_dir": str(write_images(root / f"images-{shape.model}-{res}-b{shape.batch}", shape, total_steps)),
@@ -261,6 +312,11 @@ def lathe_config(shape: Shape, total_steps: int, dry: bool, root: Path) -> dict[
         "logging": {"tensorboard": False, "log_every_n_steps": 100_000},
         "launch": {"device": "cpu" if dry else "cuda"},
     }
+    if shape.flow:
+        for section, values in gpu_flow.config_overrides(shape.model, gpu_flow.lever(shape.model, shape.lever, dry),
+                                                          dry).items():
+            cfg[section] = {**cfg[section], **values}
+    return cfg
 
 
 def install_loader(dry: bool) -> None:
@@ -285,6 +341,7 @@ def lathe_worker(shape: Shape, steps: int, warmup: int, dry: bool, root: Path) -
     from backend.trainer.__main__ import main
 
     install_loader(dry)
+    setup = gpu_flow.split_setup_peak() if shape.flow else {}
     cfg = resolve(lathe_config(shape, warmup + steps, dry, root))
     version = runs.create_version_dir(cfg.output_dir, cfg.run_name)
     runs.write_run_files(version, cfg, [sys.executable, *sys.argv])
@@ -302,18 +359,30 @@ def lathe_worker(shape: Shape, steps: int, warmup: int, dry: bool, root: Path) -
     step_s = (timed[-1]["time"] - start["time"]) / len(timed)
     per_step = sorted(shape.batch / e["samples_per_s"] for e in timed)
     _, name, _ = _device_info()
-    return {"contestant": "lathe", "device": name, "step_s": step_s, "images_per_s": shape.batch / step_s,
-            "step_s_median_events": per_step[len(per_step) // 2], "timed_steps": len(timed),
-            "final_loss": timed[-1]["loss"], "peak_gpu_mb": fin.get("peak_gpu_mb"),
-            "peak_rss_mb": fin.get("peak_ram_mb")}
+    out = {"contestant": "lathe", "device": name, "step_s": step_s, "images_per_s": shape.batch / step_s,
+           "step_s_median_events": per_step[len(per_step) // 2], "timed_steps": len(timed),
+           "final_loss": timed[-1]["loss"], "peak_gpu_mb": fin.get("peak_gpu_mb"),
+           "peak_rss_mb": fin.get("peak_ram_mb")}
+    if shape.flow:  # the counter restarted after setup: run_finished's peak is training's
+        train_peak, setup_peak = fin.get("peak_gpu_mb"), setup.get("setup_peak_gpu_mb")
+        out.update(lever=shape.lever, train_peak_gpu_mb=train_peak, setup_peak_gpu_mb=setup_peak,
+                   peak_gpu_mb=max(train_peak, setup_peak) if train_peak and setup_peak else train_peak,
+                   warnings=[e["message"] for e in evs if e["event"] == "warning"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ parent
-def run_worker(kind: str, shape: Shape, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """One contestant on one shape in a fresh process; its report, or {"error": ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", shape.model,
-           "--resolution", str(shape.resolution), "--batch", str(shape.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--root", str(root / f"{kind}-{shape.model}-{shape.resolution}-b{shape.batch}")]
+def run_worker(jobs: list[tuple[Shape, str]], args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Jobs (contestant on shape; the same model, resolution and batch) in one fresh process, one
+    after the other; each job's report, or {"error": ...} for those that did not report."""
+    first = jobs[0][0]
+    steps, warmup = (args.flow_steps, args.flow_warmup) if first.flow else (args.steps, args.warmup)
+    name = f"{jobs[0][1]}-{first.model}-{first.resolution}-b{first.batch}" + (f"-{first.lever}" if first.lever else "")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(kind for _, kind in jobs),
+           "--model", first.model, "--resolution", str(first.resolution), "--batch", str(first.batch),
+           "--steps", str(steps), "--warmup", str(warmup), "--root", str(root / name)]
+    if first.flow:
+        cmd += ["--lever", ",".join(shape.lever for shape, _ in jobs)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.dry_run:
@@ -322,13 +391,14 @@ def run_worker(kind: str, shape: Shape, args: argparse.Namespace, root: Path) ->
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.worker_timeout)
-    except subprocess.TimeoutExpired:
-        return {"contestant": kind, "error": f"timed out after {args.worker_timeout} s"}
-    lines = [ln.split(RESULT, 1)[1] for ln in out.stdout.splitlines() if RESULT in ln]  # after a progress bar's \r
-    if out.returncode != 0 or not lines:
+        lines = [ln.split(RESULT, 1)[1] for ln in out.stdout.splitlines() if RESULT in ln]  # after a progress bar's \r
         tail = (out.stderr.strip() or out.stdout.strip()).splitlines()[-15:]
-        return {"contestant": kind, "error": f"exit {out.returncode}: " + " | ".join(tail)}
-    return {**json.loads(lines[-1]), "process_wall_s": round(time.perf_counter() - t0, 1)}
+        error = f"exit {out.returncode}: " + " | ".join(tail)
+    except subprocess.TimeoutExpired:
+        lines, error = [], f"timed out after {args.worker_timeout} s"
+    wall = round(time.perf_counter() - t0, 1)
+    done = [{**json.loads(line), "process_wall_s": wall} for line in lines[:len(jobs)]]
+    return done + [{"contestant": kind, "error": error} for _, kind in jobs[len(done):]]
 
 
 def shape_report(shape: Shape, bare: dict[str, Any], lathe: dict[str, Any]) -> dict[str, Any]:
@@ -369,51 +439,96 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def jobs_for(shapes: list[Shape]) -> list[tuple[Shape, str]]:
+    """Both contestants on each SD shape; Lathe on each lever of a flow family, and the bare loop on
+    its bf16 lever (the reference)."""
+    jobs = []
+    for shape in shapes:
+        kinds = ("bare", "lathe") if not shape.flow or shape.lever == "bf16" else ("lathe",)
+        jobs += [(shape, kind) for kind in kinds]
+    return jobs
+
+
+def process_groups(jobs: list[tuple[Shape, str]], dry: bool) -> list[list[tuple[Shape, str]]]:
+    """The jobs each process runs: one job per process (a fresh CUDA context and peak counter), except
+    a flow family's jobs in a dry run, which share one (there the imports cost more than the tiny runs)."""
+    if not dry:
+        return [[job] for job in jobs]
+    groups: dict[str, list[tuple[Shape, str]]] = {}
+    for shape, kind in jobs:
+        groups.setdefault(shape.model if shape.flow else shape.label + kind, []).append((shape, kind))
+    return list(groups.values())
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Every contestant on every shape, one process each: one after the other on the GPU; two at a
-    time in a dry run (tiny CPU work, where process start-up dominates)."""
+    """Every job in its own process (process_groups): one after the other on the GPU; two at a time in
+    a dry run (tiny CPU work, where process start-up dominates)."""
     shapes = [sh for m in args.models for sh in (DRY if args.dry_run else FULL)[m]]
-    jobs = [(shape, kind) for shape in shapes for kind in ("bare", "lathe")]
-    report: dict[str, Any] = {"dry_run": args.dry_run, "steps": args.steps, "warmup": args.warmup, "shapes": [],
-                              "device": None, "peak_bf16_flops": None, "torch": None}
+    jobs = jobs_for(shapes)
+    report: dict[str, Any] = {"dry_run": args.dry_run, "steps": args.steps, "warmup": args.warmup,
+                              "flow_steps": args.flow_steps, "flow_warmup": args.flow_warmup, "shapes": [],
+                              "levers": [], "device": None, "peak_bf16_flops": None, "torch": None}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="lathe-gpu-bench-") as tmp:
 
-        def one(job: tuple[Shape, str]) -> dict[str, Any]:
-            print(f"{job[0].label}: {job[1]} ...", file=sys.stderr, flush=True)
-            return run_worker(job[1], job[0], args, Path(tmp))
+        def one(group: list[tuple[Shape, str]]) -> list[dict[str, Any]]:
+            print(", ".join(f"{shape.label}: {kind}" for shape, kind in group) + " ...", file=sys.stderr, flush=True)
+            return run_worker(group, args, Path(tmp))
 
         with ThreadPoolExecutor(max_workers=2 if args.dry_run else 1) as pool:
-            results = dict(zip(jobs, pool.map(one, jobs), strict=True))
-    for shape in shapes:
-        bare, lathe = results[(shape, "bare")], results[(shape, "lathe")]
+            groups = process_groups(jobs, args.dry_run)
+            results = {job: r for group, rs in zip(groups, pool.map(one, groups), strict=True)
+                       for job, r in zip(group, rs, strict=True)}
+    for r in results.values():
         for key in ("device", "peak_bf16_flops", "torch"):
-            report[key] = report[key] or bare.get(key) or lathe.get(key)
-        report["shapes"].append(shape_report(shape, bare, lathe))
+            report[key] = report[key] or r.get(key)
+    for shape in (sh for sh in shapes if not sh.flow):
+        report["shapes"].append(shape_report(shape, results[(shape, "bare")], results[(shape, "lathe")]))
+    for model in (m for m in args.models if m in gpu_flow.MODELS):
+        mine = [sh for sh in shapes if sh.model == model]
+        bare = next(results[(sh, "bare")] for sh in mine if (sh, "bare") in results)
+        report["levers"].append(gpu_flow.lever_report(model, mine[0].resolution, mine[0].batch, bare,
+                                                      [(sh.lever, results[(sh, "lathe")]) for sh in mine], args.dry_run))
     report["wall_s"] = round(time.time() - started, 1)
     return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for what is measured.")
-    ap.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (default both)")
-    ap.add_argument("--steps", type=int, help="timed optimizer steps per contestant and shape (default 20; dry run 3)")
-    ap.add_argument("--warmup", type=int, help="untimed steps before them (default 5; dry run 1)")
+    ap.add_argument("--models", default="sd15,sdxl",
+                    help="comma-separated: sd15, sdxl, flux (Flux.1-dev, its memory levers), sd35 (SD3.5 large, its "
+                    "memory levers), or all (default sd15,sdxl)")
+    ap.add_argument("--steps", type=int, help="timed optimizer steps per contestant and shape (default 20; flux and "
+                    "sd35 5; dry run 3)")
+    ap.add_argument("--warmup", type=int, help="untimed steps before them (default 5; flux and sd35 3; dry run 1)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, to check the harness (no GPU needed)")
     ap.add_argument("--json", type=Path, help="also write the report as JSON here")
     ap.add_argument("--worker-timeout", type=float, default=480, help="seconds before a worker process is abandoned")
-    for flag, kind in (("--worker", str), ("--model", str), ("--root", Path), ("--resolution", int), ("--batch", int)):
+    for flag, kind in (("--worker", str), ("--model", str), ("--root", Path), ("--resolution", int), ("--batch", int),
+                       ("--lever", str)):
         ap.add_argument(flag, type=kind, help=argparse.SUPPRESS)  # a worker process's own arguments
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = list(FULL) if args.models == ["all"] else args.models
     unknown = [m for m in args.models if m not in FULL]
     if unknown or not args.models:
-        ap.error(f"--models: use sd15 and/or sdxl (got {unknown or 'nothing'})")
-    args.steps = args.steps if args.steps is not None else (3 if args.dry_run else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 5)
+        ap.error(f"--models: use sd15, sdxl, flux, sd35 or all (got {unknown or 'nothing'})")
+    given_steps, given_warmup = args.steps, args.warmup
+    args.steps = given_steps if given_steps is not None else (3 if args.dry_run else 20)
+    args.warmup = given_warmup if given_warmup is not None else (1 if args.dry_run else 5)
+    args.flow_steps = given_steps if given_steps is not None else (3 if args.dry_run else 5)
+    args.flow_warmup = given_warmup if given_warmup is not None else (1 if args.dry_run else 3)
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be at least 1 (the first step is never timed)")
     return args
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    failed = [f"{s['label']} {k}" for s in report["shapes"] for k in ("bare", "lathe") if "error" in s[k]]
+    for fam in report["levers"]:
+        failed += [f"{fam['model']} bare"] if "error" in fam["bare"] else []
+        failed += [f"{fam['model']} {lv['key']}" for lv in fam["levers"] if "error" in lv["lathe"]]
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,18 +536,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         import torch
 
-        shape = Shape(args.model, args.resolution, args.batch)
-        if args.worker == "bare":
-            result = bare_worker(shape, args.steps, args.warmup, args.dry_run)
-        else:
-            result = lathe_worker(shape, args.steps, args.warmup, args.dry_run, args.root)
-        print("\n" + RESULT + json.dumps({**result, "torch": torch.__version__}), flush=True)
+        kinds = args.worker.split(",")
+        lever_keys = args.lever.split(",") if args.lever else [""] * len(kinds)
+        for i, (kind, key) in enumerate(zip(kinds, lever_keys, strict=True)):
+            shape = Shape(args.model, args.resolution, args.batch, key)
+            if kind == "bare":
+                result = bare_worker(shape, args.steps, args.warmup, args.dry_run)
+            else:
+                result = lathe_worker(shape, args.steps, args.warmup, args.dry_run, args.root / str(i))
+            print("\n" + RESULT + json.dumps({**result, "torch": torch.__version__}), flush=True)
         return 0
     report = run_bench(args)
-    print(table(report))
+    device = f"device: {report['device']}   torch {report['torch']}{'   DRY RUN (tiny shapes, CPU)' if report['dry_run'] else ''}"
+    print("\n\n".join(filter(None, [table(report) if report["shapes"] else device,
+                                     *(gpu_flow.lever_table(fam) for fam in report["levers"])])))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    failed = [f"{s['label']} {k}" for s in report["shapes"] for k in ("bare", "lathe") if "error" in s[k]]
+    failed = failures(report)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -5,7 +5,9 @@
 #   bench/gpu_session.sh --fetch-wheels     here (has PyPI): the pinned packages the device image
 #                                           lacks, as Python 3.12 wheels, into .whl/ (git-ignored)
 #   bash bench/gpu_session.sh               there, in one run call with carry [".whl"], timeout_s 560:
-#                                           the eager gpu tests (<= 200 s), then the benchmark (<= 260 s)
+#                                           the eager gpu tests (<= 270 s), then the benchmark (<= 230 s)
+#   bash bench/gpu_session.sh flow          a call of its own: bench/gpu.py --models flux,sd35, the memory
+#                                           levers on the real shapes (~6-7 min, estimated)
 #   bash bench/gpu_session.sh compiled      a second call if device time is left: the torch.compile tests
 #
 # Each half has its own time cap, so a hang in one still leaves the other's figures; the device
@@ -44,8 +46,12 @@ if [ "${1:-}" = "compiled" ]; then
   timeout 420 python3 -m pytest -m gpu -p no:cacheprovider -q -rs -k "compiled" 2>&1 | tee "$OUT/gpu-tests-compiled.log"
   exit
 fi
+if [ "${1:-}" = "flow" ]; then
+  timeout 540 python3 bench/gpu.py --models flux,sd35 --json "$OUT/gpu-flow.json" 2>&1 | tee "$OUT/bench-flow.log"
+  exit
+fi
 # 1. The gpu test tier without torch.compile (fp16, bf16, the fp16 resume, verify).
-timeout 200 python3 -m pytest -m gpu -p no:cacheprovider -q -rs -k "not compiled" 2>&1 | tee "$OUT/gpu-tests.log"
+timeout 270 python3 -m pytest -m gpu -p no:cacheprovider -q -rs -k "not compiled" 2>&1 | tee "$OUT/gpu-tests.log"
 # 2. The benchmark: full-size SD1.5 and SDXL UNets, bf16, Lathe vs a bare loop, each in its own process.
-timeout 260 python3 bench/gpu.py --json "$OUT/gpu.json" --steps 15 2>&1 | tee "$OUT/bench.log"
+timeout 230 python3 bench/gpu.py --json "$OUT/gpu.json" --steps 12 2>&1 | tee "$OUT/bench.log"
 echo "gpu session done"

@@ -6,6 +6,11 @@ with `launch.device="cuda"`.
 * fp16 resume from a mid-epoch step checkpoint: the checkpoint holds the loss scaler (scaler.json),
   and the resumed losses continue the straight run's (within a band: GPU kernels are not bit-exact).
 * `verify` accepts the final checkpoint of an fp16 run (recomputed in fp32 on the CPU).
+* The flow families: the tiny Flux.1 demo (presets/demo-flux.json, its transformer given a few more
+  blocks so that blocks_to_swap has some to swap) trains in bf16 with `model.fp8_base` and
+  `training.blocks_to_swap` 2, samples, and resumes from a mid-run step checkpoint at exactly the
+  next step with the losses continuing the straight run's; the tiny SD3.5 demo
+  (presets/demo-sd3.json) trains and samples in bf16.
 
 Every test is marked `gpu` and skipped without CUDA. To check the tests themselves on a machine
 without a GPU, `LATHE_GPU_TEST_DEVICE=cpu` runs them on the CPU, where the trainer ignores mixed
@@ -18,7 +23,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +35,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from backend import checkpoints as C
-from tests.conftest import events, run_cli, step_losses, train
+from tests.conftest import ROOT, events, run_cli, step_losses, train, write_config
 
 DEVICE = os.environ.get("LATHE_GPU_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -147,3 +154,114 @@ def test_verify_accepts_the_final_fp16_checkpoint(fp16_run):
     out = run_cli("verify", str(fp16_run / "checkpoints" / "final"), timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines()[-1].startswith("VALID: "), out.stdout
+
+
+# ------------------------------------------------------------------------------------ flow families
+FLOW_STEPS, FLOW_RESUME_AT = 6, 3  # an epoch of the demo set is 16 steps: the save point is mid-epoch
+SWAP = 2  # blocks_to_swap: 1 double block and 2 single blocks of the 3 + 4 below
+FLOW_BF16 = {"max_train_epochs": None, "max_train_steps": FLOW_STEPS, "mixed_precision": "bf16"}
+
+
+def flow_config(tmp: Path, kind: str, model_dir: Path, demo: Path, **sections: dict) -> Path:
+    """presets/demo-<kind>.json pointed at `model_dir`, this session's demo images and `tmp`, with `sections`
+    laid over its own (section by section)."""
+    data = json.loads((ROOT / "presets" / f"demo-{kind}.json").read_text())
+    data["model"]["pretrained_model"] = str(model_dir)
+    data["dataset"]["train_data_dir"] = str(demo / "images")
+    data["output_dir"] = str(tmp / "runs")
+    data["launch"] = {**data["launch"], "device": DEVICE}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return write_config(tmp / f"{kind}-{time.monotonic_ns()}.json", data)
+
+
+def train_flow(config: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    proc = run_cli("train", str(config), timeout=TIMEOUT)
+    return proc, Path(proc.stdout.splitlines()[0] if proc.stdout else "")
+
+
+def assert_flow_export_is_sound(export: Path) -> None:
+    """Finite tensors, and at least one up weight trained (they start at zero)."""
+    tensors = load_file(export)
+    assert tensors, export
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t.float()).all()]
+    assert not bad, f"non-finite tensors in {export.name}: {bad[:3]}"
+    ups = [t for k, t in tensors.items() if k.endswith(("lora_up.weight", "lora_B.weight"))]
+    assert ups and any(t.float().abs().max() > 0 for t in ups), "every up weight is still zero: no step was applied"
+
+
+@pytest.fixture(scope="module")
+def flux_more_blocks(demo, tmp_path_factory) -> Path:
+    """The Flux demo model with 3 double and 4 single blocks (the demo's 1 and 2 leave block swap nothing
+    to swap: 2 of each kind stay on the GPU, as in sd-scripts), random weights, the rest the demo's."""
+    from diffusers import FluxTransformer2DModel
+
+    out = tmp_path_factory.mktemp("flux-blocks") / "model-flux"
+    shutil.copytree(demo / "model-flux", out)
+    shutil.rmtree(out / "transformer")
+    config = FluxTransformer2DModel.load_config(demo / "model-flux" / "transformer", local_files_only=True)
+    torch.manual_seed(1111)
+    FluxTransformer2DModel.from_config({**config, "num_layers": 3, "num_single_layers": 4}).save_pretrained(out / "transformer")
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux_lever_run(demo, flux_more_blocks, tmp_path_factory) -> Path:
+    """The Flux demo in bf16 with fp8_base and blocks_to_swap, a step save point every FLOW_RESUME_AT steps."""
+    tmp = tmp_path_factory.mktemp("gpu-flux")
+    cfg = flow_config(tmp, "flux", flux_more_blocks, demo, model={"fp8_base": True},
+                      training={**FLOW_BF16, "blocks_to_swap": SWAP},
+                      saving={"save_every_n_epochs": None, "save_last_n_epochs": None, "save_every_n_steps": FLOW_RESUME_AT})
+    proc, v = train_flow(cfg)
+    check_finished(proc, v, FLOW_STEPS)
+    return v
+
+
+@NO_BF16
+def test_flux_demo_trains_in_bf16_with_fp8_base_and_block_swap(flux_lever_run):
+    v = flux_lever_run
+    log = (v / "train.log").read_text()
+    assert "model.fp8_base: " in log and " layer weights of the denoiser stored in fp8" in log, log[-3000:]
+    if ON_CUDA:  # the blocks really swap: 1 double + 2 single blocks stay in CPU memory
+        assert "training.blocks_to_swap: the frozen weights of 3 blocks" in log, log[-3000:]
+    else:
+        assert any("blocks_to_swap: ignored on the CPU" in e["message"] for e in events(v, "warning"))
+    pngs = sorted((v / "samples" / "final").glob("*.png"))  # sampling under no_grad with the blocks swapping
+    assert len(pngs) == 2, pngs
+    for png in pngs:
+        assert_image_has_content(png)
+    assert_flow_export_is_sound(v / "exports" / "demo-flux.safetensors")
+
+
+@NO_BF16
+def test_flux_demo_with_the_levers_resumes_at_the_next_step(flux_lever_run):
+    ckpt = flux_lever_run / "checkpoints" / f"step-{FLOW_RESUME_AT:08d}"
+    assert C.checkpoint_status(ckpt)[0] == "valid"
+    proc, v = resume(ckpt)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert events(v, "run_started")[0]["resumed_from"].endswith(ckpt.name)
+    resumed_cfg = json.loads((v / "config.json").read_text())
+    assert resumed_cfg["model"]["fp8_base"] is True and resumed_cfg["training"]["blocks_to_swap"] == SWAP
+    straight, resumed = step_losses(flux_lever_run), step_losses(v)
+    assert sorted(resumed) == list(range(FLOW_RESUME_AT + 1, FLOW_STEPS + 1))
+    assert all(math.isfinite(x) for x in resumed.values()), resumed
+    # The first resumed step sees the restored network, the same fp8 base, batch and noise: only kernel
+    # noise (and the latents' bf16 encode) separates it from the straight run's; later steps drift more.
+    first = FLOW_RESUME_AT + 1
+    assert abs(resumed[first] - straight[first]) <= 0.05 * abs(straight[first]), (straight, resumed)
+    far = {k: (straight[k], resumed[k]) for k in resumed if abs(resumed[k] - straight[k]) >= 0.5 * abs(straight[k])}
+    assert not far, f"resumed losses far from the straight run's (step: straight, resumed): {far}"
+
+
+@NO_BF16
+def test_sd3_demo_trains_in_bf16(demo, tmp_path):
+    cfg = flow_config(tmp_path, "sd3", demo / "model-sd3", demo, training=FLOW_BF16,
+                      saving={"save_every_n_epochs": None, "save_last_n_epochs": None})
+    proc, v = train_flow(cfg)
+    check_finished(proc, v, FLOW_STEPS)
+    assert events(v, "run_started")[0]["family"] == "sd3"
+    pngs = sorted((v / "samples" / "final").glob("*.png"))
+    assert len(pngs) == 2, pngs
+    for png in pngs:
+        assert_image_has_content(png)
+    assert_flow_export_is_sound(v / "exports" / "demo-sd3.safetensors")
