@@ -94,7 +94,7 @@ def test_the_sd3_demo_learns_samples_and_exports_a_lora_diffusers_loads(demo: Pa
     data["model"]["pretrained_model"] = str(demo / "model-sd3")
     data["dataset"]["train_data_dir"] = str(demo / "images")
     data.update(output_dir=str(tmp_path / "runs"))
-    data["saving"]["save_last_n_epochs"] = None
+    data["saving"].update(save_last_n_epochs=None, save_every_n_steps=2, save_last_n_steps=2)  # step saves rotate
     data["network"]["train_text_encoder"] = True  # CLIP-L and CLIP-G; T5 stays frozen
     proc = run_cli("train", str(write_config(tmp_path / "sd3.json", data)), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -102,6 +102,13 @@ def test_the_sd3_demo_learns_samples_and_exports_a_lora_diffusers_loads(demo: Pa
     assert events(v, "run_started")[0]["family"] == "sd3"
     ref = [json.loads((v / "checkpoints" / f"epoch-{e:06d}" / "manifest.json").read_text())["ref_loss"] for e in (1, 4)]
     assert ref[1] < ref[0], ref  # the fixed-noise reference loss went down
+    saved = [e["step"] for e in events(v, "checkpoint_saved") if e["kind"] == "step"]
+    assert len(saved) >= 3 and saved == list(range(2, saved[-1] + 1, 2))
+    assert sorted(p.name for p in (v / "checkpoints").glob("step-*")) == [f"step-{k:08d}" for k in saved[-2:]]
+    assert sorted(p.name for p in (v / "exports").glob("*-step*")) == [f"demo-sd3-step{k:08d}.safetensors"
+                                                                       for k in saved[-2:]]
+    verified = run_cli("verify", str(v / "checkpoints" / f"step-{saved[-2]:08d}"), timeout=300)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     for png in (v / "samples" / "final").glob("*.png"):
         with Image.open(png) as im:
             assert im.size == (64, 64) and "Steps: 4" in im.info["parameters"]
