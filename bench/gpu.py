@@ -70,7 +70,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -84,7 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "backend" / "trainer" / "model_configs"
 
-from bench import gpu_flow  # noqa: E402  (after the path: bench/ runs as a script)
+from bench import bare_loop, gpu_flow  # noqa: E402  (after the path: bench/ runs as a script)
 
 RANK, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 16, 1e-4, 0.01, 1.0
 RESULT = "BENCH_RESULT "  # prefix of the one stdout line a worker reports with
@@ -206,8 +205,6 @@ def bare_worker(shape: Shape, steps: int, warmup: int, dry: bool) -> dict[str, A
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
-    from peft import LoraConfig, inject_adapter_in_model
-    from torch.utils.flop_counter import FlopCounterMode
 
     from backend.config import UNET_TARGETS_DEFAULT
 
@@ -216,13 +213,7 @@ def bare_worker(shape: Shape, steps: int, warmup: int, dry: bool) -> dict[str, A
     dtype = torch.bfloat16 if cuda else torch.float32
     ucfg = unet_config(shape.model, dry)
     unet = build_unet(shape.model, dry, device, dtype)
-    lora = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(UNET_TARGETS_DEFAULT), bias="none")
-    inject_adapter_in_model(lora, unet)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    unet.train()
+    params = bare_loop.inject_lora(unet, list(UNET_TARGETS_DEFAULT), RANK)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=cuda)
     sched = DDPMScheduler.from_config(_json(CONFIGS / shape.model / "scheduler" / "scheduler_config.json"))
     b, lat_side = shape.batch, shape.resolution // 8
@@ -246,33 +237,7 @@ def bare_worker(shape: Shape, steps: int, warmup: int, dry: bool) -> dict[str, A
         loss.backward()
         return loss.detach()
 
-    def step() -> torch.Tensor:
-        loss = forward_backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        forward_backward()
-    opt.zero_grad(set_to_none=True)
-    for _ in range(warmup):
-        step()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(steps)]
-    sync()
-    step_s = (time.perf_counter() - t0) / steps
-    final = float(losses[-1])
-    if not all(math.isfinite(float(x)) for x in losses):
-        raise RuntimeError(f"non-finite loss in the bare loop (last {final})")
-    return {"contestant": "bare", "device": name, "peak_bf16_flops": peak,
-            "flops_per_step": counter.get_total_flops(), "step_s": step_s, "images_per_s": b / step_s,
-            "timed_steps": steps, "final_loss": final,
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return bare_loop.time_steps(forward_backward, params, opt, MAX_GRAD_NORM, steps, warmup, b, cuda, name, peak)
 
 
 # ----------------------------------------------------------------------------------- Lathe worker

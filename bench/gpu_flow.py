@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import resource
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench import bare_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "backend" / "trainer" / "model_configs"
@@ -202,8 +201,6 @@ def bare_worker(model: str, resolution: int, batch: int, steps: int, warmup: int
     counts the FLOPs of one forward+backward step."""
     import torch
     import torch.nn.functional as F
-    from peft import LoraConfig, inject_adapter_in_model
-    from torch.utils.flop_counter import FlopCounterMode
 
     from backend.trainer.families import family, flux
 
@@ -212,12 +209,7 @@ def bare_worker(model: str, resolution: int, batch: int, steps: int, warmup: int
     dtype = torch.bfloat16 if cuda else torch.float32
     net = build_transformer(model, dry, device, dtype)
     targets = family(FAMILY[model]).default_targets(net)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, bias="none"), net)
-    params = [p for n, p in net.named_parameters() if "lora_" in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    net.train()
+    params = bare_loop.inject_lora(net, targets, rank)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cuda)
     t5_tokens = TINY_T5_TOKENS if dry else (512 if model == "flux" else 256)
     kw = _inputs(model, dict(net.config), batch, resolution, t5_tokens, device, dtype)
@@ -240,33 +232,7 @@ def bare_worker(model: str, resolution: int, batch: int, steps: int, warmup: int
         loss.backward()
         return loss.detach()
 
-    def step() -> torch.Tensor:
-        loss = forward_backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        forward_backward()
-    opt.zero_grad(set_to_none=True)
-    for _ in range(warmup):
-        step()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(steps)]
-    sync()
-    step_s = (time.perf_counter() - t0) / steps
-    final = float(losses[-1])
-    if not all(math.isfinite(float(x)) for x in losses):
-        raise RuntimeError(f"non-finite loss in the bare loop (last {final})")
-    return {"contestant": "bare", "device": name, "peak_bf16_flops": peak,
-            "flops_per_step": counter.get_total_flops(), "step_s": step_s, "images_per_s": batch / step_s,
-            "timed_steps": steps, "final_loss": final,
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return bare_loop.time_steps(forward_backward, params, opt, max_grad_norm, steps, warmup, batch, cuda, name, peak)
 
 
 # ----------------------------------------------------------------------------------- Lathe worker

@@ -10,7 +10,7 @@ A flow-matching family (SD3, Flux.1) refuses a few of the settings it does not r
 anything but their "off" value (a DDPM option such as min_snr_gamma, v-prediction): such a
 field stays shown while it holds a refused value, and Validate and Start name it
 (`family_problems`), so a value typed for SD 1.x never stops a Flux.1 run unseen. The facts mirror
-the trainer's (backend/trainer/families: sd3.flow_refusals and each family's check(), what
+the trainer's (backend/trainer/families: flow_matching.flow_refusals and each family's check(), what
 backend/trainer/flow.py reads); tests/test_gui_family.py holds them against it.
 """
 
@@ -41,7 +41,7 @@ READ_BY: dict[str, tuple[str, ...]] = {
     "training.clip_skip": ("sd15", "sd2", "sd3"),
     "training.max_token_length": DDPM,
     "training.t5xxl_max_token_length": FLOW,
-    # the DDPM noise schedule's options (sd3.DDPM_ONLY, refused by the flow families) and the two that
+    # the DDPM noise schedule's options (flow_matching.DDPM_ONLY, refused by the flow families) and the two that
     # only qualify them (no effect while noise_offset / multires_noise_iterations is off)
     "training.noise_offset": DDPM, "training.noise_offset_random_strength": DDPM,
     "training.adaptive_noise_scale": DDPM, "training.multires_noise_iterations": DDPM,

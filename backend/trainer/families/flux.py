@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backend.trainer import flow
-from backend.trainer.families.base import Geometry, ModelFamily
-from backend.trainer.families.sd3 import CLIP_LENGTH, flow_refusals
+from backend.trainer.families.flow_matching import CLIP_LENGTH, FlowMatchingFamily, flow_refusals
 
 if TYPE_CHECKING:
     from backend.config import TrainingConfig, TrainingSection
@@ -82,7 +81,7 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
     return ids.reshape(h * w, 3).to(device, dtype)
 
 
-class Flux(ModelFamily):
+class Flux(FlowMatchingFamily):
     name, label = "flux", "Flux.1"
     base_model_version, architecture = "flux1", "flux-1-dev/lora"
 
@@ -147,13 +146,6 @@ class Flux(ModelFamily):
         return out
 
     # ------------------------------------------------------------------------------ the model call
-    def added_conditioning(self, comps: Components, pooled: torch.Tensor | None, geometry: list[Geometry],
-                           device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        return {"pooled_projections": pooled.to(device, dtype)}
-
-    def num_timesteps(self, comps: Components) -> int:
-        return flow.NUM_TIMESTEPS
-
     def draw_timestep(self, gen: torch.Generator, ts: TrainingSection, latent_hw: tuple[int, int]) -> torch.Tensor:
         return flow.flux_timestep(gen, ts, latent_hw)
 
@@ -173,24 +165,12 @@ class Flux(ModelFamily):
     def loss(self, model: Any, comps: Components, latents: torch.Tensor, context: torch.Tensor,
              added: dict[str, torch.Tensor] | None, noise: torch.Tensor, timesteps: torch.Tensor,
              ts: TrainingSection, weight_dtype: torch.dtype, input_noise: torch.Tensor | None = None) -> torch.Tensor:
-        from backend.trainer.loss import element_loss, huber_constant
-
         sigmas = timesteps.float() / flow.NUM_TIMESTEPS
         noisy = flow.noisy_input(latents, noise if input_noise is None else input_noise, sigmas)
         pred = self.predict(model, comps, noisy, sigmas, context, added, ts.guidance_scale, weight_dtype)
-        pred, target, weight = flow.prediction_and_target(self.name, pred.float(), latents.float(), noise.float(),
-                                                          noisy.float(), sigmas, ts)
-        elem = element_loss(pred, target, ts, huber_constant(ts, latents))
-        if weight is not None:
-            elem = elem * weight.view(-1, *([1] * (elem.ndim - 1)))
-        return elem.mean(dim=tuple(range(1, elem.ndim)))
+        return self.flow_loss(pred, latents, noise, noisy, sigmas, ts)
 
     # ------------------------------------------------------------------------------ sampling
-    def sampler(self, comps: Components) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(comps.noise_scheduler.config)
-
     def pipeline(self, comps: Components, model: Any, scheduler: Any) -> Any:
         from diffusers import FluxPipeline
 

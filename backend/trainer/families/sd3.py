@@ -12,39 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from backend.trainer import flow
-from backend.trainer.families.base import Geometry, ModelFamily
+from backend.trainer.families.flow_matching import CLIP_LENGTH, DDPM_ONLY, FlowMatchingFamily, flow_refusals
+
+__all__ = ["CLIP_LENGTH", "DDPM_ONLY", "SD3", "StableDiffusion3", "flow_refusals"]
 
 if TYPE_CHECKING:
     from backend.config import TrainingConfig, TrainingSection
     from backend.trainer.models import Components
 
-CLIP_LENGTH = 77
 T5_LENGTH = 256  # sd-scripts' t5xxl_max_token_length default for SD3
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-# DDPM-schedule options that have no meaning for flow matching: refused, never silently ignored.
-DDPM_ONLY = {
-    "min_snr_gamma": None, "zero_terminal_snr": False, "debiased_estimation_loss": False,
-    "scale_v_pred_loss_like_noise_pred": False, "v_pred_like_loss": None, "noise_offset": 0.0,
-    "adaptive_noise_scale": None, "multires_noise_iterations": 0,
-}
 
 
-def flow_refusals(cfg: TrainingConfig, family_label: str, extra: dict[str, Any] | None = None) -> list[str]:
-    """The settings a flow-matching family cannot train with, as plain messages."""
-    t = cfg.training
-    out = [f"training.{name}: a DDPM-schedule option; {family_label} trains by flow matching, where it has no "
-           f"meaning (sd-scripts ignores it there); clear it" for name, off in {**DDPM_ONLY, **(extra or {})}.items()
-           if getattr(t, name) != off]
-    if t.loss_type in ("huber", "smooth_l1") and t.huber_schedule != "constant":
-        out.append(f"training.huber_schedule: {t.huber_schedule} reads a DDPM noise schedule; with {family_label} "
-                   "use constant")
-    if cfg.model.v_parameterization:
-        out.append(f"model.v_parameterization: {family_label} is trained by flow matching; leave it empty")
-    return out
-
-
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(FlowMatchingFamily):
     name, label = "sd3", "SD3/SD3.5"
     base_model_version, architecture = "sd3", "stable-diffusion-3/lora"
 
@@ -88,38 +69,19 @@ class StableDiffusion3(ModelFamily):
         return []
 
     # ------------------------------------------------------------------------------ the model call
-    def added_conditioning(self, comps: Components, pooled: torch.Tensor | None, geometry: list[Geometry],
-                           device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        return {"pooled_projections": pooled.to(device, dtype)}
-
-    def num_timesteps(self, comps: Components) -> int:
-        return flow.NUM_TIMESTEPS
-
     def draw_timestep(self, gen: torch.Generator, ts: TrainingSection, latent_hw: tuple[int, int]) -> torch.Tensor:
         return flow.sd3_timestep(gen, ts)
 
     def loss(self, model: Any, comps: Components, latents: torch.Tensor, context: torch.Tensor,
              added: dict[str, torch.Tensor] | None, noise: torch.Tensor, timesteps: torch.Tensor,
              ts: TrainingSection, weight_dtype: torch.dtype, input_noise: torch.Tensor | None = None) -> torch.Tensor:
-        from backend.trainer.loss import element_loss, huber_constant
-
         sigmas = timesteps.float() / flow.NUM_TIMESTEPS
         noisy = flow.noisy_input(latents, noise if input_noise is None else input_noise, sigmas)
         pred = model(hidden_states=noisy.to(weight_dtype), timestep=timesteps.to(weight_dtype),
                      encoder_hidden_states=context.to(weight_dtype), **(added or {})).sample
-        pred, target, weight = flow.prediction_and_target(self.name, pred.float(), latents.float(), noise.float(),
-                                                          noisy.float(), sigmas, ts)
-        elem = element_loss(pred, target, ts, huber_constant(ts, latents))
-        if weight is not None:
-            elem = elem * weight.view(-1, *([1] * (elem.ndim - 1)))
-        return elem.mean(dim=tuple(range(1, elem.ndim)))
+        return self.flow_loss(pred, latents, noise, noisy, sigmas, ts)
 
     # ------------------------------------------------------------------------------ sampling
-    def sampler(self, comps: Components) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(comps.noise_scheduler.config)
-
     def pipeline(self, comps: Components, model: Any, scheduler: Any) -> Any:
         from diffusers import StableDiffusion3Pipeline
 
