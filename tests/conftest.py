@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -104,3 +105,14 @@ def start_run(tmp: Path, demo: Path, extra_env: dict | None = None, **sections: 
 
 def step_losses(version_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events(version_dir, "step")}
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection attempt fails the test (and the hub is offline): for tests of offline loading."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the test tried to use the network")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

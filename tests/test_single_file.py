@@ -8,7 +8,6 @@ counts of the published models, and the LDM key layout they imply). No test may 
 from __future__ import annotations
 
 import argparse
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,7 @@ CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a single-file test tried to use the network")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py: loading never reaches the network
 
 
 # ------------------------------------------------------------------------------------ tiny models

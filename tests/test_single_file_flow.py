@@ -10,7 +10,6 @@ against the published models' sizes. Loading must give every tensor of the folde
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,7 @@ from backend.trainer.single_file_flow import (
 )
 from tests.conftest import ROOT, events, run_cli, write_config
 
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a single-file test tried to use the network")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py: loading never reaches the network
 
 
 # ------------------------------------------------------------------------------------ the layouts users have
