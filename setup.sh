@@ -27,4 +27,8 @@ if [ ! -f demo/.complete ] || [ "$demo_have" != "$demo_want" ]; then
   echo "setup: building the demo model and image set in demo/"
   .venv/bin/python -m backend demo-assets demo
 fi
+# Lathe's own bytecode, written once: every run starts a CLI and a trainer process, and where
+# PYTHONDONTWRITEBYTECODE is set, Python would otherwise compile these modules from source in each.
+# (A changed source file is recompiled in memory; its stale .pyc is never used.)
+.venv/bin/python -m compileall -q -j 0 app.py backend gui >/dev/null
 echo "setup: done"

@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_import_kohya)
     _add_lifecycle_commands(sub)
-    from backend.dataset_view import add_dataset_parser
+    from backend.dataset_cli import add_dataset_parser
     from backend.queue_cli import add_queue_parser
 
     add_dataset_parser(sub)

@@ -6,7 +6,7 @@
 - `page(summary_or_cfg, offset, limit)`: one page of images in a stable order (subset by subset,
   file names sorted, as discovery lists them); from a config it reads only that page's headers.
 - `thumbnail(cfg, image, max_side)`: JPEG bytes of one image, confined by backend.captions.
-- `cmd_dataset` / `add_dataset_parser`: the CLI command.
+- `cmd_dataset`: the CLI command (its arguments: backend/dataset_cli.py).
 
 Torch-free and GUI-free (a test imports it in a fresh interpreter).
 """
@@ -360,17 +360,5 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 2 if summary.errors else 0
 
 
-def add_dataset_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the `dataset` command to `python -m backend`'s sub-commands."""
-    p = subparsers.add_parser("dataset", help="show a dataset as training resolves it: subsets, counts, steps per "
-                              "epoch, buckets, tags, warnings")
-    p.add_argument("source", help="an image folder (kohya '<repeats>_<class>' layout or plain) or a config/preset file")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override one setting by dotted path, e.g. --set training.train_batch_size=2 (repeatable)")
-    p.set_defaults(func=cmd_dataset)
-    return p
-
-
-__all__ = ["DatasetSummary", "Entry", "PathRefused", "SubsetSummary", "UnreadableImage", "add_dataset_parser",
+__all__ = ["DatasetSummary", "Entry", "PathRefused", "SubsetSummary", "UnreadableImage",
            "cmd_dataset", "page", "summarize", "thumbnail"]

@@ -149,7 +149,7 @@ def main() -> None:
     for k in ("lathe_save", "plain_save", "lathe_load", "plain_load"):
         v = io_[k]
         print(f"  {k:<11} median {v['median_s'] * 1000:8.1f} ms  (min {v['min_s'] * 1000:.1f}, max {v['max_s'] * 1000:.1f})")
-    print(f"  save: Lathe / plain safetensors = {io_['save_ratio']:.2f}x; load (with sha256 verify) = {io_['load_ratio']:.2f}x")
+    print(f"  save: Lathe / plain safetensors = {io_['save_ratio']:.2f}x; load (verified) = {io_['load_ratio']:.2f}x")
     r = result.get("resume")
     if r:
         print(f"first step after start: fresh {r['fresh_first_step_s']['median']:.2f} s, resume "

@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS="diffusers==0.42.1 prodigyopt==1.1.2 peft==0.21.2 transformers==5.23.0 pydantic==2.14.3 pydantic-core==2.50.4
-annotated-types==0.7.0 typing-inspection==0.4.4 typing-extensions==4.16.0 importlib-metadata==8.7.0"
+blake3==1.0.11 annotated-types==0.7.0 typing-inspection==0.4.4 typing-extensions==4.16.0 importlib-metadata==8.7.0"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl

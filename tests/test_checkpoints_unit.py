@@ -41,7 +41,7 @@ def test_manifest_detects_a_flipped_byte_and_a_missing_file(tmp_path):
     data[50] ^= 0x01
     (ck / "a.bin").write_bytes(bytes(data))
     status, problems = C.checkpoint_status(ck)
-    assert status == "corrupt" and "a.bin: sha256 differs" in problems[0]
+    assert status == "corrupt" and "a.bin: blake3 hash differs" in problems[0]
     (ck / "a.bin").unlink()
     assert C.checkpoint_status(ck)[0] == "corrupt"
     (ck / "manifest.json").write_text("{trunc")
@@ -163,6 +163,8 @@ def test_positions_of_old_checkpoints_are_converted_to_global_batches():
 def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_path, monkeypatch):
     import hashlib
 
+    import blake3
+
     atomic = C.AtomicDir(tmp_path / "checkpoints", "step-00000001")
     with atomic as tmp:
         C.write_file(tmp / "a.bin", b"x" * 5000)
@@ -170,12 +172,13 @@ def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_pat
         C.write_file(tmp / "c.bin", b"old")
         (tmp / "c.bin").write_bytes(b"changed after write_file")  # the recorded hash no longer applies
         read_back = []
-        real = C.sha256_file
-        monkeypatch.setattr(C, "sha256_file", lambda p, *a: read_back.append(p.name) or real(p, *a))
+        real = C.file_digests
+        monkeypatch.setattr(C, "file_digests", lambda p: read_back.append(p.name) or real(p))
         manifest = atomic.commit({"run_name": "x"})
     assert sorted(read_back) == ["b.json", "c.bin"]  # a.bin was not read a second time
-    assert manifest["files"]["a.bin"]["sha256"] == hashlib.sha256(b"x" * 5000).hexdigest()
-    assert manifest["files"]["c.bin"]["sha256"] == hashlib.sha256(b"changed after write_file").hexdigest()
+    for name, content in (("a.bin", b"x" * 5000), ("c.bin", b"changed after write_file"), ("b.json", b"{}")):
+        assert manifest["files"][name] == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest(),
+                                           "blake3": blake3.blake3(content).hexdigest()}
     folder = atomic.final
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
     assert reader.read("a.bin") == b"x" * 5000
@@ -183,7 +186,7 @@ def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_pat
     data = bytearray((folder / "a.bin").read_bytes())
     data[100] ^= 1
     (folder / "a.bin").write_bytes(bytes(data))
-    with pytest.raises(C.CorruptFile, match=r"a.bin: sha256 differs"):
+    with pytest.raises(C.CorruptFile, match=r"a.bin: blake3 hash differs"):
         C.VerifiedReader(folder, C.read_manifest(folder)).read("a.bin")
     (folder / "a.bin").write_bytes(b"x" * 5000)
     (folder / "b.json").unlink()
@@ -213,3 +216,18 @@ def test_state_tensor_files_are_standard_safetensors_both_ways(tmp_path):
     with pytest.raises(ValueError):
         tensorfile.load(bytes(data[:20]))
     C._WRITTEN.clear()
+
+
+def test_entries_without_blake3_are_verified_by_their_sha256(tmp_path):
+    """Checkpoints written before BLAKE3 was recorded list sha256 only: reads and verify check that."""
+    ck = make_ckpt(tmp_path, "epoch-000001")
+    manifest = C.read_manifest(ck)
+    for meta in manifest["files"].values():
+        del meta["blake3"]
+    (ck / C.MANIFEST).write_text(json.dumps(manifest))
+    assert C.checkpoint_status(ck) == ("valid", [])
+    assert C.VerifiedReader(ck, manifest).read("a.bin") == b"\x00" * 100
+    (ck / "a.bin").write_bytes(b"\x00" * 99 + b"\x01")
+    assert C.checkpoint_status(ck) == ("corrupt", ["a.bin: sha256 hash differs from the manifest (file changed or corrupt)"])
+    with pytest.raises(C.CorruptFile, match="a.bin: sha256 hash differs"):
+        C.VerifiedReader(ck, manifest).read("a.bin")

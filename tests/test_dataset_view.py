@@ -17,7 +17,8 @@ from PIL import Image
 
 from backend import dataset as D
 from backend.captions import BACKUP_DIR, PathRefused, resolve_image, save_caption
-from backend.dataset_view import UnreadableImage, add_dataset_parser, page, summarize, thumbnail
+from backend.dataset_cli import add_dataset_parser
+from backend.dataset_view import UnreadableImage, page, summarize, thumbnail
 from backend.presets import resolve
 from tests.conftest import ROOT, demo_config, events
 

@@ -30,7 +30,7 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
     if status != "valid":
         return False, [f"{folder.name}: {status}", *problems]
     manifest = C.read_manifest(folder)
-    lines.append(f"files: {len(manifest['files'])} files, sha256 and sizes match the manifest")
+    lines.append(f"files: {len(manifest['files'])} files, sizes and hashes match the manifest")
     try:
         tensors = load_file(str(folder / "lora.safetensors"), device="cpu")
         load_optimizer(lambda name: (folder / name).read_bytes(), manifest["files"])
