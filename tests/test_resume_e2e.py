@@ -17,6 +17,11 @@ pytestmark = pytest.mark.train
 
 STEPS = dict(training={"max_train_epochs": 3}, sampling={"prompts": []},
              saving={"save_every_n_epochs": 1, "save_last_n_epochs": None, "save_every_n_steps": 5})
+# Prodigy's runs: two epochs are enough for a resume mid-epoch 2 (step 20) and a stop early in epoch 1.
+PRODIGY_STEPS = {**STEPS, "training": {"max_train_epochs": 2}}
+# The resume from epoch-000001 also keeps only the newest epoch save and no step saves: the same
+# resumed run shows that it is bit-exact and that rotation never touches the checkpoint it came from.
+ROTATING_RESUME = ("saving.save_last_n_epochs=1", "saving.save_every_n_steps=null")
 PRODIGY = {"type": "Prodigy", "d_coef": 0.7, "weight_decay": 0.01}  # d grows within a few steps
 
 
@@ -45,14 +50,26 @@ def straight_adamw(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_prodigy(demo, tmp_path_factory):
-    proc, v = train(tmp_path_factory.mktemp("prodigy"), demo, optimizer=PRODIGY, **STEPS)
+    proc, v = train(tmp_path_factory.mktemp("prodigy"), demo, optimizer=PRODIGY, **PRODIGY_STEPS)
     assert proc.returncode == 0, proc.stderr
     return v
 
 
+@pytest.fixture(scope="module")
+def adamw_resumed(straight_adamw):
+    """Resumes of the straight AdamW run, one per checkpoint name, each run once for the module."""
+    done: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = resume(straight_adamw / "checkpoints" / name, *(ROTATING_RESUME if name == "epoch-000001" else ()))
+        return done[name]
+    return get
+
+
 @pytest.mark.parametrize("name, step", [("epoch-000001", 16), ("step-00000025", 25)])
-def test_adamw_resume_is_bit_exact(straight_adamw, name, step):
-    proc, v = resume(straight_adamw / "checkpoints" / name)
+def test_adamw_resume_is_bit_exact(straight_adamw, adamw_resumed, name, step):
+    proc, v = adamw_resumed(name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     started = events(v, "run_started")[0]
     assert started["resumed_from"].endswith(name) and v.name != straight_adamw.name
@@ -72,7 +89,7 @@ def test_prodigy_resume_mid_epoch_keeps_its_estimate(straight_prodigy):
 def test_stop_then_resume_is_bit_exact(straight_prodigy, demo, tmp_path):
     """A STOP file (the GUI's Stop). A SIGINT (Ctrl+C) ends in the same stop checkpoint, written by
     the same code: test_lifecycle.py checks that it is written and valid."""
-    proc, v = start_run(tmp_path, demo, optimizer=PRODIGY, extra_env={"LATHE_TEST_SLOW_STEP_S": "0.05"}, **STEPS)
+    proc, v = start_run(tmp_path, demo, optimizer=PRODIGY, extra_env={"LATHE_TEST_SLOW_STEP_S": "0.05"}, **PRODIGY_STEPS)
     try:
         wait_for(lambda: len(events(v, "step")) >= 7 if (v / "events.jsonl").exists() else False, timeout=120)
         launcher.request_stop(v)
@@ -110,20 +127,19 @@ def test_rotation_keeps_exactly_the_newest(demo, tmp_path):
             assert evs[i - 1]["event"] == "export_saved"
 
 
-def test_foreign_files_and_resumed_from_checkpoint_are_never_rotated(straight_adamw, tmp_path):
-    proc, v = resume(straight_adamw / "checkpoints" / "epoch-000001", "saving.save_last_n_epochs=1",
-                     "saving.save_every_n_steps=null")
+def test_foreign_files_and_resumed_from_checkpoint_are_never_rotated(straight_adamw, adamw_resumed):
+    proc, v = adamw_resumed("epoch-000001")  # with ROTATING_RESUME's settings
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert C.checkpoint_status(straight_adamw / "checkpoints" / "epoch-000001")[0] == "valid"
     assert sorted(p.name for p in (v / "checkpoints").iterdir()) == ["epoch-000003", "final"]
 
 
 def test_validation_best_and_verify(demo, tmp_path):
-    proc, v = train(tmp_path, demo, dataset={"validation_split": 0.25}, training={"max_train_epochs": 3},
+    proc, v = train(tmp_path, demo, dataset={"validation_split": 0.25}, training={"max_train_epochs": 2},
                     sampling={"prompts": []}, saving={"save_every_n_epochs": 1, "save_last_n_epochs": None})
     assert proc.returncode == 0, proc.stderr
     vals = events(v, "validation")
-    assert len(vals) == 4  # three epoch saves + final
+    assert len(vals) == 3  # two epoch saves + final
     best_val = min(e["val_loss"] for e in vals)
     manifest = C.read_manifest(v / "checkpoints" / "best")
     assert manifest["val_loss"] == best_val and (v / "exports" / "demo-best.safetensors").is_file()
@@ -131,7 +147,7 @@ def test_validation_best_and_verify(demo, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "difference 0.00e+00" in out.stdout and "VALID" in out.stdout
     listing = json.loads(run_cli("checkpoints", str(v.parent), "--json").stdout)
-    assert {c["name"] for c in listing} == {"epoch-000001", "epoch-000002", "epoch-000003", "final", "best"}
+    assert {c["name"] for c in listing} == {"epoch-000001", "epoch-000002", "final", "best"}
     assert all(c["status"] == "valid" for c in listing)
 
 
