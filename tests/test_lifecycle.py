@@ -106,8 +106,10 @@ def test_a_trainer_error_ends_with_a_one_line_reason_and_the_traceback_in_the_lo
 
 def test_a_stop_that_outlasts_its_grace_is_aborted_by_sigterm_and_still_recorded(demo, tmp_path):
     """The stop checkpoint hangs (tests/trainer_probe.py slows the save): SIGTERM after the grace period aborts
-    it, and the trainer still writes its own final state, so no SIGKILL is needed."""
-    env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_TEST_SLOW_SAVE_S": "60"}
+    it, and the trainer still writes its own final state, so no SIGKILL is needed. Each state file's write
+    hangs 5 s: the save (several files on two threads) still runs when SIGTERM comes 1 s into it, and the
+    writes already under way end long before the launcher's SIGKILL would come (30 s after the SIGTERM)."""
+    env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_TEST_SLOW_SAVE_S": "5"}
     launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1,
                                entry=PROBE_ENTRY)
     v = launched.version_dir
@@ -115,9 +117,12 @@ def test_a_stop_that_outlasts_its_grace_is_aborted_by_sigterm_and_still_recorded
         wait_steps(v, 2)
         launcher.request_stop(v)
         wait_for(lambda: list(v.glob("checkpoints/stop-*.tmp/lora.safetensors")), timeout=120)  # inside the slow save
+        t0 = time.monotonic()
         status = launcher.stop(v, grace_s=1, term_s=30)
+        stopped_in = time.monotonic() - t0
     finally:
         finish(launched.proc, v)
+    assert stopped_in < 30, stopped_in  # gone after the SIGTERM, before the SIGKILL
     assert status["state"] == "stopped" and status["stop_escalation"] == "SIGTERM"
     assert "aborted" in status["error"] and status["exit_code"] == 0
     assert not (v / "checkpoints" / f"stop-{status['step']:08d}").exists()
