@@ -7,6 +7,7 @@ and test_ddp.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -249,8 +250,12 @@ def test_accelerate_configs_lathe_cannot_save_are_refused_at_validate(tmp_path, 
 
 
 def test_every_shipped_preset_still_validates():
-    for p in sorted((ROOT / "presets").glob("*.json")):
-        out = run_cli("validate", str(p))
+    from concurrent.futures import ThreadPoolExecutor
+
+    presets = sorted((ROOT / "presets").glob("*.json"))
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:  # one CLI process per preset, a few at a time
+        outs = list(pool.map(lambda p: run_cli("validate", str(p)), presets))
+    for p, out in zip(presets, outs, strict=True):
         assert out.returncode == 0, (p.name, out.stderr)
         json.loads(p.read_text())
 
