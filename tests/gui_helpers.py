@@ -110,9 +110,15 @@ def tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).click()
 
 
-def shot(page, tmp: Path, name: str, selector: str | None = None, full: bool = True) -> Path:
-    """A screenshot into $LATHE_SCREENSHOT_DIR (docs/screenshots when making the docs), else tmp."""
-    folder = Path(os.environ.get(SCREENSHOT_ENV) or tmp)
+def shot(page, tmp: Path, name: str, selector: str | None = None, full: bool = True) -> Path | None:
+    """A screenshot into $LATHE_SCREENSHOT_DIR (docs/screenshots when making the docs). Without it no
+    picture is taken (nobody looks at one in a temp folder, and each costs a second or more of a slow
+    CPU); the element a picture would show must still be there and visible, as the screenshot needs."""
+    if not os.environ.get(SCREENSHOT_ENV):
+        if selector:
+            page.locator(selector).wait_for(state="visible")
+        return None
+    folder = Path(os.environ[SCREENSHOT_ENV])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     if selector:
