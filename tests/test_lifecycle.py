@@ -107,9 +107,9 @@ def test_a_trainer_error_ends_with_a_one_line_reason_and_the_traceback_in_the_lo
 def test_a_stop_that_outlasts_its_grace_is_aborted_by_sigterm_and_still_recorded(demo, tmp_path):
     """The stop checkpoint hangs (tests/trainer_probe.py slows the save): SIGTERM after the grace period aborts
     it, and the trainer still writes its own final state, so no SIGKILL is needed. Each state file's write
-    hangs 5 s: the save (several files on two threads) still runs when SIGTERM comes 1 s into it, and the
-    writes already under way end long before the launcher's SIGKILL would come (30 s after the SIGTERM)."""
-    env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_TEST_SLOW_SAVE_S": "5"}
+    hangs 60 s, a disk that stalls: the trainer records its end and exits without waiting for the writes
+    still under way, long before the launcher's SIGKILL would come (30 s after the SIGTERM)."""
+    env = {**launcher.launch_env(demo_cfg(demo, tmp_path)), "LATHE_TEST_SLOW_SAVE_S": "60"}
     launched = launcher.launch(demo_cfg(demo, tmp_path / "runs", training=LONG), env=env, cpu_threads=1,
                                entry=PROBE_ENTRY)
     v = launched.version_dir

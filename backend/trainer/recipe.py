@@ -48,7 +48,7 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
     stop = StopWatch(version_dir, acc)
     sc = SaveContext(version_dir, resumed_from=cfg.resume_from)
     prog = Progress()
-    state, error, code = "failed", None, EXIT_FAILED
+    state, error, code, aborted = "failed", None, EXIT_FAILED, False
     try:
         s = build_setup(cfg, acc, io)
         if acc.is_main_process:
@@ -84,7 +84,7 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
             code = EXIT_FINISHED
         acc.wait_for_everyone()
     except KeyboardInterrupt:
-        state, error, code = "stopped", "aborted after a stop request (nothing saved)", EXIT_STOPPED
+        state, error, code, aborted = "stopped", "aborted after a stop request (nothing saved)", EXIT_STOPPED, True
     except Exception as exc:  # noqa: BLE001 - every failure gets a reason
         traceback.print_exc()
         state, error, code = "failed", failure_reason(exc), EXIT_FAILED
@@ -93,6 +93,14 @@ def run(cfg: TrainingConfig, version_dir: Path) -> int:
             **peak_memory())
     io.status(state=state, step=prog.global_step, error=error, exit_code=code, finished_at=time.time())
     io.close()
+    if aborted:
+        # A save interrupted by the abort may have writes still under way in its threads (a disk that
+        # hangs is what makes a stop outlast its grace); the end is recorded, so exit without waiting
+        # for them (the interpreter would join those threads). The unfinished .tmp folder is removed
+        # at the run folder's next start.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
