@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from backend import checkpoints as C
+from backend import hashed_io
 from backend.trainer import state as ST
 from backend.trainer import tensorfile
 
@@ -46,7 +47,7 @@ def save(parent: Path, name: str, write) -> Path:
 
 def test_a_big_optimizer_state_is_split_over_files_that_load_back_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(ST, "OPTIMIZER_SHARD_BYTES", 1 << 20)  # 3.8 MB of moments: 4 files
-    monkeypatch.setattr(C, "MAP_MIN", 1 << 18)  # the shards are read through memory maps
+    monkeypatch.setattr(hashed_io, "MAP_MIN", 1 << 18)  # the shards are read through memory maps
     sd = adam_state()
     folder = save(tmp_path, "step-00000001", lambda tmp: ST.save_optimizer(tmp, sd))
     files = sorted(p.name for p in folder.iterdir())
@@ -72,7 +73,7 @@ def test_a_big_optimizer_state_is_split_over_files_that_load_back_verified(tmp_p
 def test_a_checkpoint_of_the_single_file_layout_still_loads(tmp_path, monkeypatch):
     """What save_optimizer wrote before shards: every tensor in optimizer.safetensors, one write after
     another; new code (prefetching, memory-mapped reads) restores it exactly."""
-    monkeypatch.setattr(C, "MAP_MIN", 1 << 18)
+    monkeypatch.setattr(hashed_io, "MAP_MIN", 1 << 18)
     sd = adam_state()
 
     def old_layout(tmp: Path) -> None:
