@@ -664,6 +664,13 @@ class LaunchConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train. 'auto' uses CUDA when present.")
     num_processes: int = Field(1, ge=1, le=1024, description="Training processes in all (one per GPU).")
     gpu_ids: str | None = Field(None, description="GPUs to use, e.g. '0,1'. Empty: all visible.")
+    num_cpu_threads_per_process: int | None = Field(
+        None, ge=1, le=1024,
+        description="PyTorch CPU threads of each training process (CPU training; ignored on GPUs). Empty: "
+        "chosen for the run: 1 when a step's work is tiny (the demo at 64 px: more threads only add overhead, "
+        "and a browser showing the page then slows nothing), otherwise this machine's cores shared among "
+        "its training processes.",
+    )
     num_machines: int = Field(1, ge=1, le=1024, description="Machines taking part.")
     machine_rank: int = Field(0, ge=0, description="This machine's rank (0 is the main one).")
     main_process_ip: str | None = Field(None, description="Address of machine 0 (several machines only).")

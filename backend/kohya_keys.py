@@ -110,6 +110,7 @@ SIMPLE: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "main_process_ip": ("launch.main_process_ip", off(to_str)),
     "main_process_port": ("launch.main_process_port", off(to_int)),
     "gpu_ids": ("launch.gpu_ids", off(to_str)),
+    "num_cpu_threads_per_process": ("launch.num_cpu_threads_per_process", off(to_int)),
     "v_parameterization": ("model.v_parameterization", to_bool),
     "fp8_base": ("model.fp8_base", to_bool),
     "output_dir": ("output_dir", to_str),
@@ -222,7 +223,6 @@ NOT_IMPORTED = _table(
     ("GUI-only setting: the GUI's model dropdown", False, "model_list"),
     ("GUI-only setting", False, "save_as_bool training_preset log_config file_path"),
     ("GUI-only setting: Lathe uses several GPUs when launch.num_processes is above 1", False, "multi_gpu"),
-    ("not applicable: an accelerate CPU-thread setting left to accelerate", False, "num_cpu_threads_per_process"),
     ("not applicable: Lathe uses PyTorch SDPA attention (scaled_dot_product_attention) itself", False, "xformers mem_eff_attn sdpa"),
     ("not applicable: memory and loading tuning that Lathe manages itself", False,
      "vae_batch_size persistent_data_loader_workers sdxl_no_half_vae no_half_vae lowram lowvram highvram "

@@ -120,9 +120,41 @@ def build_argv(cfg: TrainingConfig, version_dir: Path, python: str | None = None
     return argv + trainer
 
 
+DENOISER_FOLDERS = ("unet", "transformer")
+# Denoiser weight bytes x latent positions per step below which one CPU thread steps faster than
+# several: torch's per-operator parallel overhead outweighs the split. Measured on 2 cores
+# (docs/performance.md): the demo UNet (3.2 MB) at 64 px, batch 4 (8e8) is 8% faster on 1 thread than
+# on 2; at 128 px (3.3e9) 2 threads are 5% faster, at 256 px 1.6x. A real SD1.5 UNet at 512 px is 1e13.
+SMALL_STEP_WORK = 2e9
+
+
+def denoiser_bytes(model: str) -> int | None:
+    """Size of the model's denoiser weights (a single file: the whole file), without loading anything;
+    None when it cannot be told from the files."""
+    p = Path(model).expanduser()
+    try:
+        if p.is_file():
+            return p.stat().st_size
+        for sub in DENOISER_FOLDERS:
+            if (p / sub).is_dir():
+                return sum(f.stat().st_size for f in (p / sub).iterdir() if f.suffix in (".safetensors", ".bin"))
+    except OSError:
+        return None
+    return None
+
+
 def default_cpu_threads(cfg: TrainingConfig) -> int:
-    """This machine's cores shared among its own processes (num_processes counts every machine's)."""
-    local = max(1, cfg.launch.num_processes // cfg.launch.num_machines)
+    """torch CPU threads per training process: `launch.num_cpu_threads_per_process` when set;
+    otherwise 1 for a tiny step (SMALL_STEP_WORK), else this machine's cores shared among its own
+    processes (num_processes counts every machine's)."""
+    lc = cfg.launch
+    if lc.num_cpu_threads_per_process:
+        return lc.num_cpu_threads_per_process
+    size = denoiser_bytes(cfg.model.pretrained_model)
+    positions = (cfg.dataset.resolution // 8) ** 2 * cfg.training.train_batch_size
+    if size is not None and size * positions < SMALL_STEP_WORK:
+        return 1
+    local = max(1, lc.num_processes // lc.num_machines)
     return max(1, (os.cpu_count() or 1) // local)
 
 

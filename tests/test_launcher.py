@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from backend import launcher, lock, resources, runs
 from backend.config import ConfigError, TrainingConfig
@@ -39,6 +40,28 @@ def test_cpu_single_process_starts_the_trainer_directly():
     env = launcher.launch_env(c, base={"PATH": "/bin"})
     assert env["ACCELERATE_USE_CPU"] == "true" and env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1"
     assert env["ACCELERATE_MIXED_PRECISION"] == "no" and env["ACCELERATE_DYNAMO_BACKEND"] == "NO"
+
+
+def test_cpu_threads_follow_the_step_size_unless_set(demo, monkeypatch):
+    """The demo's tiny step trains on one thread (several only add per-operator overhead); a step
+    with real work shares the machine's cores among its processes; a set value always wins."""
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)
+
+    def threads(**kw: object) -> int:
+        launch = kw.pop("launch", {"device": "cpu"})
+        return launcher.default_cpu_threads(TrainingConfig.model_validate({
+            "model": {"pretrained_model": str(kw.pop("model", demo / "model"))}, "launch": launch,
+            "dataset": {"resolution": kw.pop("resolution", 64)}, "training": {"train_batch_size": kw.pop("batch", 4)}}))
+
+    assert launcher.denoiser_bytes(str(demo / "model")) == sum(f.stat().st_size for f in (demo / "model/unet").glob("*.safetensors"))
+    assert threads() == 1 and threads(model=demo / "model.safetensors") == 1 and threads(model=demo / "model-flux") == 1
+    assert threads(resolution=256) == 8 and threads(batch=16) == 8  # 16x and 4x the demo's work
+    assert threads(launch={"device": "cpu", "num_processes": 2}, resolution=512) == 4
+    assert threads(model="/nonexistent/model") == 8  # size unknown: the cores
+    assert threads(launch={"device": "cpu", "num_cpu_threads_per_process": 3}) == 3
+    assert threads(launch={"device": "cpu", "num_cpu_threads_per_process": 3}, resolution=512) == 3
+    with pytest.raises(ValidationError, match="num_cpu_threads_per_process"):
+        TrainingConfig.model_validate({"launch": {"num_cpu_threads_per_process": 0}})
 
 
 def test_cpu_ddp_uses_multi_gpu_with_accelerate_use_cpu():
