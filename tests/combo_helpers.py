@@ -79,6 +79,8 @@ SPACE: pairwise.Space = {
     "training.weighting_scheme": ["uniform", "logit_normal", "mode", "sigma_sqrt"],
     "training.model_prediction_type": ["raw", "sigma_scaled", "additive"],  # Flux.1 reads it
     "launch.num_processes": [1, 2],
+    # CPU threads per process: the demo's own choice (1, its step is tiny) or 2 (torch's parallel kernels).
+    "launch.num_cpu_threads_per_process": [None, 2],
 }
 MODELS = {"sd15": "model", "sd15-file": "model.safetensors", "sdxl": "model-sdxl", "sd2v": "model-sd2v", "sd3": "model-sd3",
           "flux": "model-flux"}

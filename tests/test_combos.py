@@ -28,9 +28,11 @@ CASES = [
                                        network__dropout=0.1, network__rank_dropout=0.1, network__module_dropout=0.2,
                                        training__max_token_length=150, launch__num_processes=2)),
     # SD2-768-v: detected as sd2, trained with v-prediction because its scheduler says so; Min-SNR's
-    # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed; the base UNet in fp8.
+    # v weighting; a LoKr network; D-Adaptation Lion's step-size estimate resumed; the base UNet in fp8;
+    # two CPU threads (the demo's own choice is one).
     ("sd2v-vpred-lokr", H.baseline(model="sd2v", training__min_snr_gamma=5.0, network__type="lokr",
-                                   optimizer__type="DAdaptLion", model__fp8_base=True)),
+                                   optimizer__type="DAdaptLion", model__fp8_base=True,
+                                   launch__num_cpu_threads_per_process=2)),
     # SD3.5-shaped (MMDiT, CLIP-L + CLIP-G + T5, flow matching) under DDP: a timestep range, LoRA+.
     ("sd3-ddp-flow", H.baseline(model="sd3", launch__num_processes=2, training__min_timestep=100,
                                 optimizer__loraplus_lr_ratio=16.0)),
