@@ -709,6 +709,9 @@ class LaunchConfig(Section):
         return self
 
 
+HASH_NEUTRAL_DEFAULTS["launch"] = {"num_cpu_threads_per_process": None}
+
+
 # ------------------------------------------------------------------------------------------ the root
 class TrainingConfig(Section):
     schema_version: int = Field(SCHEMA_VERSION, description="Config schema version (for migrations).")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from backend import checkpoints as C
 from backend import dataset as D
 from backend.config import validate_config
+from backend.launcher import default_cpu_threads
 from backend.trainer import evaluation, fp8
 from backend.trainer.caching import TextEncoder
 from backend.trainer.models import load_components
@@ -58,12 +59,25 @@ def verify_checkpoint(folder: Path, recompute: bool = True) -> tuple[bool, list[
     return _recompute(comps, trained, cfg, manifest, lines)
 
 
+@contextlib.contextmanager
+def _threads_of_the_run(cfg):
+    """A CPU run's loss is recomputed on the torch thread count it trained with (the launcher's
+    choice): another count splits the kernels' sums differently and the last bits of the loss move."""
+    before = torch.get_num_threads()
+    if cfg.launch.device == "cpu":
+        torch.set_num_threads(default_cpu_threads(cfg))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _recompute(comps, trained: Trained, cfg, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
     items, val_items, _ = D.load_dataset(cfg.dataset, cfg.training.seed)
     kind, eval_list = evaluation.eval_items(items, val_items)
     samples = evaluation.prepare(comps, eval_list, D.buckets_for(cfg.dataset))
     text = TextEncoder.for_training(comps, cfg.training, cache=False)
-    with torch.no_grad():
+    with torch.no_grad(), _threads_of_the_run(cfg):
         loss = evaluation.eval_loss(comps, trained, text, samples, cfg.training.seed, torch.device("cpu"),
                                     torch.float32, cfg.training, contextlib.nullcontext)
     stored = manifest.get("val_loss") if kind == "val" else manifest.get("ref_loss")
