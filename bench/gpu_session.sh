@@ -16,7 +16,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS="diffusers==0.42.1 prodigyopt==1.1.2 peft==0.21.2 transformers==5.23.0 pydantic==2.14.3 pydantic-core==2.50.4
-blake3==1.0.11 annotated-types==0.7.0 typing-inspection==0.4.4 typing-extensions==4.16.0 importlib-metadata==8.7.0"
+blake3==1.0.11 annotated-types==0.7.0 typing-inspection==0.4.4 typing-extensions==4.16.0 importlib-metadata==8.7.0
+pytest-xdist==3.8.0 execnet==2.1.2"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl
@@ -43,7 +44,7 @@ fi
 python3 -m backend demo-assets demo > "$OUT/demo-assets.log" 2>&1 || { tail -20 "$OUT/demo-assets.log"; exit 1; }
 
 if [ "${1:-}" = "compiled" ]; then
-  timeout 420 python3 -m pytest -m gpu -p no:cacheprovider -q -rs -k "compiled" 2>&1 | tee "$OUT/gpu-tests-compiled.log"
+  timeout 420 python3 -m pytest -n 0 -m gpu -p no:cacheprovider -q -rs -k "compiled" 2>&1 | tee "$OUT/gpu-tests-compiled.log"
   exit
 fi
 if [ "${1:-}" = "flow" ]; then
@@ -51,7 +52,7 @@ if [ "${1:-}" = "flow" ]; then
   exit
 fi
 # 1. The gpu test tier without torch.compile (fp16, bf16, the fp16 resume, verify).
-timeout 270 python3 -m pytest -m gpu -p no:cacheprovider -q -rs -k "not compiled" 2>&1 | tee "$OUT/gpu-tests.log"
+timeout 270 python3 -m pytest -n 0 -m gpu -p no:cacheprovider -q -rs -k "not compiled" 2>&1 | tee "$OUT/gpu-tests.log"
 # 2. The benchmark: full-size SD1.5 and SDXL UNets, bf16, Lathe vs a bare loop, each in its own process.
 timeout 230 python3 bench/gpu.py --json "$OUT/gpu.json" --steps 12 2>&1 | tee "$OUT/bench.log"
 echo "gpu session done"

@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+MAX_WORKERS = 4  # pytest-xdist workers at most (pyproject's `-n auto`); `-n 0` runs in one process
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """One worker per core, at most MAX_WORKERS: most tests start a one-thread trainer or a browser, a
+    few two DDP processes; more workers than cores only slows each test's waits."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
