@@ -1,6 +1,7 @@
 """The training configuration: one validated pydantic model, `TrainingConfig`.
 
-Every fact about a field is said once, here: its type, default, bounds and description. The GUI's
+Every fact about a field is said once, here or in the section modules it re-exports
+(config_dataset, config_network, config_optimizer): its type, default, bounds and description. The GUI's
 labels and tooltips and the CLI's messages are derived from these. Cross-field rules live in
 model validators with plain-language messages; soft advice (a setting that is allowed but likely a
 mistake) comes from `config_warnings`.
@@ -17,11 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AliasChoices,
     BaseModel,
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,14 +37,39 @@ from backend.config_messages import (  # noqa: F401 (the type lists are re-expor
     OPTIMIZER_TYPES,
     format_validation_error,
 )
+from backend.config_network import (  # noqa: F401 (the network section's names are re-exported)
+    NETWORK_HASH_NEUTRAL,
+    TEXT_ENCODER_TARGETS_DEFAULT,
+    UNET_TARGETS_DEFAULT,
+    DoRANetwork,
+    LoConNetwork,
+    LoHaNetwork,
+    LoKrNetwork,
+    LoRANetwork,
+    NetworkBase,
+    NetworkConfig,
+)
+from backend.config_optimizer import (  # noqa: F401 (the optimizer section's names are re-exported)
+    ADAPTIVE_OPTIMIZERS,
+    LORAPLUS_FIELDS,
+    OPTIMIZER_HASH_NEUTRAL,
+    AdafactorConfig,
+    AdamW8bitConfig,
+    AdamWConfig,
+    Betas,
+    DAdaptAdamConfig,
+    DAdaptLionConfig,
+    LionConfig,
+    OptimizerBase,
+    OptimizerConfig,
+    ProdigyConfig,
+    SGDConfig,
+)
 from backend.prompts import SAMPLERS, PromptError, parse_prompt
 
 SCHEMA_VERSION = 1
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
-
-UNET_TARGETS_DEFAULT = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-TEXT_ENCODER_TARGETS_DEFAULT = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -86,290 +109,12 @@ class ModelConfig(Section):
     )
 
 
-# ------------------------------------------------------------------------------------------- network
-class NetworkBase(Section):
-    """What every network type has: its size, what it trains, and where it starts."""
-
-    rank: int = Field(16, ge=1, le=1024, description="Rank (network_dim): the size of each low-rank update.")
-    alpha: float = Field(
-        16.0, gt=0, le=4096, description="Alpha (network_alpha). The update is scaled by alpha/rank."
-    )
-    train_unet: bool = Field(True, description="Train the network on the UNet.")
-    train_text_encoder: bool = Field(False, description="Train the network on the text encoder(s) too.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(UNET_TARGETS_DEFAULT),
-        min_length=1,
-        description="UNet module names (suffixes) that get the network. The default covers the transformer blocks, as kohya's LoRA does.",
-    )
-    text_encoder_target_modules: list[str] = Field(
-        default_factory=lambda: list(TEXT_ENCODER_TARGETS_DEFAULT),
-        min_length=1,
-        description="Text-encoder module names that get the network when train_text_encoder is on.",
-    )
-    network_weights: str | None = Field(
-        None,
-        validation_alias=AliasChoices("network_weights", "init_weights"),
-        description="Start from this LoRA/LyCORIS .safetensors file (Lathe's or sd-scripts'): its weights are the "
-        "starting point of a new run, with a fresh optimizer (not a resume). Its shapes must match this network.",
-    )
-    module_dropout: float = Field(
-        0.0, ge=0.0, lt=1.0,
-        description="Module dropout (kohya's module_dropout): in each training forward, each network module is "
-        "skipped (the base layer alone) with this probability. 0: off.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> NetworkBase:
-        if not (self.train_unet or self.train_text_encoder):
-            raise ValueError("train_unet: nothing to train: enable train_unet or train_text_encoder (or both)")
-        if getattr(self, "use_tucker", False) and not getattr(self, "conv_rank", 0):
-            raise ValueError(
-                "use_tucker: Tucker decomposition applies to the 3x3 convolutions; set network.conv_rank above 0 "
-                "or turn use_tucker off"
-            )
-        if self.network_weights is not None and not self.network_weights.strip():
-            raise ValueError("network_weights: empty path; leave it unset to start from fresh weights")
-        return self
-
-
-def _dropout_field() -> Any:
-    return Field(
-        0.0, ge=0.0, lt=1.0,
-        description="Dropout on the down projection's output during training (kohya's network_dropout).",
-    )
-
-
-def _rank_dropout_field() -> Any:
-    return Field(
-        0.0, ge=0.0, lt=1.0,
-        description="Rank dropout (kohya's rank_dropout): drop ranks of the down projection's output per image, "
-        "the rest scaled by 1/(1-p), as sd-scripts' networks.lora. 0: off.",
-    )
-
-
-def _conv_rank_field(default: int, low: int) -> Any:
-    return Field(
-        default, ge=low, le=1024,
-        description="Rank on the ResNet blocks' 3x3 convolutions (kohya's conv_dim); their Linear and 1x1 layers "
-        "get network.rank." + (" 0 = no convolution layers." if low == 0 else ""),
-    )
-
-
-def _conv_alpha_field(default: float) -> Any:
-    return Field(default, gt=0, le=4096, description="Alpha of the convolution layers (kohya's conv_alpha).")
-
-
-def _tucker_field() -> Any:
-    return Field(
-        False, description="Tucker decomposition of the 3x3 convolutions (LyCORIS use_tucker): smaller files for conv layers."
-    )
-
-
-class LoRANetwork(NetworkBase):
-    type: Literal["lora"] = Field("lora", description="Network type: lora, locon, loha, lokr or dora.")
-    dropout: float = _dropout_field()
-    rank_dropout: float = _rank_dropout_field()
-
-
-class LoConNetwork(NetworkBase):
-    type: Literal["locon"] = "locon"
-    dropout: float = _dropout_field()
-    rank_dropout: float = _rank_dropout_field()
-    conv_rank: int = _conv_rank_field(8, 1)
-    conv_alpha: float = _conv_alpha_field(1.0)
-
-
-class LoHaNetwork(NetworkBase):
-    type: Literal["loha"] = "loha"
-    rank: int = Field(8, ge=1, le=1024, description="Rank (network_dim) of each of LoHa's two factor pairs.")
-    alpha: float = Field(8.0, gt=0, le=4096, description="Alpha (network_alpha). The update is scaled by alpha/rank.")
-    conv_rank: int = _conv_rank_field(0, 0)
-    conv_alpha: float = _conv_alpha_field(1.0)
-    use_tucker: bool = _tucker_field()
-
-
-class LoKrNetwork(NetworkBase):
-    type: Literal["lokr"] = "lokr"
-    rank: int = Field(
-        8, ge=1, le=1024,
-        description="Rank (network_dim) of the decomposed Kronecker factor; a factor this rank cannot shrink is kept whole.",
-    )
-    alpha: float = Field(8.0, gt=0, le=4096, description="Alpha (network_alpha). The update is scaled by alpha/rank.")
-    conv_rank: int = _conv_rank_field(0, 0)
-    conv_alpha: float = _conv_alpha_field(1.0)
-    lokr_factor: int = Field(
-        -1, ge=-1, le=8192,
-        description="LoKr factor (kohya's factor): the size of the small Kronecker factor; -1 = automatic (the most square split).",
-    )
-    decompose_both: bool = Field(False, description="Also decompose the small Kronecker factor (LyCORIS decompose_both).")
-    use_tucker: bool = _tucker_field()
-
-    @field_validator("lokr_factor")
-    @classmethod
-    def _factor(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("must be -1 (automatic) or a positive factor; got 0")
-        return v
-
-
-class DoRANetwork(NetworkBase):
-    type: Literal["dora"] = "dora"
-    dropout: float = _dropout_field()
-    rank_dropout: float = _rank_dropout_field()
-    conv_rank: int = _conv_rank_field(0, 0)
-    conv_alpha: float = _conv_alpha_field(1.0)
-
-
-def _network_tag(v: Any) -> str:
-    """The network type of a section; an old config without `type` is a plain LoRA."""
-    if isinstance(v, dict):
-        return v.get("type", "lora")
-    return getattr(v, "type", "lora")
-
-
-NetworkConfig = Annotated[
-    Annotated[LoRANetwork, Tag("lora")] | Annotated[LoConNetwork, Tag("locon")] | Annotated[LoHaNetwork, Tag("loha")]
-    | Annotated[LoKrNetwork, Tag("lokr")] | Annotated[DoRANetwork, Tag("dora")],
-    Discriminator(_network_tag),
-]
-HASH_NEUTRAL_DEFAULTS = {"network": {"type": "lora", "network_weights": None, "rank_dropout": 0.0, "module_dropout": 0.0},
+# ------------------------------------------------------------------------- the sections' hash-neutral fields
+HASH_NEUTRAL_DEFAULTS = {"network": NETWORK_HASH_NEUTRAL, "optimizer": OPTIMIZER_HASH_NEUTRAL,
                          "dataset": DATASET_HASH_NEUTRAL,
                          "scheduler": {"lr_warmup": None},
                          "model": {"clip_l": None, "clip_g": None, "t5xxl": None, "vae": None, "fp8_base": False}}
 # added after schema 1, see config_hash
-
-
-# ----------------------------------------------------------------------------------------- optimizer
-Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]]
-
-
-class OptimizerBase(Section):
-    learning_rate: float = Field(1e-4, gt=0, le=10.0, description="Learning rate.")
-    unet_lr: float | None = Field(None, gt=0, le=10.0, description="UNet learning rate. Empty: use learning_rate.")
-    text_encoder_lr: float | None = Field(
-        None, gt=0, le=10.0, description="Text-encoder learning rate. Empty: use learning_rate."
-    )
-    weight_decay: float = Field(0.01, ge=0.0, le=10.0, description="Weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm. Empty: no clipping.")
-    loraplus_lr_ratio: float | None = Field(
-        None, gt=0, le=1000.0,
-        description="LoRA+ (Hayou et al. 2024): the up-projections (lora_B) learn this many times faster than the "
-        "down-projections (16 typical). lora, locon and dora networks. Empty: off.",
-    )
-    loraplus_unet_lr_ratio: float | None = Field(
-        None, gt=0, le=1000.0, description="LoRA+ ratio for the UNet only. Empty: loraplus_lr_ratio.",
-    )
-    loraplus_text_encoder_lr_ratio: float | None = Field(
-        None, gt=0, le=1000.0, description="LoRA+ ratio for the text encoder only. Empty: loraplus_lr_ratio.",
-    )
-
-    def loraplus_ratio(self, role: str) -> float | None:
-        """The LoRA+ ratio of a role ('unet' or 'text_encoder'), as sd-scripts resolves it."""
-        own = self.loraplus_unet_lr_ratio if role == "unet" else self.loraplus_text_encoder_lr_ratio
-        return own if own is not None else self.loraplus_lr_ratio
-
-
-LORAPLUS_FIELDS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-HASH_NEUTRAL_DEFAULTS["optimizer"] = dict.fromkeys(LORAPLUS_FIELDS)
-
-
-class AdamWConfig(OptimizerBase):
-    type: Literal["AdamW"] = "AdamW"
-    betas: Betas = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
-    eps: float = Field(1e-8, gt=0, le=1.0, description="Adam epsilon.")
-
-
-class AdamW8bitConfig(AdamWConfig):
-    type: Literal["AdamW8bit"] = "AdamW8bit"  # type: ignore[assignment]
-
-
-class ProdigyConfig(OptimizerBase):
-    type: Literal["Prodigy"] = "Prodigy"
-    learning_rate: float = Field(
-        1.0, gt=0, le=10.0, description="Keep at 1.0: Prodigy estimates the step size itself; tune d_coef instead."
-    )
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay (decoupled when 'decouple' is on).")
-    betas: Betas = Field((0.9, 0.999), description="Adam-style betas (beta1, beta2).")
-    beta3: float | None = Field(
-        None, ge=0.0, lt=1.0, description="Coefficient for Prodigy's step-size estimate. Empty: sqrt(beta2)."
-    )
-    eps: float = Field(1e-8, gt=0, le=1.0, description="Epsilon.")
-    d_coef: float = Field(
-        1.0,
-        gt=0,
-        le=100.0,
-        description="Scales Prodigy's adaptive learning-rate estimate: above 1 is more aggressive, below 1 more conservative.",
-    )
-    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
-    growth_rate: float | None = Field(
-        None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
-    )
-    use_bias_correction: bool = Field(False, description="Adam-style bias correction. Off by default, as in prodigyopt and sd-scripts; many diffusion-LoRA "
-        "recipes turn it on.")
-    safeguard_warmup: bool = Field(False, description="Keep the step-size estimate from growing too fast during warmup. Off by default, as in prodigyopt; "
-        "turn it on with scheduler.warmup_steps > 0 (a warning says so).")
-    decouple: bool = Field(True, description="AdamW-style decoupled weight decay.")
-
-
-class DAdaptAdamConfig(OptimizerBase):
-    """D-Adaptation Adam (Defazio & Mishchenko 2023, the `dadaptation` package sd-scripts uses)."""
-
-    type: Literal["DAdaptAdam"] = "DAdaptAdam"
-    learning_rate: float = Field(
-        1.0, gt=0, le=10.0, description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it)."
-    )
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay (decoupled when 'decouple' is on).")
-    betas: Betas = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
-    eps: float = Field(1e-8, gt=0, le=1.0, description="Epsilon.")
-    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
-    growth_rate: float | None = Field(
-        None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
-    )
-    use_bias_correction: bool = Field(False, description="Adam-style bias correction (off in dadaptation).")
-    decouple: bool = Field(False, description="AdamW-style decoupled weight decay (off in dadaptation; kohya "
-                           "presets often turn it on).")
-
-
-class DAdaptLionConfig(OptimizerBase):
-    """D-Adaptation Lion (the `dadaptation` package)."""
-
-    type: Literal["DAdaptLion"] = "DAdaptLion"
-    learning_rate: float = Field(
-        1.0, gt=0, le=10.0, description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it)."
-    )
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
-    betas: Betas = Field((0.9, 0.99), description="Lion betas.")
-    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
-
-
-class LionConfig(OptimizerBase):
-    type: Literal["Lion"] = "Lion"
-    learning_rate: float = Field(3e-5, gt=0, le=10.0, description="Learning rate (Lion wants 3-10x smaller than AdamW).")
-    betas: Betas = Field((0.9, 0.99), description="Lion betas.")
-
-
-class AdafactorConfig(OptimizerBase):
-    type: Literal["Adafactor"] = "Adafactor"
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
-    relative_step: bool = Field(False, description="Let Adafactor choose its own step size (then learning_rate is ignored).")
-    scale_parameter: bool = Field(False, description="Scale the step by the parameter's RMS.")
-    warmup_init: bool = Field(False, description="Warm-up initialisation (only with relative_step).")
-
-
-class SGDConfig(OptimizerBase):
-    type: Literal["SGD"] = "SGD"
-    learning_rate: float = Field(1e-2, gt=0, le=10.0, description="Learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum.")
-    nesterov: bool = Field(False, description="Nesterov momentum.")
-
-
-ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion")  # they estimate the step size: one learning rate
-OptimizerConfig = Annotated[
-    AdamWConfig | AdamW8bitConfig | ProdigyConfig | DAdaptAdamConfig | DAdaptLionConfig | LionConfig | AdafactorConfig
-    | SGDConfig,
-    Field(discriminator="type"),
-]
 
 
 # ----------------------------------------------------------------------------------------- scheduler
