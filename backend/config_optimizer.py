@@ -7,7 +7,7 @@ This module never imports torch: the GUI and the CLI load it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -56,6 +56,16 @@ class AdamW8bitConfig(AdamWConfig):
     type: Literal["AdamW8bit"] = "AdamW8bit"  # type: ignore[assignment]
 
 
+def _d0_field() -> Any:
+    """The adaptive optimizers' initial step-size estimate (Prodigy, D-Adaptation)."""
+    return Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+
+
+def _dadapt_lr_field() -> Any:
+    return Field(1.0, gt=0, le=10.0,
+                 description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it).")
+
+
 class ProdigyConfig(OptimizerBase):
     type: Literal["Prodigy"] = "Prodigy"
     learning_rate: float = Field(
@@ -73,7 +83,7 @@ class ProdigyConfig(OptimizerBase):
         le=100.0,
         description="Scales Prodigy's adaptive learning-rate estimate: above 1 is more aggressive, below 1 more conservative.",
     )
-    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+    d0: float = _d0_field()
     growth_rate: float | None = Field(
         None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
     )
@@ -88,13 +98,11 @@ class DAdaptAdamConfig(OptimizerBase):
     """D-Adaptation Adam (Defazio & Mishchenko 2023, the `dadaptation` package sd-scripts uses)."""
 
     type: Literal["DAdaptAdam"] = "DAdaptAdam"
-    learning_rate: float = Field(
-        1.0, gt=0, le=10.0, description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it)."
-    )
+    learning_rate: float = _dadapt_lr_field()
     weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay (decoupled when 'decouple' is on).")
     betas: Betas = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
     eps: float = Field(1e-8, gt=0, le=1.0, description="Epsilon.")
-    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+    d0: float = _d0_field()
     growth_rate: float | None = Field(
         None, gt=1.0, description="Limit on how fast the estimate may grow per step (e.g. 1.02). Empty: no limit."
     )
@@ -107,12 +115,10 @@ class DAdaptLionConfig(OptimizerBase):
     """D-Adaptation Lion (the `dadaptation` package)."""
 
     type: Literal["DAdaptLion"] = "DAdaptLion"
-    learning_rate: float = Field(
-        1.0, gt=0, le=10.0, description="Keep at about 1.0: D-Adaptation estimates the step size itself (this scales it)."
-    )
+    learning_rate: float = _dadapt_lr_field()
     weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Weight decay.")
     betas: Betas = Field((0.9, 0.99), description="Lion betas.")
-    d0: float = Field(1e-6, gt=0, le=1.0, description="Initial step-size estimate. Rarely needs changing.")
+    d0: float = _d0_field()
 
 
 class LionConfig(OptimizerBase):
