@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from backend.config import DatasetConfig, SubsetConfig
+from backend.image_pool import image_threads, ordered_map
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 REPEATS_RE = re.compile(r"^(\d+)_(.*)$")
@@ -150,24 +151,33 @@ def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
-def discover_subsets(subsets: list[Subset], decode: bool = True) -> Discovery:
+def _size_or_error(img: Path, decode: bool) -> tuple[int, int] | Exception:
+    try:
+        return _check_image(img) if decode else header_size(img)
+    except UNREADABLE as e:
+        return e
+
+
+def discover_subsets(subsets: list[Subset], decode: bool = True, threads: int | None = None) -> Discovery:
     """Every usable image of the subsets, with its caption: metadata.jsonl's text, else its caption
     file, else the subset's class words. decode=False reads only each image's header (a quick count
-    for estimates; a truncated file passes)."""
+    for estimates; a truncated file passes). The images are decoded on `threads` threads (default:
+    this machine's cores, image_pool); the result does not depend on how many."""
     warnings: list[str] = []
     items: list[ImageItem] = []
+    workers = (threads or image_threads()) if decode else 1  # a header read is too quick to share out
     for index, sub in enumerate(subsets):
         root = Path(sub.image_dir)
         if not root.is_dir():
             raise DatasetError(f"{sub.label}: folder {root} does not exist")
         meta = read_metadata(root, warnings)
         found = 0
-        for img in images_in(root):
+        images = images_in(root)
+        sizes = ordered_map(lambda img: _size_or_error(img, decode), images, workers)
+        for img, size in zip(images, sizes, strict=True):
             caption = caption_of(img, sub, meta)
-            try:
-                size = _check_image(img) if decode else header_size(img)
-            except UNREADABLE as e:
-                warnings.append(f"{SKIPPED} {img}: {type(e).__name__}: {str(e)[:120]}")
+            if isinstance(size, Exception):
+                warnings.append(f"{SKIPPED} {img}: {type(size).__name__}: {str(size)[:120]}")
                 continue
             items.append(ImageItem(str(img), caption, sub.num_repeats, size, index, sub.is_reg))
             found += 1
@@ -179,13 +189,13 @@ def discover_subsets(subsets: list[Subset], decode: bool = True) -> Discovery:
 
 
 def discover(data_dir: str | Path, caption_extension: str = ".txt", label: str = "dataset.train_data_dir",
-             decode: bool = True) -> Discovery:
+             decode: bool = True, threads: int | None = None) -> Discovery:
     """Find the images of one kohya folder: `<repeats>_<class words>/` sub-folders, or a flat folder
     (metadata.jsonl or captions)."""
     ds = DatasetConfig(train_data_dir=str(data_dir), caption_extension=caption_extension)
     warnings: list[str] = []
     subsets = _expand(ds, str(data_dir), False, label, warnings)
-    disc = discover_subsets(subsets, decode)
+    disc = discover_subsets(subsets, decode, threads)
     if not disc.items:
         raise DatasetError(_no_images(label, Path(data_dir).expanduser()))
     return Discovery(disc.items, warnings + disc.warnings)
@@ -265,10 +275,11 @@ class Loaded:
     found: list[ImageItem] = field(default_factory=list)  # every usable image, before hold-out and balancing
 
 
-def load(ds: DatasetConfig, seed: int, decode: bool = True) -> Loaded:
-    """Resolve, discover, hold out validation images (never regularization ones), balance."""
+def load(ds: DatasetConfig, seed: int, decode: bool = True, threads: int | None = None) -> Loaded:
+    """Resolve, discover (images decoded on `threads` threads), hold out validation images (never
+    regularization ones), balance."""
     subsets, warnings = resolve_subsets(ds)
-    disc = discover_subsets(subsets, decode)
+    disc = discover_subsets(subsets, decode, threads)
     train = [it for it in disc.items if not it.is_reg]
     if not train:
         where = ds.train_data_dir or "the subsets"
@@ -283,7 +294,8 @@ def load(ds: DatasetConfig, seed: int, decode: bool = True) -> Loaded:
         warnings.append(f"dataset.reg_data_dir: {len(reg_found) - len(reg)} of {len(reg_found)} regularization images "
                         "are not used: the others already balance the training images (as in sd-scripts)")
     if ds.validation_data_dir:
-        val_items = discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir", decode).items
+        val_items = discover(ds.validation_data_dir, ds.caption_extension, "dataset.validation_data_dir", decode,
+                             threads).items
     return Loaded(subsets, train + reg, val_items, warnings + disc.warnings, disc.items)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from accelerate.utils import gather_object
 
 from backend import dataset as D
 from backend.config import TrainingConfig
+from backend.image_pool import image_threads
 from backend.resume import dataset_fingerprint
 from backend.trainer import block_swap, evaluation, fp8, models
 from backend.trainer.caching import LatentCache, TextEncoder
@@ -36,10 +38,21 @@ def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
 
 
+def _image_threads(cfg: TrainingConfig, acc: Any) -> int:
+    """Threads reading images in this process: its share of its machine's cores."""
+    return image_threads(max(1, acc.num_processes // cfg.launch.num_machines))
+
+
 def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     device = acc.device
     torch.manual_seed(cfg.training.seed + acc.process_index)
-    comps = models.load_components(cfg)  # looked up on the module: benchmarks substitute random weights
+    ds = cfg.dataset
+    # Data: discovered (every image decoded once, on several threads) while the model loads.
+    with ThreadPoolExecutor(1, thread_name_prefix="dataset-scan") as scan:
+        found = scan.submit(D.load, ds, cfg.training.seed,
+                            threads=_image_threads(cfg, acc))
+        comps = models.load_components(cfg)  # looked up on the module: benchmarks substitute random weights
+        data = found.result()  # a failed model load waits for the scan (the pool's exit), then is raised
     wdtype = weight_dtype_for(cfg, device)
     check_loss_settings(cfg.training, comps.v_prediction)
     timestep_range(cfg.training, comps.noise_scheduler.config.num_train_timesteps)
@@ -51,9 +64,7 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     comps.spec.check(cfg, comps)
     comps.spec.export_format(cfg)
 
-    # Data: discover, hold out validation images, bucket, plan.
-    ds = cfg.dataset
-    data = D.load(ds, cfg.training.seed)
+    # Data: validation images held out, buckets, plan.
     items, val_items = data.items, data.val_items
     for w in data.warnings:
         io.warn(w)
@@ -143,7 +154,8 @@ def _cache_latents(cfg: TrainingConfig, acc: Any, comps: models.Components, item
     """Fill the latent cache, each rank encoding its share (1/N of what is not on disk yet)."""
     ds = cfg.dataset
     disk = Path(cfg.output_dir) / ".cache" / "latents" if ds.cache_latents_to_disk else None
-    latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source)
+    latents = LatentCache(comps.vae, items, item_buckets, disk, model_id=comps.source,
+                          threads=_image_threads(cfg, acc))
     world = acc.num_processes
     if acc.is_main_process:
         print(f"caching latents for {len(items)} images ({len(flips)} variant(s) each, {world} process(es))", flush=True)

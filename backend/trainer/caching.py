@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend.dataset import Batch, ImageItem, load_pixels
+from backend.image_pool import ordered_map
 from backend.trainer.distributed import split_work
 from backend.trainer.models import Components
 
@@ -47,8 +48,10 @@ def encode_pixels(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
 class LatentCache:
     """(item index, flipped) -> latent [C, h, w] on the CPU, optionally backed by files on disk."""
 
-    def __init__(self, vae: Any, items: list[ImageItem], buckets: list[tuple[int, int]], disk_dir: Path | None, model_id: str):
+    def __init__(self, vae: Any, items: list[ImageItem], buckets: list[tuple[int, int]], disk_dir: Path | None, model_id: str,
+                 threads: int = 1):
         self.vae, self.items, self.buckets = vae, items, buckets
+        self.threads = threads  # for reading the images' pixels (image_pool); the latents do not depend on it
         self.disk_dir = disk_dir
         self.model_id = model_id
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
@@ -80,14 +83,21 @@ class LatentCache:
         groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
         for i, flip in keys:
             groups.setdefault((self.buckets[i], flip), []).append(i)
+        parts = [(bucket, flip, idx[k : k + batch_size]) for (bucket, flip), idx in sorted(groups.items())
+                 for k in range(0, len(idx), batch_size)]
+        # the next batches' pixels are read on other threads while the VAE encodes this one
+        pixels_of = ordered_map(lambda job: load_pixels(self.items[job[0]], job[1], job[2]),
+                                ((i, bucket, flip) for bucket, flip, part in parts for i in part),
+                                self.threads, ahead=batch_size + self.threads)
         out = {}
-        for (bucket, flip), idx in sorted(groups.items()):
-            for k in range(0, len(idx), batch_size):
-                part = idx[k : k + batch_size]
-                pixels = torch.from_numpy(np.stack([load_pixels(self.items[i], bucket, flip) for i in part]))
+        try:
+            for _, flip, part in parts:
+                pixels = torch.from_numpy(np.stack([next(pixels_of) for _ in part]))
                 lat = encode_pixels(self.vae, pixels).cpu()
                 for i, latent in zip(part, lat, strict=True):
                     out[(i, flip)] = latent.clone()
+        finally:
+            pixels_of.close()  # the reading threads end here, also when an image or the VAE failed
         return out
 
     def _from_disk(self, i: int, flip: bool) -> bool:
