@@ -13,6 +13,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -40,13 +41,11 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: i
     ahead = max(1, ahead if ahead is not None else 4 * threads)
     source = iter(items)
     with ThreadPoolExecutor(threads, thread_name_prefix="images") as pool:
-        pending: deque[Future[R]] = deque(pool.submit(fn, x) for _, x in zip(range(ahead), source, strict=False))
+        pending: deque[Future[R]] = deque(pool.submit(fn, x) for x in islice(source, ahead))
         try:
             while pending:
                 head = pending.popleft()
-                for x in source:  # keep the window full: one in for the one going out
-                    pending.append(pool.submit(fn, x))
-                    break
+                pending.extend(pool.submit(fn, x) for x in islice(source, 1))  # one in for the one going out
                 yield head.result()
         finally:
             for f in pending:  # the consumer stopped early or fn failed: drop what nobody will read
