@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.cpu_threads)  # before torch is imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    from backend.trainer.lazy_packages import defer_package_inits
+
+    defer_package_inits()  # diffusers' model zoos and scipy.stats: imported when first used, not at start
     import transformers  # noqa: F401 - sets up its log handler, which gets the filter
 
     for handler in logging.getLogger("transformers").handlers:
