@@ -37,9 +37,9 @@ CASES = [
     ("sd3-ddp-flow", H.baseline(model="sd3", launch__num_processes=2, training__min_timestep=100,
                                 optimizer__loraplus_lr_ratio=16.0)),
     # Flux.1-dev-shaped (double/single-stream transformer, CLIP-L + T5, guidance embedding) under DDP,
-    # CLIP-L trained too (T5 frozen), the transformer's base in fp8: shifted sigmoid timesteps, the output
-    # read sigma-scaled with the sigma_sqrt loss weighting, the export fused into sd-scripts' qkv/linear1
-    # layers plus lora_te1_.
+    # CLIP-L trained too (T5 frozen: its outputs computed once per caption, shared over the ranks), the
+    # transformer's base in fp8: shifted sigmoid timesteps, the output read sigma-scaled with the
+    # sigma_sqrt loss weighting, the export fused into sd-scripts' qkv/linear1 layers plus lora_te1_.
     ("flux-ddp-shift", H.baseline(model="flux", launch__num_processes=2, training__timestep_sampling="shift",
                                   network__train_text_encoder=True, model__fp8_base=True,
                                   training__model_prediction_type="sigma_scaled", training__weighting_scheme="sigma_sqrt")),

@@ -118,6 +118,36 @@ def test_settings_flux_cannot_train_with_are_refused_by_name():
     assert flux.FLUX.export_format(sd3) == "sd-scripts" and family("sdxl").export_format(validate_config({})) == "sd-scripts"
 
 
+# ------------------------------------------------------------------------------ T5 run once per caption
+def test_with_clip_trained_t5_runs_once_per_caption_and_gives_what_it_computes_each_step(demo: Path, tmp_path: Path):
+    """A run that trains CLIP-L keeps T5-XXL frozen: its output per caption is computed once
+    (caching.FrozenOutputs), so a step's text costs CLIP's forward only, with the numbers a per-step T5
+    would give. A prompt the fill did not see runs T5 and is not kept."""
+    from backend.presets import resolve
+    from backend.trainer import models
+    from backend.trainer.caching import TextEncoder
+
+    comps = models.load_components(resolve(json.loads(_config(demo, tmp_path, "t5").read_text())))
+    captions = {"a red circle", "a blue square, on a white background", ""}
+    assert comps.spec.memoizable_text_encoders(2) == [1] and 1 not in comps.spec.trained_text_encoders(2)
+    plain = TextEncoder(comps, clip_skip=1, cache=False)
+    memo = TextEncoder(comps, clip_skip=1, cache=False)
+    assert memo.memoize_frozen([1], captions) == 3 and len(memo.frozen[1].memo) == 3
+    calls = []
+    comps.text_encoders[1].register_forward_hook(lambda *a: calls.append(1))
+    batch = ["a blue square, on a white background", "a red circle", "a red circle"]
+    with torch.no_grad():
+        want_ctx, want_pooled = plain.encode(batch)
+        n = len(calls)
+        ctx, pooled = memo.encode(batch)
+    assert n == 1 and len(calls) == 1 and memo.frozen[1].forward_passes == 0  # T5 did not run for the memoized batch
+    torch.testing.assert_close(ctx, want_ctx, rtol=1e-6, atol=1e-6)
+    assert torch.equal(pooled, want_pooled)  # CLIP ran as before
+    with torch.no_grad():
+        memo.bare().encode(["a prompt only a sample uses"])
+    assert len(calls) == 2 and memo.frozen[1].forward_passes == 1 and len(memo.frozen[1].memo) == 3
+
+
 # ------------------------------------------------------------------------------------------ real runs
 def _config(demo: Path, tmp_path: Path, name: str, **changes) -> Path:
     data = json.loads((ROOT / "presets" / "demo-flux.json").read_text())
@@ -162,6 +192,8 @@ def _diffusers_updates(tensors: dict[str, torch.Tensor], prefix: str, scale: flo
 def test_the_flux_demo_learns_samples_and_exports_what_it_trained(demo: Path, tmp_path: Path):
     v = _run(_config(demo, tmp_path, "runs", network={"train_text_encoder": True}))  # CLIP-L too; T5 stays frozen
     assert events(v, "run_started")[0]["family"] == "flux"
+    text = [e for e in events(v, "cache_filled") if e["kind"] == "text"]
+    assert len(text) == 1 and text[0]["frozen_encoders"] == [1] and text[0]["count"] >= 1  # T5 once per caption
     ref = [json.loads((v / "checkpoints" / f"epoch-{e:06d}" / "manifest.json").read_text())["ref_loss"] for e in (1, 4)]
     assert ref[1] < ref[0], ref  # the fixed-noise reference loss went down
     pngs = sorted((v / "samples" / "final").glob("*.png"))

@@ -100,6 +100,8 @@ def test_the_sd3_demo_learns_samples_and_exports_a_lora_diffusers_loads(demo: Pa
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     v = Path(proc.stdout.splitlines()[0])
     assert events(v, "run_started")[0]["family"] == "sd3"
+    text = [e for e in events(v, "cache_filled") if e["kind"] == "text"]
+    assert len(text) == 1 and text[0]["frozen_encoders"] == [2]  # T5 run once per caption, the CLIPs every step
     ref = [json.loads((v / "checkpoints" / f"epoch-{e:06d}" / "manifest.json").read_text())["ref_loss"] for e in (1, 4)]
     assert ref[1] < ref[0], ref  # the fixed-noise reference loss went down
     saved = [e["step"] for e in events(v, "checkpoint_saved") if e["kind"] == "step"]

@@ -124,20 +124,25 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     groups = param_groups(cfg, trained.parameters(UNET), trained.parameters(TEXT_ENCODER), trained.up_projections())
     optimizer = trained.prepare(acc, build_optimizer(cfg, groups, device.type), compile_unet=cfg.training.torch_compile)
 
-    # Text: frozen encoders + fixed captions -> every embedding computed once.
-    text = TextEncoder.for_training(comps, cfg.training,
-                                    cache=not train_te and not any(r.shuffle_caption for r in data.subsets),
+    # Text: frozen encoders + fixed captions -> every embedding computed once; trained encoders + fixed
+    # captions -> the frozen encoders the family can memoize (T5-XXL) run once per caption.
+    fixed = not any(r.shuffle_caption for r in data.subsets)
+    text = TextEncoder.for_training(comps, cfg.training, cache=not train_te and fixed,
                                     encoders=trained.text_encoder_runners())
+    caps = ({it.caption for it in items} | {smp.caption for smp in eval_samples}
+            | ({""} if any(r.caption_dropout_rate > 0 for r in data.subsets) else set()))
+    memoized = [i for i in comps.spec.memoizable_text_encoders(len(comps.text_encoders)) if i not in trained_tes]
     if text.cache:
-        caps = {it.caption for it in items} | ({""} if any(r.caption_dropout_rate > 0 for r in data.subsets) else set())
-        world = acc.num_processes
-        mine = text.precompute(caps | {smp.caption for smp in eval_samples}, acc.process_index, world,
-                               exchange)
+        mine = text.precompute(caps, acc.process_index, acc.num_processes, exchange)
         cache_reports.append({"kind": "text", "count": len(text),
                               "encoded_per_rank": every_rank(mine, exchange)})
         if device.type == "cuda":
             for te in comps.text_encoders:
                 te.to("cpu")  # every embedding is cached; sampling borrows the encoders back
+    elif train_te and fixed and memoized:
+        mine = text.memoize_frozen(memoized, caps, acc.process_index, acc.num_processes, exchange)
+        cache_reports.append({"kind": "text", "count": len(caps), "encoded_per_rank": every_rank(mine, exchange),
+                              "frozen_encoders": memoized})
 
     spe, total_steps, total_epochs = _schedule_length(cfg, items, item_buckets, plan)
     return Setup(cfg=cfg, acc=acc, io=io, comps=comps, items=items, item_buckets=item_buckets, plan=plan,

@@ -6,10 +6,11 @@ on the same numbers and a run does not depend on when its latents were encoded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,52 @@ class LatentCache:
         return torch.stack([self.latents[(s.item, s.flip)] for s in b.samples])
 
 
+class FrozenOutputs:
+    """A frozen text encoder that its family calls as `encoder(ids)[0]` (T5-XXL in SD3 and Flux.1),
+    with the output for each row of token ids computed once, when a run trains the other encoders.
+
+    Filled in one pass over the run's fixed captions (TextEncoder.memoize_frozen: sorted, in chunks,
+    the same on a fresh run and on its resume, so both train on the same numbers); a call whose rows
+    are all memoized costs a lookup instead of a forward pass. Any other call (a sample prompt, a
+    caption the fill did not see) runs the module as before and memoizes nothing."""
+
+    def __init__(self, module: Any):
+        self.module = module
+        self.memo: dict[bytes, torch.Tensor] = {}
+        self.forward_passes = 0  # calls that ran the module
+        self._recording: dict[bytes, torch.Tensor] | None = None
+
+    def parameters(self) -> Any:
+        return self.module.parameters()
+
+    @staticmethod
+    def keys(ids: torch.Tensor) -> list[bytes]:
+        return [row.tobytes() for row in ids.detach().cpu().numpy()]
+
+    def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        keys = self.keys(ids)
+        if self._recording is None and not args and not kwargs and keys and all(k in self.memo for k in keys):
+            return (torch.stack([self.memo[k] for k in keys]),)
+        self.forward_passes += 1
+        out = self.module(ids, *args, **kwargs)
+        if self._recording is not None:
+            self._recording.update((k, row.detach().cpu().clone()) for k, row in zip(keys, out[0], strict=True))
+        return out
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[bytes, torch.Tensor]]:
+        """Every output row computed inside the block, by its token ids."""
+        self._recording = {}
+        try:
+            yield self._recording
+        finally:
+            self._recording = None
+
+
 class TextEncoder:
-    """Caption -> (context, pooled). With frozen encoders and fixed captions, each caption is encoded once.
+    """Caption -> (context, pooled). With frozen encoders and fixed captions, each caption is encoded
+    once; when the run trains some encoders, the frozen ones its family can memoize (FrozenOutputs)
+    are run once per caption and the trained ones every step.
 
     `encoders` are what a training step calls (the DDP wrappers of trained encoders); `bare()` is the
     same encoder over the plain modules, for evaluation and sampling on one rank."""
@@ -157,6 +202,7 @@ class TextEncoder:
         self.comps, self.clip_skip, self.cache, self.max_token_length = comps, clip_skip, cache, max_token_length
         self.encoders = list(encoders) if encoders is not None else list(comps.text_encoders)
         self._memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.frozen: dict[int, FrozenOutputs] = {}  # by encoder index
 
     @classmethod
     def for_training(cls, comps: Components, training: Any, cache: bool, encoders: list[Any] | None = None) -> TextEncoder:
@@ -166,11 +212,47 @@ class TextEncoder:
 
     def bare(self) -> TextEncoder:
         out = TextEncoder(self.comps, self.clip_skip, self.cache, max_token_length=self.max_token_length)
-        out._memo = self._memo
+        out._memo, out.frozen = self._memo, self.frozen  # a frozen encoder has no DDP wrapper to leave out
         return out
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.comps.spec.encode_text(self.comps, captions, self.clip_skip, self.max_token_length, self.encoders)
+        encoders = [self.frozen.get(i, te) for i, te in enumerate(self.encoders)]
+        return self.comps.spec.encode_text(self.comps, captions, self.clip_skip, self.max_token_length, encoders)
+
+    def memoize_frozen(self, indices: list[int], captions: set[str], rank: int = 0, world: int = 1,
+                       exchange: Callable[[list[Any]], list[Any]] | None = None) -> int:
+        """Run the frozen encoders `indices` once over `captions` and keep their outputs (FrozenOutputs);
+        under several processes each rank runs its share and `exchange` shares them. Returns how many
+        captions this rank encoded."""
+        self.frozen = {i: FrozenOutputs(self.comps.text_encoders[i]) for i in indices}
+        modules = self.comps.text_encoders
+        plain = [self.frozen.get(i, te) for i, te in enumerate(modules)]  # no DDP wrapper: no collective per chunk
+
+        def work(part: list[str]) -> dict[str, dict[int, dict[bytes, torch.Tensor]]]:
+            out: dict[str, dict[int, dict[bytes, torch.Tensor]]] = {}
+            modes = [m.training for m in modules]
+            try:
+                for m in modules:
+                    m.eval()  # a trained encoder's LoRA dropout stays off (and draws no random numbers)
+                for k in range(0, len(part), 32):
+                    chunk = part[k : k + 32]
+                    with contextlib.ExitStack() as stack, torch.no_grad():
+                        rows = {i: stack.enter_context(f.recording()) for i, f in self.frozen.items()}
+                        self.comps.spec.encode_text(self.comps, chunk, self.clip_skip, self.max_token_length, plain)
+                    out[chunk[0]] = rows  # one entry per chunk: its rows by token ids
+            finally:
+                for m, mode in zip(modules, modes, strict=True):
+                    m.train(mode)
+            return out
+
+        done, mine = split_work(sorted(captions), rank, world, work, exchange)
+        for rows in done.values():
+            for i, part in rows.items():
+                dev = next(self.frozen[i].parameters()).device  # kept where a step reads them
+                self.frozen[i].memo.update((k, row.to(dev)) for k, row in part.items())
+        for f in self.frozen.values():
+            f.forward_passes = 0
+        return mine
 
     def precompute(self, captions: set[str], rank: int = 0, world: int = 1,
                    exchange: Callable[[list[Any]], list[Any]] | None = None) -> int:

@@ -114,6 +114,12 @@ class ModelFamily:
         family says otherwise (Flux.1 and SD3 train their CLIPs, not T5, as sd-scripts does by default)."""
         return list(range(count))
 
+    def memoizable_text_encoders(self, count: int) -> list[int]:
+        """The text encoders (by index) this family calls as `encoder(ids)[0]` from the token ids alone
+        and never trains (T5-XXL): when a run trains the others on fixed captions, their output per
+        caption is computed once (caching.FrozenOutputs) instead of every step. None by default."""
+        return []
+
     def model_module_names(self, comps_or_config: Any, ldm: bool = True) -> Any:
         """The map from the denoiser's diffusers module names to the names its exported keys use."""
         return str

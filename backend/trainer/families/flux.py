@@ -218,6 +218,9 @@ class Flux(FlowMatchingFamily):
     def trained_text_encoders(self, count: int) -> list[int]:
         return [0]  # CLIP-L; T5-XXL stays frozen (sd-scripts' train_t5xxl is off by default)
 
+    def memoizable_text_encoders(self, count: int) -> list[int]:
+        return [1]  # T5-XXL: called as t5(ids)[0] in encode_text, never trained
+
 
 def sd_scripts_state_dict(groups: list[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The transformer's LoRA under sd-scripts' Flux keys (see the module docstring); CLIP-L's under

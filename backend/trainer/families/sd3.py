@@ -119,5 +119,8 @@ class StableDiffusion3(FlowMatchingFamily):
     def trained_text_encoders(self, count: int) -> list[int]:
         return [0, 1]  # CLIP-L and CLIP-G; T5-XXL stays frozen (sd-scripts' train_t5xxl is off by default)
 
+    def memoizable_text_encoders(self, count: int) -> list[int]:
+        return [2]  # T5-XXL: called as t5(ids)[0] in encode_text, never trained
+
 
 SD3 = StableDiffusion3()
