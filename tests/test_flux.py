@@ -146,6 +146,12 @@ def test_with_clip_trained_t5_runs_once_per_caption_and_gives_what_it_computes_e
     with torch.no_grad():
         memo.bare().encode(["a prompt only a sample uses"])
     assert len(calls) == 2 and memo.frozen[1].forward_passes == 1 and len(memo.frozen[1].memo) == 3
+    # On a GPU the module is parked on the CPU after the fill: a miss's output is brought to the memo's device.
+    t5 = memo.frozen[1]
+    t5.device = torch.device("meta")  # a device other than the module's, as CUDA is for a parked T5
+    ids = comps.tokenizers[1](["another prompt"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert t5(ids)[0].device.type == "meta" and t5.forward_passes == 2
 
 
 # ------------------------------------------------------------------------------------------ real runs

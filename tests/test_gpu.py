@@ -254,12 +254,15 @@ def test_flux_demo_with_the_levers_resumes_at_the_next_step(flux_lever_run):
 
 
 @NO_BF16
-def test_sd3_demo_trains_in_bf16(demo, tmp_path):
-    cfg = flow_config(tmp_path, "sd3", demo / "model-sd3", demo, training=FLOW_BF16,
+def test_sd3_demo_trains_in_bf16_with_its_clips(demo, tmp_path):
+    """CLIP-L and CLIP-G trained: T5's outputs are memoized and on CUDA T5 waits in CPU memory, borrowed
+    back for the samples."""
+    cfg = flow_config(tmp_path, "sd3", demo / "model-sd3", demo, training=FLOW_BF16, network={"train_text_encoder": True},
                       saving={"save_every_n_epochs": None, "save_last_n_epochs": None})
     proc, v = train_flow(cfg)
     check_finished(proc, v, FLOW_STEPS)
     assert events(v, "run_started")[0]["family"] == "sd3"
+    assert [e["frozen_encoders"] for e in events(v, "cache_filled") if e["kind"] == "text"] == [[2]]
     pngs = sorted((v / "samples" / "final").glob("*.png"))
     assert len(pngs) == 2, pngs
     for png in pngs:

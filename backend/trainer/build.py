@@ -143,6 +143,9 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
         mine = text.memoize_frozen(memoized, caps, acc.process_index, acc.num_processes, exchange)
         cache_reports.append({"kind": "text", "count": len(caps), "encoded_per_rank": every_rank(mine, exchange),
                               "frozen_encoders": memoized})
+        if device.type == "cuda":
+            for i in memoized:
+                comps.text_encoders[i].to("cpu")  # its outputs are memoized (T5-XXL: 9.5 GB); sampling borrows it back
 
     spe, total_steps, total_epochs = _schedule_length(cfg, items, item_buckets, plan)
     return Setup(cfg=cfg, acc=acc, io=io, comps=comps, items=items, item_buckets=item_buckets, plan=plan,

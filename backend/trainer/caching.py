@@ -154,11 +154,14 @@ class FrozenOutputs:
     Filled in one pass over the run's fixed captions (TextEncoder.memoize_frozen: sorted, in chunks,
     the same on a fresh run and on its resume, so both train on the same numbers); a call whose rows
     are all memoized costs a lookup instead of a forward pass. Any other call (a sample prompt, a
-    caption the fill did not see) runs the module as before and memoizes nothing."""
+    caption the fill did not see) runs the module as before and memoizes nothing; where the module
+    was parked on the CPU after the fill (CUDA runs), that output is brought to `device`, where the
+    memoized rows are and a step reads them."""
 
     def __init__(self, module: Any):
         self.module = module
         self.memo: dict[bytes, torch.Tensor] = {}
+        self.device: torch.device | None = None  # where the outputs belong (the module's device at the fill)
         self.forward_passes = 0  # calls that ran the module
         self._recording: dict[bytes, torch.Tensor] | None = None
 
@@ -177,6 +180,8 @@ class FrozenOutputs:
         out = self.module(ids, *args, **kwargs)
         if self._recording is not None:
             self._recording.update((k, row.detach().cpu().clone()) for k, row in zip(keys, out[0], strict=True))
+        if self.device is not None and out[0].device != self.device:
+            return (out[0].to(self.device),)
         return out
 
     @contextlib.contextmanager
@@ -246,12 +251,11 @@ class TextEncoder:
             return out
 
         done, mine = split_work(sorted(captions), rank, world, work, exchange)
+        for f in self.frozen.values():
+            f.device, f.forward_passes = next(f.parameters()).device, 0  # rows kept where a step reads them
         for rows in done.values():
             for i, part in rows.items():
-                dev = next(self.frozen[i].parameters()).device  # kept where a step reads them
-                self.frozen[i].memo.update((k, row.to(dev)) for k, row in part.items())
-        for f in self.frozen.values():
-            f.forward_passes = 0
+                self.frozen[i].memo.update((k, row.to(self.frozen[i].device)) for k, row in part.items())
         return mine
 
     def precompute(self, captions: set[str], rank: int = 0, world: int = 1,
