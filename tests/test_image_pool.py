@@ -63,7 +63,7 @@ def test_latent_cache_is_bitwise_the_same_on_one_thread_and_several(demo, tmp_pa
     import torch
     from diffusers import AutoencoderKL
 
-    from backend.trainer.caching import LatentCache
+    from backend.trainer.caching import LatentCache, encode_pixels
 
     vae = AutoencoderKL.from_pretrained(demo / "model" / "vae").eval()
     for i in range(11):
@@ -78,3 +78,9 @@ def test_latent_cache_is_bitwise_the_same_on_one_thread_and_several(demo, tmp_pa
     assert caches[0].keys() == caches[1].keys() and len(caches[0]) == 22
     assert all(torch.equal(caches[0][k], caches[1][k]) for k in caches[0])
     assert caches[0][(1, False)].shape[-2:] == (8, 8) and caches[0][(0, True)].shape[-2:] == (7, 9)
+    # Each image is read once for both flips: the mirror is the same pixels reversed, what Pillow's flip gives.
+    for i in (0, 1):
+        mirrored = D.load_pixels(items[i], buckets[i], True)
+        assert np.array_equal(mirrored, D.load_pixels(items[i], buckets[i], False)[:, :, ::-1])
+        alone = encode_pixels(vae, torch.from_numpy(mirrored[None]))[0]
+        torch.testing.assert_close(caches[0][(i, True)], alone, rtol=1e-4, atol=1e-5)  # another batch: last bits only

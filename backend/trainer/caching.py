@@ -81,22 +81,38 @@ class LatentCache:
         return mine, hits
 
     def _encode(self, keys: list[tuple[int, bool]], batch_size: int) -> dict[tuple[int, bool], torch.Tensor]:
-        groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
+        """Encode `keys` in batches of one bucket: each chunk of up to batch_size images is read once
+        (its mirror image is the same pixels reversed, bit for bit what Pillow's flip gives) and encoded
+        unflipped, then flipped."""
+        flips_of: dict[tuple[int, int], dict[int, list[bool]]] = {}
         for i, flip in keys:
-            groups.setdefault((self.buckets[i], flip), []).append(i)
-        parts = [(bucket, flip, idx[k : k + batch_size]) for (bucket, flip), idx in sorted(groups.items())
-                 for k in range(0, len(idx), batch_size)]
-        # the next batches' pixels are read on other threads while the VAE encodes this one
-        pixels_of = ordered_map(lambda job: load_pixels(self.items[job[0]], job[1], job[2]),
-                                ((i, bucket, flip) for bucket, flip, part in parts for i in part),
+            flips_of.setdefault(self.buckets[i], {}).setdefault(i, []).append(flip)
+        chunks = [(bucket, idx[k : k + batch_size]) for bucket, per in sorted(flips_of.items())
+                  for idx in [sorted(per)] for k in range(0, len(idx), batch_size)]
+
+        def mirror(chw: np.ndarray) -> np.ndarray:  # kept in load_pixels' memory layout (HWC under CHW strides),
+            return np.ascontiguousarray(chw.transpose(1, 2, 0)[:, ::-1]).transpose(2, 0, 1)  # which the VAE's kernels see
+
+        def read(job: tuple[int, tuple[int, int]]) -> dict[bool, np.ndarray]:
+            i, bucket = job
+            flips = flips_of[bucket][i]
+            plain = load_pixels(self.items[i], bucket, flips == [True])
+            return {f: mirror(plain) if f and flips != [True] else plain for f in flips}
+
+        # the next chunks' pixels are read on other threads while the VAE encodes this one
+        pixels_of = ordered_map(read, ((i, bucket) for bucket, part in chunks for i in part),
                                 self.threads, ahead=batch_size + self.threads)
         out = {}
         try:
-            for _, flip, part in parts:
-                pixels = torch.from_numpy(np.stack([next(pixels_of) for _ in part]))
-                lat = encode_pixels(self.vae, pixels).cpu()
-                for i, latent in zip(part, lat, strict=True):
-                    out[(i, flip)] = latent.clone()
+            for _, part in chunks:
+                read_part = [(i, next(pixels_of)) for i in part]
+                for flip in (False, True):
+                    members = [(i, px[flip]) for i, px in read_part if flip in px]
+                    if not members:
+                        continue
+                    lat = encode_pixels(self.vae, torch.from_numpy(np.stack([px for _, px in members]))).cpu()
+                    for (i, _), latent in zip(members, lat, strict=True):
+                        out[(i, flip)] = latent.clone()
         finally:
             pixels_of.close()  # the reading threads end here, also when an image or the VAE failed
         return out
