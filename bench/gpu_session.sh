@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh flow          a call of its own: bench/gpu.py --models flux,sd35, the memory
 #                                           levers on the real shapes (~6-7 min, estimated)
 #   bash bench/gpu_session.sh compiled      a second call if device time is left: the torch.compile tests
+#   bash bench/gpu_session.sh io            checkpoint save/load against plain safetensors on that machine's
+#                                           16 cores and disk (bench/checkpoint_io.py, demo and SDXL-sized; ~2 min)
 #
 # Each half has its own time cap, so a hang in one still leaves the other's figures; the device
 # image's own torch (a CUDA build) is used, never the CPU one from requirements.txt.
@@ -45,6 +47,12 @@ python3 -m backend demo-assets demo > "$OUT/demo-assets.log" 2>&1 || { tail -20 
 
 if [ "${1:-}" = "compiled" ]; then
   timeout 420 python3 -m pytest -n 0 -m gpu -p no:cacheprovider -q -rs -k "compiled" 2>&1 | tee "$OUT/gpu-tests-compiled.log"
+  exit
+fi
+if [ "${1:-}" = "io" ]; then
+  timeout 200 python3 bench/checkpoint_io.py --reps 7 --no-resume --json "$OUT/io-demo.json" 2>&1 | tee "$OUT/io-demo.log"
+  timeout 300 python3 bench/checkpoint_io.py --reps 5 --model sdxl --rank 32 --no-resume --json "$OUT/io-sdxl.json" \
+    2>&1 | tee "$OUT/io-sdxl.log"
   exit
 fi
 if [ "${1:-}" = "flow" ]; then
