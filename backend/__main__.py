@@ -139,6 +139,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for f in missing:
             print(f"verify: {f} is not a folder", file=sys.stderr)
         return 2
+    from backend.trainer.lazy_packages import defer_package_inits
+
+    defer_package_inits()  # as the trainer: diffusers' model zoo imported only where a name in it is read
     from backend.trainer.verify import verify_checkpoint
 
     all_ok = True
