@@ -186,6 +186,8 @@ class FrozenOutputs:
 
     @staticmethod
     def keys(ids: torch.Tensor) -> list[bytes]:
+        """The rows' memo keys. In a training step the ids are on the CPU (the family sends them to the
+        module's device, and on CUDA a memoized module is parked on the CPU), so no device sync."""
         return [row.tobytes() for row in ids.detach().cpu().numpy()]
 
     def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
