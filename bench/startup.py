@@ -10,7 +10,8 @@ Three commands, each timed from the moment it is spawned to the end of its first
 (b) fresh: `python -m backend train CONFIG` (the CLI as a user runs it: validation, preflight,
     version folder, the launcher, the trainer); the first step's end is its `step` event.
 (c) resume: `python -m backend resume CHECKPOINT` of the same config (verified state load).
-Reports medians (min/max) and the ratios fresh/bare and resume/bare.
+Reports medians, the ratios fresh/bare and resume/bare, and where the Lathe commands' time went
+(medians over both: the CLI to the trainer's launch, the trainer's start to `run_started`, step 1).
 """
 
 from __future__ import annotations
@@ -48,9 +49,19 @@ def _config(root: Path, steps: int) -> Path:
     return path
 
 
-def _first_step_event(vdir: Path) -> float:
+PHASES: dict[str, list[float]] = {}  # where a Lathe command's time went, per phase (medians in the report)
+
+
+def _first_step_event(vdir: Path, t0: float) -> float:
+    """The first step event's time; records the phases: the CLI (spawn to the trainer's launch, status.json
+    launched_at), the trainer's start (its imports, model load, data: launch to run_started), step 1."""
     evs = [json.loads(x) for x in (vdir / "events.jsonl").read_text().splitlines()]
-    return next(e["time"] for e in evs if e["event"] == "step")
+    step = next(e["time"] for e in evs if e["event"] == "step")
+    started = next(e["time"] for e in evs if e["event"] == "run_started")
+    launched = json.loads((vdir / "status.json").read_text())["launched_at"]
+    for name, value in (("cli", launched - t0), ("trainer_start", started - launched), ("step_1", step - started)):
+        PHASES.setdefault(name, []).append(value)
+    return step
 
 
 def _cli(*args: str) -> tuple[float, Path]:
@@ -64,12 +75,12 @@ def _cli(*args: str) -> tuple[float, Path]:
 
 def fresh(root: Path) -> float:
     t0, vdir = _cli("train", str(_config(root, 1)))
-    return _first_step_event(vdir) - t0
+    return _first_step_event(vdir, t0) - t0
 
 
 def resume(root: Path, ckpt: Path) -> float:
     t0, vdir = _cli("resume", str(ckpt), "--set", "training.max_train_steps=2")
-    return _first_step_event(vdir) - t0
+    return _first_step_event(vdir, t0) - t0
 
 
 def bare(root: Path) -> float:
@@ -98,7 +109,8 @@ def main() -> int:
                 times[name].append(round(kinds[name](), 3))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"setting": SETTING, "rounds": args.rounds, "seconds": times, "median_s": med,
-              "fresh_over_bare": round(med["fresh"] / med["bare"], 3), "resume_over_bare": round(med["resume"] / med["bare"], 3)}
+              "fresh_over_bare": round(med["fresh"] / med["bare"], 3), "resume_over_bare": round(med["resume"] / med["bare"], 3),
+              "lathe_phases_median_s": {k: round(statistics.median(v), 3) for k, v in PHASES.items()}}
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
