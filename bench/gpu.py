@@ -154,7 +154,7 @@ def random_components(cfg: Any, dry: bool) -> Any:
     """Stand-in for backend.trainer.models.load_components: every component of `cfg.model.family`
     from the shipped configs with random weights, built on the training device and cast to the dtype
     the trainer would cast them to (bf16 on CUDA). The peak-memory counter starts after this, as a
-    real load (fp32 on the CPU, cast on the way to the GPU) leaves no fp32 copy on the GPU."""
+    real load (on the CPU, the denoiser in the weight dtype, the rest cast on the way) leaves no copy on the GPU."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -291,7 +291,7 @@ def install_loader(dry: bool) -> None:
 
     original = models.load_components
 
-    def loader(cfg: Any) -> Any:
+    def loader(cfg: Any, dtype: Any = None) -> Any:  # random_components casts as the trainer would
         return random_components(cfg, dry)
 
     for name, module in list(sys.modules.items()):

@@ -51,9 +51,10 @@ def build_setup(cfg: TrainingConfig, acc: Any, io: RunIO) -> Setup:
     with ThreadPoolExecutor(1, thread_name_prefix="dataset-scan") as scan:
         found = scan.submit(D.load, ds, cfg.training.seed,
                             threads=_image_threads(cfg, acc))
-        comps = models.load_components(cfg)  # looked up on the module: benchmarks substitute random weights
+        wdtype = weight_dtype_for(cfg, device)
+        # the denoiser and T5 in the weight dtype; looked up on the module: benchmarks substitute random weights
+        comps = models.load_components(cfg, wdtype)
         data = found.result()  # a failed model load waits for the scan (the pool's exit), then is raised
-    wdtype = weight_dtype_for(cfg, device)
     check_loss_settings(cfg.training, comps.v_prediction)
     timestep_range(cfg.training, comps.noise_scheduler.config.num_train_timesteps)
     if cfg.training.zero_terminal_snr and not comps.v_prediction:

@@ -62,21 +62,25 @@ def resolve_v_prediction(setting: bool | None, scheduler_says: bool, file_marker
     return scheduler_says or file_marker
 
 
-def load_components(cfg: TrainingConfig) -> Components:
-    """Load every component in fp32 on the CPU; the caller moves and casts them."""
+def load_components(cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> Components:
+    """Load every component on the CPU; the caller moves and casts them. The denoiser and T5-XXL (never
+    trained, and nearly all of the bytes) load in `dtype`, the run's weight dtype: the same numbers as
+    an fp32 load cast on the way to the device, without an fp32 copy in RAM (Flux.1's transformer and
+    T5-XXL are 67 GB in fp32, 33 GB in bf16). The rest loads in fp32 (a text encoder may be trained;
+    the VAE's dtype is the trainer's choice)."""
     path = Path(cfg.model.pretrained_model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model.pretrained_model: {path} does not exist")
     if path.is_dir() and (path / "transformer").is_dir():
-        comps = _load_flow_folder(path, cfg)
+        comps = _load_flow_folder(path, cfg, dtype)
     elif path.is_dir():
-        comps = _load_diffusers_folder(path)
+        comps = _load_diffusers_folder(path, dtype)
     elif _is_flow_file(path):
         from backend.trainer.single_file_flow import load_flow_single_file
 
-        comps = load_flow_single_file(path, cfg)
+        comps = load_flow_single_file(path, cfg, dtype)
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-        comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization)
+        comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization, dtype)
     else:
         raise ModelLoadError(
             f"model.pretrained_model: {path} is neither a diffusers folder nor a .safetensors/.ckpt file"
@@ -137,7 +141,7 @@ FLOW_PARTS = {
 }
 
 
-def _load_flow_folder(path: Path, cfg: TrainingConfig) -> Components:
+def _load_flow_folder(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> Components:
     """A diffusers folder of a flow-matching family (SD3/SD3.5, Flux.1): the transformer in `unet`."""
     from diffusers import (
         AutoencoderKL,
@@ -169,17 +173,17 @@ def _load_flow_folder(path: Path, cfg: TrainingConfig) -> Components:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         if family == "sd3":
-            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **kw)
             tes = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **kw),
                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
-                   T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **kw)]
+                   T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype, **kw)]
             toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
                     CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
                     AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)]
         else:
-            model = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+            model = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **kw)
             tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-                   T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+                   T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **kw)]
             toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
                     AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)]
     except (OSError, ValueError) as e:
@@ -205,7 +209,7 @@ def _is_flow_file(path: Path) -> bool:
         return False  # the single-file loader says what is wrong with it
 
 
-def _load_diffusers_folder(path: Path) -> Components:
+def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -217,7 +221,7 @@ def _load_diffusers_folder(path: Path) -> Components:
         unet_cfg = json.loads((path / "unet" / "config.json").read_text())
         family = family_from_unet_config(unet_cfg)
         kw = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
@@ -231,13 +235,13 @@ def _load_diffusers_folder(path: Path) -> Components:
     return Components(family, v_pred, unet, vae, _training_scheduler(sched), tes, toks, str(path))
 
 
-def _load_single_file(path: Path, family: str, v_prediction: bool | None) -> Components:
+def _load_single_file(path: Path, family: str, v_prediction: bool | None, dtype: torch.dtype = torch.float32) -> Components:
     try:
         from backend.trainer.single_file import load_single_file
     except ImportError as e:  # pragma: no cover - shipped with the project
         raise ModelLoadError(f"single-file loading is unavailable: {e}") from e
     try:
-        parts = load_single_file(path, None if family == "auto" else family, v_prediction=v_prediction)
+        parts = load_single_file(path, None if family == "auto" else family, v_prediction=v_prediction, unet_dtype=dtype)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"model.pretrained_model: cannot load {path.name}: {e}") from e
     fam = parts.get("family") or family_from_unet_config(dict(parts["unet"].config))

@@ -94,9 +94,10 @@ def config_folder(variant: str, metadata: Mapping[str, str]) -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_flow_single_file(path: Path, cfg: TrainingConfig) -> Components:
-    """Components of an SD3/SD3.5 or Flux.1 single file (+ the part files the config names), in fp32
-    on the CPU, exactly as models._load_flow_folder returns them. ModelLoadError names the field."""
+def load_flow_single_file(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> Components:
+    """Components of an SD3/SD3.5 or Flux.1 single file (+ the part files the config names) on the CPU,
+    exactly as models._load_flow_folder returns them: the transformer and T5-XXL in `dtype`, the rest
+    in fp32. ModelLoadError names the field."""
     state, metadata = _read("model.pretrained_model", path)
     try:
         variant = flow_variant(set(state))
@@ -108,11 +109,12 @@ def load_flow_single_file(path: Path, cfg: TrainingConfig) -> Components:
     vae_state = _vae_source(cfg, state, path, family)
     model_file = ("model.pretrained_model", path)
     with config_folder(variant, metadata) as folder:
-        model = _guard(model_file, variant, _transformer, family, state, folder / "transformer")
+        model = _guard(model_file, variant, _transformer, family, state, folder / "transformer", dtype)
         vae = _guard(_origin(cfg, "vae", path), variant, _vae, vae_state, folder / "vae")
         tes, toks = [], []
         for field, enc, tok, what, _ in TEXT_PARTS[family]:
-            tes.append(_guard(_origin(cfg, field, path), variant, _text_encoder, parts[field], folder / enc, what, family))
+            tes.append(_guard(_origin(cfg, field, path), variant, _text_encoder, parts[field], folder / enc, what, family,
+                              dtype))
             toks.append(_guard(model_file, variant, _tokenizer, folder / tok, field == "t5xxl"))
         sched = _guard(model_file, variant, _scheduler, folder / "scheduler")
     return Components(family, False, model, vae, sched, tes, toks, str(path), extra=flow_extra(family, cfg))
@@ -184,7 +186,7 @@ def _strip(state: Mapping[str, torch.Tensor], *prefixes: str) -> dict[str, torch
     return out
 
 
-def _transformer(family: str, state: dict[str, torch.Tensor], folder: Path) -> Any:
+def _transformer(family: str, state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
@@ -197,7 +199,7 @@ def _transformer(family: str, state: dict[str, torch.Tensor], folder: Path) -> A
     weights = {k.removeprefix(DIFFUSION): v for k, v in state.items() if not k.startswith(skip)}
     if not set(model.state_dict()) <= set(weights):  # the original layout: convert
         weights = _flux_to_diffusers(weights, config) if family == "flux" else _sd3_to_diffusers(weights)
-    return _assign(model, weights, torch.float32, f"{FAMILY_NAME[family]} transformer")
+    return _assign(model, weights, dtype, f"{FAMILY_NAME[family]} transformer")
 
 
 def _sd3_to_diffusers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -242,12 +244,14 @@ def _vae(state: Mapping[str, torch.Tensor], folder: Path) -> Any:
     return _assign(model, weights, torch.float32, "VAE")
 
 
-def _text_encoder(state: Mapping[str, torch.Tensor], folder: Path, what: str, family: str) -> Any:
+def _text_encoder(state: Mapping[str, torch.Tensor], folder: Path, what: str, family: str,
+                  dtype: torch.dtype = torch.float32) -> Any:
+    """CLIP (fp32: it may be trained) or T5-XXL (in `dtype`: always frozen)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if config.model_type == "t5":
-        return _t5(state, config, what)
+        return _t5(state, config, what, dtype)
     return _clip(state, config, what, family)
 
 
@@ -271,7 +275,7 @@ def _clip(state: Mapping[str, torch.Tensor], config: Any, what: str, family: str
     return _assign(model, weights, torch.float32, what)
 
 
-def _t5(state: Mapping[str, torch.Tensor], config: Any, what: str) -> Any:
+def _t5(state: Mapping[str, torch.Tensor], config: Any, what: str, dtype: torch.dtype = torch.float32) -> Any:
     from accelerate import init_empty_weights
     from transformers import T5EncoderModel
 
@@ -285,7 +289,7 @@ def _t5(state: Mapping[str, torch.Tensor], config: Any, what: str) -> Any:
     shared = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))
     if shared is not None:
         weights["shared.weight"] = weights["encoder.embed_tokens.weight"] = shared
-    return _assign(model, weights, torch.float32, what)  # fp8 files are upcast here
+    return _assign(model, weights, dtype, what)  # fp8 files are upcast here
 
 
 def _tokenizer(folder: Path, t5: bool) -> Any:
