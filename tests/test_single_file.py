@@ -181,11 +181,14 @@ def test_sd2_v_prediction_is_kept_and_dtype_applies(tmp_path: Path) -> None:
     assert loaded["noise_scheduler"].config.prediction_type == "v_prediction"
     assert next(loaded["unet"].parameters()).dtype == torch.float16
     assert load_single_file(out, "sd2")["family"] == "sd2"  # an explicit family wins
-    # A bf16 run: the UNet alone in bf16 (the numbers of an fp32 load cast), the rest in fp32.
-    full, half = load_single_file(out), load_single_file(out, unet_dtype=torch.bfloat16)
-    assert all(torch.equal(half["unet"].state_dict()[k], v.to(torch.bfloat16)) for k, v in full["unet"].state_dict().items())
-    assert {p.dtype for p in half["unet"].parameters()} == {torch.bfloat16}
-    assert {p.dtype for m in ("vae", "text_encoder") for p in half[m].parameters()} == {torch.float32}
+    # A bf16 run: the parts it names in bf16 (the numbers of an fp32 load cast), the VAE in fp32.
+    full = load_single_file(out)
+    half = load_single_file(out, part_dtypes={"unet": torch.bfloat16, "text_encoder": torch.bfloat16})
+    for part in ("unet", "text_encoder"):
+        want = full[part].state_dict()
+        assert all(torch.equal(half[part].state_dict()[k], v.to(torch.bfloat16)) for k, v in want.items()), part
+        assert {p.dtype for p in half[part].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half["vae"].parameters()} == {torch.float32}
 
 
 def test_ckpt_is_read_with_weights_only(sd15_dir: Path, tmp_path: Path) -> None:

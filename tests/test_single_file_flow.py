@@ -192,21 +192,26 @@ def test_flux_single_files_load_every_tensor_of_the_folder(flux_files: dict[str,
     assert comps.source == str(f["model"]) and not any(p.requires_grad for p in comps.unet.parameters())
 
 
-def test_a_bf16_run_loads_the_denoiser_and_t5_in_bf16_as_an_fp32_load_cast(flux_files: dict[str, Any], demo: Path):
-    """The run's weight dtype reaches the loaders: the denoiser and T5 (frozen, nearly all of the bytes) come
-    in it, with the numbers an fp32 load cast to it has; CLIP (maybe trained) and the VAE stay fp32."""
+def test_a_bf16_run_loads_what_stays_frozen_in_bf16_as_an_fp32_load_cast(flux_files: dict[str, Any], demo: Path):
+    """The run's weight dtype reaches the loaders: the denoiser, T5 and (unless a text-encoder LoRA may train
+    them) the CLIPs come in it, with the numbers an fp32 load cast to it has; the VAE stays fp32."""
     f = flux_files
-    single = _cfg(pretrained_model=str(f["model"]), clip_l=str(f["clip_l"]), t5xxl=str(f["t5xxl"]), vae=str(f["vae"]))
-    sd_folder = _cfg(pretrained_model=str(demo / "model"))
-    for cfg, t5 in ((single, 1), (_cfg(pretrained_model=str(demo / "model-flux")), 1), (sd_folder, None)):
-        full, half = load_components(cfg), load_components(cfg, torch.bfloat16)
-        big = [(full.unet, half.unet)] + ([(full.text_encoders[t5], half.text_encoders[t5])] if t5 is not None else [])
-        for a, b in big:
-            sa, sb = a.state_dict(), b.state_dict()
-            assert {v.dtype for v in sb.values() if v.is_floating_point()} == {torch.bfloat16}
-            assert all(torch.equal(sb[k], v.to(torch.bfloat16)) for k, v in sa.items()), type(a).__name__
-        small = [half.vae] + [te for i, te in enumerate(half.text_encoders) if i != t5]
-        assert {p.dtype for m in small for p in m.parameters()} == {torch.float32}
+    files = {"pretrained_model": str(f["model"]), "clip_l": str(f["clip_l"]), "t5xxl": str(f["t5xxl"]), "vae": str(f["vae"])}
+    cases = [(files, 1), ({"pretrained_model": str(demo / "model-flux")}, 1), ({"pretrained_model": str(demo / "model")}, None)]
+    for model, t5 in cases:
+        full = load_components(_cfg(**model))
+        for train_te in (False, True):
+            cfg = validate_config({"model": model, "training": {"t5xxl_max_token_length": 32},
+                                   "network": {"train_text_encoder": train_te}})
+            half = load_components(cfg, torch.bfloat16)
+            frozen = [0] + [1 + i for i in range(len(half.text_encoders)) if i == t5 or not train_te]
+            pairs = list(zip([full.unet, *full.text_encoders], [half.unet, *half.text_encoders], strict=True))
+            for n, (a, b) in enumerate(pairs):
+                sa, sb = a.state_dict(), b.state_dict()
+                want = torch.bfloat16 if n in frozen else torch.float32
+                assert {v.dtype for v in sb.values() if v.is_floating_point()} == {want}, (model, train_te, n)
+                assert all(torch.equal(sb[k], v.to(want)) for k, v in sa.items()), (model, train_te, n)
+            assert {p.dtype for p in half.vae.parameters()} == {torch.float32}
 
 
 def test_fp8_t5_is_upcast_and_a_diffusers_layout_transformer_loads(flux_files: dict[str, Any]):

@@ -63,24 +63,25 @@ def resolve_v_prediction(setting: bool | None, scheduler_says: bool, file_marker
 
 
 def load_components(cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> Components:
-    """Load every component on the CPU; the caller moves and casts them. The denoiser and T5-XXL (never
-    trained, and nearly all of the bytes) load in `dtype`, the run's weight dtype: the same numbers as
-    an fp32 load cast on the way to the device, without an fp32 copy in RAM (Flux.1's transformer and
-    T5-XXL are 67 GB in fp32, 33 GB in bf16). The rest loads in fp32 (a text encoder may be trained;
-    the VAE's dtype is the trainer's choice)."""
+    """Load every component on the CPU; the caller moves and casts them. What stays frozen loads in
+    `dtype`, the run's weight dtype: the denoiser and T5-XXL (never trained, nearly all of the bytes),
+    and the CLIP encoders unless network.train_text_encoder may train them. The same numbers as an fp32
+    load cast on the way to the device, without an fp32 copy in RAM (Flux.1's transformer and T5-XXL are
+    67 GB in fp32, 33 GB in bf16). The VAE loads in fp32 (its dtype is the trainer's choice)."""
+    clip_dtype = torch.float32 if cfg.network.train_text_encoder else dtype
     path = Path(cfg.model.pretrained_model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model.pretrained_model: {path} does not exist")
     if path.is_dir() and (path / "transformer").is_dir():
-        comps = _load_flow_folder(path, cfg, dtype)
+        comps = _load_flow_folder(path, cfg, dtype, clip_dtype)
     elif path.is_dir():
-        comps = _load_diffusers_folder(path, dtype)
+        comps = _load_diffusers_folder(path, dtype, clip_dtype)
     elif _is_flow_file(path):
         from backend.trainer.single_file_flow import load_flow_single_file
 
-        comps = load_flow_single_file(path, cfg, dtype)
+        comps = load_flow_single_file(path, cfg, dtype, clip_dtype)
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-        comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization, dtype)
+        comps = _load_single_file(path, cfg.model.family, cfg.model.v_parameterization, dtype, clip_dtype)
     else:
         raise ModelLoadError(
             f"model.pretrained_model: {path} is neither a diffusers folder nor a .safetensors/.ckpt file"
@@ -141,7 +142,8 @@ FLOW_PARTS = {
 }
 
 
-def _load_flow_folder(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> Components:
+def _load_flow_folder(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torch.float32,
+                      clip_dtype: torch.dtype = torch.float32) -> Components:
     """A diffusers folder of a flow-matching family (SD3/SD3.5, Flux.1): the transformer in `unet`."""
     from diffusers import (
         AutoencoderKL,
@@ -166,6 +168,7 @@ def _load_flow_folder(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torc
         raise ModelLoadError(f"model.pretrained_model: {path} is a {index.get('_class_name')} folder; Lathe trains "
                              f"SD 1.x, SD 2.x, SDXL, SD3/SD3.5 and Flux.1 ({', '.join(FLOW_PIPELINES)})")
     kw = {"local_files_only": True}
+    clip = {**kw, "dtype": clip_dtype}
     missing = [f"{sub} ({what})" for sub, what in FLOW_PARTS[family] if not (path / sub).is_dir()]
     if missing:
         raise ModelLoadError(f"model.pretrained_model: {path} lacks {', '.join(missing)}")
@@ -174,15 +177,15 @@ def _load_flow_folder(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torc
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         if family == "sd3":
             model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **kw)
-            tes = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **kw),
-                   CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
+            tes = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **clip),
+                   CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **clip),
                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype, **kw)]
             toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
                     CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
                     AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)]
         else:
             model = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **kw)
-            tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **clip),
                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **kw)]
             toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
                     AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)]
@@ -209,7 +212,8 @@ def _is_flow_file(path: Path) -> bool:
         return False  # the single-file loader says what is wrong with it
 
 
-def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> Components:
+def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32,
+                           clip_dtype: torch.dtype = torch.float32) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -224,10 +228,10 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> Co
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
+        tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=clip_dtype, **kw)]
         toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
         if family == "sdxl":
-            tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw))
+            tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=clip_dtype, **kw))
             toks.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"model.pretrained_model: cannot load {path}: {e}") from e
@@ -235,13 +239,15 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> Co
     return Components(family, v_pred, unet, vae, _training_scheduler(sched), tes, toks, str(path))
 
 
-def _load_single_file(path: Path, family: str, v_prediction: bool | None, dtype: torch.dtype = torch.float32) -> Components:
+def _load_single_file(path: Path, family: str, v_prediction: bool | None, dtype: torch.dtype = torch.float32,
+                      clip_dtype: torch.dtype = torch.float32) -> Components:
     try:
         from backend.trainer.single_file import load_single_file
     except ImportError as e:  # pragma: no cover - shipped with the project
         raise ModelLoadError(f"single-file loading is unavailable: {e}") from e
     try:
-        parts = load_single_file(path, None if family == "auto" else family, v_prediction=v_prediction, unet_dtype=dtype)
+        parts = load_single_file(path, None if family == "auto" else family, v_prediction=v_prediction,
+                                 part_dtypes={"unet": dtype, "text_encoder": clip_dtype})
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"model.pretrained_model: cannot load {path.name}: {e}") from e
     fam = parts.get("family") or family_from_unet_config(dict(parts["unet"].config))

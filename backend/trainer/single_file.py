@@ -149,7 +149,7 @@ def _read_pickled(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ loading
 def load_single_file(
     path: Path, family: str | None = None, config_dir: Path | None = None, torch_dtype: torch.dtype = torch.float32,
-    v_prediction: bool | None = None, unet_dtype: torch.dtype | None = None,
+    v_prediction: bool | None = None, part_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, Any]:
     """Load an LDM-layout checkpoint into diffusers/transformers components, fully offline.
 
@@ -160,7 +160,8 @@ def load_single_file(
     configs differ beyond the scheduler (upcast attention, sample size). Whether to train with
     v-prediction is decided by the caller (backend.trainer.models.resolve_v_prediction); this
     only reports the file's `v_pred` marker key. `config_dir` (a diffusers folder) replaces the
-    shipped configs. `unet_dtype` (default: torch_dtype) is the UNet's alone (models.load_components).
+    shipped configs. `part_dtypes` ("unet", "text_encoder": both CLIPs) overrides torch_dtype for those
+    parts (models.load_components: the frozen parts in the run's weight dtype).
     """
     path = Path(path)
     state, metadata = read_checkpoint(path)
@@ -168,7 +169,7 @@ def load_single_file(
     hint = v_prediction if v_prediction is not None else (True if "v_pred" in state else None)
     fam = _resolve_family(family, detected, path.name, metadata, hint)
     with _config_source(fam, config_dir, metadata) as cfg_dir:
-        comps = components_from_ldm(state, fam, cfg_dir, torch_dtype, unet_dtype)
+        comps = components_from_ldm(state, fam, cfg_dir, torch_dtype, part_dtypes)
     comps["v_pred_key"] = "v_pred" in state
     return comps
 
@@ -221,22 +222,25 @@ def _config_source(family: str, config_dir: Path | None, metadata: Mapping[str, 
 
 def components_from_ldm(
     state: Mapping[str, torch.Tensor], family: str, config_dir: Path, torch_dtype: torch.dtype = torch.float32,
-    unet_dtype: torch.dtype | None = None,
+    part_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, Any]:
-    """Build the components of `family` from an LDM-layout state dict and a diffusers config folder."""
+    """Build the components of `family` from an LDM-layout state dict and a diffusers config folder, each
+    in torch_dtype unless `part_dtypes` names it ("unet", "vae", "text_encoder": every CLIP)."""
     from diffusers import DDPMScheduler
 
     config_dir = Path(config_dir)
     comps: dict[str, Any] = {"family": family}
-    comps["unet"] = _load_diffusers_model("unet", state, config_dir / "unet", unet_dtype or torch_dtype)
-    comps["vae"] = _load_diffusers_model("vae", state, config_dir / "vae", torch_dtype)
+    dtypes = {"unet": torch_dtype, "vae": torch_dtype, "text_encoder": torch_dtype, **(part_dtypes or {})}
+    comps["unet"] = _load_diffusers_model("unet", state, config_dir / "unet", dtypes["unet"])
+    comps["vae"] = _load_diffusers_model("vae", state, config_dir / "vae", dtypes["vae"])
+    te_dtype = dtypes["text_encoder"]
     if family == "sdxl":
-        comps["text_encoder"] = _load_text_encoder(state, config_dir / "text_encoder", XL_TE1, torch_dtype)
-        comps["text_encoder_2"] = _load_text_encoder(state, config_dir / "text_encoder_2", XL_TE2, torch_dtype)
+        comps["text_encoder"] = _load_text_encoder(state, config_dir / "text_encoder", XL_TE1, te_dtype)
+        comps["text_encoder_2"] = _load_text_encoder(state, config_dir / "text_encoder_2", XL_TE2, te_dtype)
         comps["tokenizer_2"] = load_tokenizer(config_dir / "tokenizer_2")
     else:
         prefix = SD2_TE if family.startswith("sd2") else SD1_TE
-        comps["text_encoder"] = _load_text_encoder(state, config_dir / "text_encoder", prefix, torch_dtype)
+        comps["text_encoder"] = _load_text_encoder(state, config_dir / "text_encoder", prefix, te_dtype)
     comps["tokenizer"] = load_tokenizer(config_dir / "tokenizer")
     sched_cfg = DDPMScheduler.load_config(str(config_dir / "scheduler"))
     comps["noise_scheduler"] = DDPMScheduler.from_config(sched_cfg)

@@ -94,10 +94,11 @@ def config_folder(variant: str, metadata: Mapping[str, str]) -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_flow_single_file(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> Components:
+def load_flow_single_file(path: Path, cfg: TrainingConfig, dtype: torch.dtype = torch.float32,
+                          clip_dtype: torch.dtype = torch.float32) -> Components:
     """Components of an SD3/SD3.5 or Flux.1 single file (+ the part files the config names) on the CPU,
-    exactly as models._load_flow_folder returns them: the transformer and T5-XXL in `dtype`, the rest
-    in fp32. ModelLoadError names the field."""
+    exactly as models._load_flow_folder returns them: the transformer and T5-XXL in `dtype`, the CLIPs
+    in `clip_dtype`, the VAE in fp32. ModelLoadError names the field."""
     state, metadata = _read("model.pretrained_model", path)
     try:
         variant = flow_variant(set(state))
@@ -114,7 +115,7 @@ def load_flow_single_file(path: Path, cfg: TrainingConfig, dtype: torch.dtype = 
         tes, toks = [], []
         for field, enc, tok, what, _ in TEXT_PARTS[family]:
             tes.append(_guard(_origin(cfg, field, path), variant, _text_encoder, parts[field], folder / enc, what, family,
-                              dtype))
+                              dtype, clip_dtype))
             toks.append(_guard(model_file, variant, _tokenizer, folder / tok, field == "t5xxl"))
         sched = _guard(model_file, variant, _scheduler, folder / "scheduler")
     return Components(family, False, model, vae, sched, tes, toks, str(path), extra=flow_extra(family, cfg))
@@ -245,17 +246,18 @@ def _vae(state: Mapping[str, torch.Tensor], folder: Path) -> Any:
 
 
 def _text_encoder(state: Mapping[str, torch.Tensor], folder: Path, what: str, family: str,
-                  dtype: torch.dtype = torch.float32) -> Any:
-    """CLIP (fp32: it may be trained) or T5-XXL (in `dtype`: always frozen)."""
+                  dtype: torch.dtype = torch.float32, clip_dtype: torch.dtype = torch.float32) -> Any:
+    """T5-XXL (in `dtype`: always frozen) or CLIP (in `clip_dtype`: fp32 when it may be trained)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if config.model_type == "t5":
         return _t5(state, config, what, dtype)
-    return _clip(state, config, what, family)
+    return _clip(state, config, what, family, clip_dtype)
 
 
-def _clip(state: Mapping[str, torch.Tensor], config: Any, what: str, family: str) -> Any:
+def _clip(state: Mapping[str, torch.Tensor], config: Any, what: str, family: str,
+          dtype: torch.dtype = torch.float32) -> Any:
     from accelerate import init_empty_weights
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -272,7 +274,7 @@ def _clip(state: Mapping[str, torch.Tensor], config: Any, what: str, family: str
     if with_projection and "text_projection.weight" not in weights and family == "sd3":
         # SD3's CLIP-L files often lack it; sd-scripts (library/sd3_utils.py) uses the identity, as here.
         weights["text_projection.weight"] = torch.eye(config.hidden_size, config.projection_dim)
-    return _assign(model, weights, torch.float32, what)
+    return _assign(model, weights, dtype, what)
 
 
 def _t5(state: Mapping[str, torch.Tensor], config: Any, what: str, dtype: torch.dtype = torch.float32) -> Any:
