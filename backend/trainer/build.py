@@ -34,7 +34,7 @@ def weight_dtype_for(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
 
 
 def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move a module; cast only when needed (models load in fp32)."""
+    """Move a module; cast only when needed (what stays fp32 loads in fp32: models.load_components)."""
     return module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
 
 
