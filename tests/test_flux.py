@@ -140,18 +140,18 @@ def test_with_clip_trained_t5_runs_once_per_caption_and_gives_what_it_computes_e
         want_ctx, want_pooled = plain.encode(batch)
         n = len(calls)
         ctx, pooled = memo.encode(batch)
-    assert n == 1 and len(calls) == 1 and memo.frozen[1].forward_passes == 0  # T5 did not run for the memoized batch
+    assert n == 1 and len(calls) == 1  # T5 did not run for the memoized batch
     torch.testing.assert_close(ctx, want_ctx, rtol=1e-6, atol=1e-6)
     assert torch.equal(pooled, want_pooled)  # CLIP ran as before
     with torch.no_grad():
         memo.bare().encode(["a prompt only a sample uses"])
-    assert len(calls) == 2 and memo.frozen[1].forward_passes == 1 and len(memo.frozen[1].memo) == 3
+    assert len(calls) == 2 and len(memo.frozen[1].memo) == 3
     # On a GPU the module is parked on the CPU after the fill: a miss's output is brought to the memo's device.
     t5 = memo.frozen[1]
     t5.device = torch.device("meta")  # a device other than the module's, as CUDA is for a parked T5
     ids = comps.tokenizers[1](["another prompt"], padding="max_length", max_length=16, return_tensors="pt").input_ids
     with torch.no_grad():
-        assert t5(ids)[0].device.type == "meta" and t5.forward_passes == 2
+        assert t5(ids)[0].device.type == "meta" and len(calls) == 3
 
 
 # ------------------------------------------------------------------------------------------ real runs

@@ -178,7 +178,6 @@ class FrozenOutputs:
         self.module = module
         self.memo: dict[bytes, torch.Tensor] = {}
         self.device: torch.device | None = None  # where the outputs belong (the module's device at the fill)
-        self.forward_passes = 0  # calls that ran the module
         self._recording: dict[bytes, torch.Tensor] | None = None
 
     def parameters(self) -> Any:
@@ -194,7 +193,6 @@ class FrozenOutputs:
         keys = self.keys(ids)
         if self._recording is None and not args and not kwargs and keys and all(k in self.memo for k in keys):
             return (torch.stack([self.memo[k] for k in keys]),)
-        self.forward_passes += 1
         out = self.module(ids, *args, **kwargs)
         if self._recording is not None:
             self._recording.update((k, row.detach().cpu().clone()) for k, row in zip(keys, out[0], strict=True))
@@ -270,7 +268,7 @@ class TextEncoder:
 
         done, mine = split_work(sorted(captions), rank, world, work, exchange)
         for f in self.frozen.values():
-            f.device, f.forward_passes = next(f.parameters()).device, 0  # rows kept where a step reads them
+            f.device = next(f.parameters()).device  # rows kept where a step reads them
         for rows in done.values():
             for i, part in rows.items():
                 self.frozen[i].memo.update((k, row.to(self.frozen[i].device)) for k, row in part.items())
