@@ -1,7 +1,8 @@
 """Checkpoint files written durably while they are hashed, and read once and verified (pure, no
 torch): the digests a manifest lists (backend/checkpoints.py holds the manifest itself), the
-I/O threads, `write_file` (fsynced, hashed from the same chunks as written) and `VerifiedReader`
-(each file read once; its size and digest checked on the bytes that are then deserialized).
+I/O threads, `write_file` (fsynced, hashed from the same chunks as written; `write_durable` is the
+same write without digests) and `VerifiedReader` (each file read once; its size and digest checked
+on the bytes that are then deserialized).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -105,22 +106,29 @@ def write_file(path: Path, data: bytes | bytearray | memoryview | list[Any]) -> 
     (flushed and fsynced), hashing it while it is written: the digests run in a thread on the same
     chunks as the writes (both release the GIL), and are remembered for write_manifest. Files may be
     written by several threads at once (run_parallel)."""
-    parts = data if isinstance(data, list) else [data]
     hasher = _ChunkHasher()
     try:
-        with open(path, "wb", buffering=0) as fh:
-            for part in parts:
-                view = memoryview(part).cast("B")
-                for k in range(0, len(view), WRITE_CHUNK):
-                    chunk = view[k : k + WRITE_CHUNK]
-                    hasher.add(chunk)
-                    while chunk:  # an unbuffered write may be partial
-                        chunk = chunk[fh.write(chunk) :]
-            os.fsync(fh.fileno())
+        write_durable(path, data, hasher.add)
     finally:
         digests = hasher.digests()
     st = os.stat(path)
     _WRITTEN[str(path)] = (st.st_size, st.st_mtime_ns, digests)
+
+
+def write_durable(path: Path, data: bytes | bytearray | memoryview | list[Any],
+                  each_chunk: Callable[[memoryview], None] | None = None) -> None:
+    """Write `data` (one buffer, or buffers back to back) to `path` in WRITE_CHUNK pieces straight from
+    their memory, then fsync; `each_chunk` sees every piece before it is written."""
+    with open(path, "wb", buffering=0) as fh:
+        for part in data if isinstance(data, list) else [data]:
+            view = memoryview(part).cast("B")
+            for k in range(0, len(view), WRITE_CHUNK):
+                chunk = view[k : k + WRITE_CHUNK]
+                if each_chunk is not None:
+                    each_chunk(chunk)
+                while chunk:  # an unbuffered write may be partial
+                    chunk = chunk[fh.write(chunk) :]
+        os.fsync(fh.fileno())
 
 
 def known_digests(p: Path) -> dict[str, str] | None:
@@ -195,6 +203,17 @@ class VerifiedReader:
         data = pending.result() if pending is not None else self._read(rel)
         self.read_names.add(rel)
         return data
+
+    def read_each(self, rels: list[str]) -> Iterator[tuple[str, bytearray | mmap.mmap]]:
+        """(name, bytes) of each of `rels`, verified as by `read`: the prefetched ones in the order
+        their reads finish (so each is deserialized while the others are still being hashed), then
+        the rest in the given order."""
+        pending = {self._pending[rel]: rel for rel in rels if rel in self._pending}
+        for future in as_completed(pending):
+            yield pending[future], self.read(pending[future])
+        for rel in rels:
+            if rel not in self.read_names:
+                yield rel, self.read(rel)
 
     def _read(self, rel: str) -> bytearray | mmap.mmap:
         meta = self.manifest["files"].get(rel)

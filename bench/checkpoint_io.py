@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend import checkpoints as C  # noqa: E402
+from backend.trainer import export, tensorfile  # noqa: E402
 from backend.trainer import state as ST  # noqa: E402
-from backend.trainer import tensorfile  # noqa: E402
 
 
 def lora_state(rank: int, family: str = "sd15") -> dict[str, torch.Tensor]:
@@ -64,12 +65,35 @@ def lathe_load(folder: Path) -> None:
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
     reader.prefetch()
     tensorfile.load(reader.read("lora.safetensors"))
-    ST.load_optimizer(reader.read, reader.manifest["files"])
+    ST.load_optimizer(reader.read, reader.manifest["files"], reader.read_each)
     reader.finish()
 
 
 def plain_save(path: Path, flat: dict) -> None:
     save_file(flat, str(path))
+
+
+def plain_durable_save(path: Path, flat: dict) -> None:
+    """The plain write made durable as Lathe's is (the file fsynced; no hashes, no folder): what
+    the disk itself costs on top of `plain_save`."""
+    save_file(flat, str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lathe_export(path: Path, tensors: dict, meta: dict) -> None:
+    """What a save point does with the export (savepoints.write_export, after the dtype conversion)."""
+    tmp = path.with_name(path.name + ".tmp")
+    export.save_export(str(tmp), tensors, meta)
+    os.replace(tmp, path)
+    C.fsync_dir(path.parent)
+
+
+def plain_export(path: Path, tensors: dict, meta: dict) -> None:
+    save_file(tensors, str(path), metadata=meta)
 
 
 def timed(fn, *a) -> float:
@@ -85,19 +109,31 @@ def io_bench(reps: int, rank: int, tmp: Path, family: str = "sd15") -> dict:
     flat = {**lora, **{f"m{i}": s["exp_avg"] for i, s in optim["state"].items()},
             **{f"v{i}": s["exp_avg_sq"] for i, s in optim["state"].items()}}
     nbytes = sum(t.numel() * t.element_size() for t in flat.values())
-    res = {"lathe_save": [], "plain_save": [], "lathe_load": [], "plain_load": []}
+    half = {k: t.half() for k, t in lora.items()}  # the export, in the default save_precision
+    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_output_name": "bench"}
+    res = {"lathe_save": [], "plain_save": [], "plain_durable_save": [], "lathe_load": [], "plain_load": [],
+           "lathe_export": [], "plain_export": []}
     for r in range(reps):
-        folder, plain = tmp / f"ck{r}", tmp / f"plain{r}.safetensors"
+        folder, plain, durable = tmp / f"ck{r}", tmp / f"plain{r}.safetensors", tmp / f"durable{r}.safetensors"
         res["lathe_save"].append(timed(lathe_save, folder, lora, optim))
         res["plain_save"].append(timed(plain_save, plain, flat))
+        res["plain_durable_save"].append(timed(plain_durable_save, durable, flat))
         res["lathe_load"].append(timed(lathe_load, folder))
         res["plain_load"].append(timed(load_file, str(plain)))
+        res["lathe_export"].append(timed(lathe_export, tmp / f"export{r}.safetensors", half, meta))
+        res["plain_export"].append(timed(plain_export, tmp / f"plainexport{r}.safetensors", half, meta))
+        (tmp / f"export{r}.safetensors").unlink()
+        (tmp / f"plainexport{r}.safetensors").unlink()
         shutil.rmtree(folder)
         plain.unlink()
-    out = {"bytes": nbytes, "tensors": len(lora), "rank": rank}
+        durable.unlink()
+    out = {"bytes": nbytes, "export_bytes": sum(t.numel() * 2 for t in half.values()), "tensors": len(lora), "rank": rank}
     for k, v in res.items():
         out[k] = {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
     out["save_ratio"] = out["lathe_save"]["median_s"] / out["plain_save"]["median_s"]
+    out["export_ratio"] = out["lathe_export"]["median_s"] / out["plain_export"]["median_s"]
+    out["durable_ratio"] = out["plain_durable_save"]["median_s"] / out["plain_save"]["median_s"]
+    out["save_over_durable"] = out["lathe_save"]["median_s"] / out["plain_durable_save"]["median_s"]
     out["load_ratio"] = out["lathe_load"]["median_s"] / out["plain_load"]["median_s"]
     return out
 
@@ -146,10 +182,14 @@ def main() -> None:
             result["resume"] = resume_bench(max(2, args.reps // 2), tmp)
     io_ = result["io"]
     print(f"state of {io_['tensors']} LoRA tensors (rank {io_['rank']}) + AdamW moments: {io_['bytes'] / 1e6:.1f} MB")
-    for k in ("lathe_save", "plain_save", "lathe_load", "plain_load"):
+    for k in ("lathe_save", "plain_save", "plain_durable_save", "lathe_load", "plain_load", "lathe_export", "plain_export"):
         v = io_[k]
-        print(f"  {k:<11} median {v['median_s'] * 1000:8.1f} ms  (min {v['min_s'] * 1000:.1f}, max {v['max_s'] * 1000:.1f})")
+        print(f"  {k:<18} median {v['median_s'] * 1000:8.1f} ms  (min {v['min_s'] * 1000:.1f}, max {v['max_s'] * 1000:.1f})")
     print(f"  save: Lathe / plain safetensors = {io_['save_ratio']:.2f}x; load (verified) = {io_['load_ratio']:.2f}x")
+    print(f"  export ({io_['export_bytes'] / 1e6:.1f} MB fp16, with the sshs hashes, fsynced) / plain save_file = "
+          f"{io_['export_ratio']:.2f}x")
+    print(f"  the disk's share: plain + fsync / plain = {io_['durable_ratio']:.2f}x; "
+          f"Lathe / (plain + fsync) = {io_['save_over_durable']:.2f}x")
     r = result.get("resume")
     if r:
         print(f"first step after start: fresh {r['fresh_first_step_s']['median']:.2f} s, resume "

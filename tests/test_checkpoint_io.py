@@ -32,7 +32,7 @@ def assert_same(back: dict, sd: dict) -> None:
 def load(folder: Path) -> dict:
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
     reader.prefetch()
-    sd = ST.load_optimizer(reader.read, reader.manifest["files"])
+    sd = ST.load_optimizer(reader.read, reader.manifest["files"], reader.read_each)
     reader.finish()
     return sd
 

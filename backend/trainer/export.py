@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save, save_file
 
+from backend.hashed_io import write_durable
+from backend.trainer import tensorfile
 from backend.trainer.network import ADAPTER, network_modules
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -143,22 +145,28 @@ def network_metadata(net: Any) -> dict[str, str]:
     return meta
 
 
-def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+def addnet_hashes(parts: list[memoryview], ss_header: bytes) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them for sd-webui-additional-networks
-    (library/train_util.py `precalculate_safetensors_hashes`): the file serialized with only its ss_*
-    metadata; the model hash is the sha256 of everything after the header, the legacy hash the first 8
-    hex digits of the sha256 of the 64 KiB at offset 1 MiB."""
-    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header = 8 + int.from_bytes(data[:8], "little")
-    return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    (library/train_util.py `precalculate_safetensors_hashes`): of the file serialized with only its
+    ss_* metadata (`ss_header`, then the tensor bytes `parts`); the model hash is the sha256 of
+    everything after the header, the legacy hash the first 8 hex digits of the sha256 of the 64 KiB
+    at offset 1 MiB. Hashed from the tensors' own memory: that file is never built."""
+    model = hashlib.sha256()
+    for part in parts:
+        model.update(part)
+    legacy = hashlib.sha256(tensorfile.window([ss_header, *parts], 0x100000, 0x10000))
+    return model.hexdigest(), legacy.hexdigest()[:8]
 
 
 def save_export(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write a network file; metadata values must be strings in safetensors. The sshs_* hashes A1111's
-    additional-networks extension indexes by are added, as sd-scripts adds them."""
+    """Write a network file durably (fsynced), straight from the tensors' memory (no serialized copy);
+    metadata values must be strings in safetensors. The sshs_* hashes A1111's additional-networks
+    extension indexes by are added, as sd-scripts adds them."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None}
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
-    save_file(tensors, path, metadata=meta)
+    entries, parts = tensorfile.layout(tensors)
+    ss_header = tensorfile.header(entries, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(parts, ss_header)
+    write_durable(Path(path), [tensorfile.header(entries, meta), *parts])
 
 
 # ------------------------------------------------------------------------------------- reading back

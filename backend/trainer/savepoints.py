@@ -241,10 +241,9 @@ def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: i
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        export.save_export(str(tmp), tensors, export_metadata(sc, s, prog))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        export.save_export(str(tmp), tensors, export_metadata(sc, s, prog))  # fsynced
         os.replace(tmp, path)
+        C.fsync_dir(sc.exports)  # the rename is durable too
     finally:
         tmp.unlink(missing_ok=True)  # after a failure (disk full): no half-written file left behind
     return path

@@ -160,14 +160,17 @@ def save_optimizer(folder: Path, state: dict[str, Any]) -> None:
     C.run_parallel(optimizer_writes(folder, state))
 
 
-def load_optimizer(read: Any, files: dict[str, Any]) -> Any:
+def load_optimizer(read: Any, files: dict[str, Any], read_each: Any = None) -> Any:
     """The optimizer state_dict through `read(name) -> bytes`; old checkpoints' optimizer.pt too.
-    Its tensors are in every optimizer*.safetensors file the manifest lists (one, before shards)."""
+    Its tensors are in every optimizer*.safetensors file the manifest lists (one, before shards),
+    read through `read_each(names) -> (name, bytes)...` when given (VerifiedReader.read_each: each
+    shard deserialized as soon as it is verified, in any order)."""
     if OPTIMIZER_PICKLE in files:
         return load_pickle(read(OPTIMIZER_PICKLE))
+    names = sorted(n for n in files if OPTIMIZER_SHARD.match(n))
     tensors: dict[str, torch.Tensor] = {}
-    for name in sorted(n for n in files if OPTIMIZER_SHARD.match(n)):
-        tensors.update(tensorfile.load(read(name)))
+    for _, data in read_each(names) if read_each else ((n, read(n)) for n in names):
+        tensors.update(tensorfile.load(data))
     try:
         return join_state(json.loads(read(OPTIMIZER_SKELETON)), tensors)
     except KeyError as e:
@@ -254,7 +257,7 @@ def load_state(folder: Path, s: Setup, prog: Progress) -> dict[str, Any]:
             s.trained.load_state_dict(tensorfile.load(reader.read("lora.safetensors")))
         except ValueError as e:
             raise StateError(f"resume_from: {e}") from None
-        s.optimizer.load_state_dict(load_optimizer(reader.read, reader.manifest["files"]))
+        s.optimizer.load_state_dict(load_optimizer(reader.read, reader.manifest["files"], reader.read_each))
         s.lr_scheduler.load_state_dict(load_pickle(reader.read("scheduler.pt")))
         rngs = load_pickle(reader.read("rng.pt"))
         if len(rngs) == s.acc.num_processes:
