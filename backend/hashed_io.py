@@ -16,23 +16,26 @@ from pathlib import Path
 from typing import Any
 
 # Every file of a checkpoint is listed in its manifest with its size and two digests of its bytes:
-# sha256 (the contract: any tool can check it) and BLAKE3, which verification uses when an entry has
-# it (several times faster than sha256 on a core, and as strong). Entries written before BLAKE3 was
-# recorded are verified by their sha256.
+# sha256 (the contract: any tool can check it) and XXH3-128, which loads, `verify` and the listings
+# check. The manifest is not signed, so whoever can change a file can change its entry too: what the
+# check guards against is damage (a flipped bit, a truncated or half-copied file), and a 128-bit
+# checksum misses random damage with odds of 2^-128, as a cryptographic hash does, at several times
+# the speed (XXH3 runs at memory speed; btrfs, RocksDB and zstd check their data with xxHash).
+# Entries that lack it (Lathe before 2026-12-04; BLAKE3 is no longer read) are checked by sha256.
 try:
-    import blake3 as _blake3
+    import xxhash as _xxhash
 except ImportError:  # pragma: no cover - requirements.txt pins it; without it, sha256 only
-    _blake3 = None
-DIGESTS = ("sha256", "blake3") if _blake3 is not None else ("sha256",)
+    _xxhash = None
+DIGESTS = ("sha256", "xxh3_128") if _xxhash is not None else ("sha256",)
 
 
 def _hasher(algo: str) -> Any:
-    return _blake3.blake3() if algo == "blake3" else hashlib.sha256()
+    return _xxhash.xxh3_128() if algo == "xxh3_128" else hashlib.sha256()
 
 
 def verify_digest(meta: dict[str, Any]) -> str:
-    """The digest a manifest entry is verified by: BLAKE3 when it has one, else sha256."""
-    return "blake3" if "blake3" in DIGESTS and meta.get("blake3") else "sha256"
+    """The digest a manifest entry is verified by: XXH3-128 when it has one, else sha256."""
+    return "xxh3_128" if "xxh3_128" in DIGESTS and meta.get("xxh3_128") else "sha256"
 
 
 def digest_file(path: Path, algo: str = "sha256") -> str:
@@ -49,7 +52,7 @@ def file_digests(path: Path) -> dict[str, str]:
     return {algo: _digest(data, algo) for algo in DIGESTS}
 
 
-# File I/O, sha256 and BLAKE3 release the GIL, so files are written, read and hashed on several threads.
+# File I/O, sha256 and XXH3 release the GIL, so files are written, read and hashed on several threads.
 IO_THREADS = max(2, min(16, os.cpu_count() or 2))
 MAP_MIN = 1 << 20  # files from this size on are hashed and read through a memory map (no copy)
 
@@ -75,7 +78,7 @@ WRITE_CHUNK = 1 << 20  # one huge write() is several times slower than 1 MB writ
 
 class _ChunkHasher:
     """The manifest's digests of chunks handed over one by one, computed in a thread of its own
-    (hashlib and BLAKE3 release the GIL), so hashing runs alongside the writes that produce them."""
+    (hashlib and xxhash release the GIL), so hashing runs alongside the writes that produce them."""
 
     def __init__(self) -> None:
         import queue

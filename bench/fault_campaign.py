@@ -120,7 +120,7 @@ def corrupted(root: Path, reference_dir: Path) -> dict[str, Any]:
     flip_byte(Path(first["path"]) / "lora.safetensors")
     second = C.latest(C.list_checkpoints(v))
     (Path(second["path"]) / "optimizer.safetensors").unlink()
-    bad = {first["name"]: "lora.safetensors: blake3 hash differs", second["name"]: "optimizer.safetensors: missing"}
+    bad = {first["name"]: "lora.safetensors: xxh3_128 hash differs", second["name"]: "optimizer.safetensors: missing"}
     listing = {c["name"]: c["status"] for c in json.loads(run_cli("checkpoints", str(v), "--json").stdout)}
     latest = C.latest(C.list_checkpoints(v))
     o.facts.update(corrupted=bad, listing=listing, latest=latest and latest["name"])

@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS="diffusers==0.42.1 prodigyopt==1.1.2 peft==0.21.2 transformers==5.23.0 pydantic==2.14.3 pydantic-core==2.50.4
-blake3==1.0.11 annotated-types==0.7.0 typing-inspection==0.4.4 typing-extensions==4.16.0 importlib-metadata==8.7.0
+xxhash==4.1.0 annotated-types==0.7.0 typing-inspection==0.4.4 typing-extensions==4.16.0 importlib-metadata==8.7.0
 pytest-xdist==3.8.0 execnet==2.1.2"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then

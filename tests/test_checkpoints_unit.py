@@ -41,7 +41,7 @@ def test_manifest_detects_a_flipped_byte_and_a_missing_file(tmp_path):
     data[50] ^= 0x01
     (ck / "a.bin").write_bytes(bytes(data))
     status, problems = C.checkpoint_status(ck)
-    assert status == "corrupt" and "a.bin: blake3 hash differs" in problems[0]
+    assert status == "corrupt" and "a.bin: xxh3_128 hash differs" in problems[0]
     (ck / "a.bin").unlink()
     assert C.checkpoint_status(ck)[0] == "corrupt"
     (ck / "manifest.json").write_text("{trunc")
@@ -163,7 +163,7 @@ def test_positions_of_old_checkpoints_are_converted_to_global_batches():
 def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_path, monkeypatch):
     import hashlib
 
-    import blake3
+    import xxhash
 
     atomic = C.AtomicDir(tmp_path / "checkpoints", "step-00000001")
     with atomic as tmp:
@@ -178,7 +178,7 @@ def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_pat
     assert sorted(read_back) == ["b.json", "c.bin"]  # a.bin was not read a second time
     for name, content in (("a.bin", b"x" * 5000), ("c.bin", b"changed after write_file"), ("b.json", b"{}")):
         assert manifest["files"][name] == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-                                           "blake3": blake3.blake3(content).hexdigest()}
+                                           "xxh3_128": xxhash.xxh3_128(content).hexdigest()}
     folder = atomic.final
     reader = C.VerifiedReader(folder, C.read_manifest(folder))
     assert reader.read("a.bin") == b"x" * 5000
@@ -186,7 +186,7 @@ def test_files_are_hashed_while_written_and_verified_from_the_bytes_read(tmp_pat
     data = bytearray((folder / "a.bin").read_bytes())
     data[100] ^= 1
     (folder / "a.bin").write_bytes(bytes(data))
-    with pytest.raises(C.CorruptFile, match=r"a.bin: blake3 hash differs"):
+    with pytest.raises(C.CorruptFile, match=r"a.bin: xxh3_128 hash differs"):
         C.VerifiedReader(folder, C.read_manifest(folder)).read("a.bin")
     (folder / "a.bin").write_bytes(b"x" * 5000)
     (folder / "b.json").unlink()
@@ -218,12 +218,16 @@ def test_state_tensor_files_are_standard_safetensors_both_ways(tmp_path):
     C._WRITTEN.clear()
 
 
-def test_entries_without_blake3_are_verified_by_their_sha256(tmp_path):
-    """Checkpoints written before BLAKE3 was recorded list sha256 only: reads and verify check that."""
+@pytest.mark.parametrize("older", ["sha256 only", "sha256 and blake3"])
+def test_entries_without_xxh3_are_verified_by_their_sha256(tmp_path, older):
+    """Checkpoints written before XXH3-128 was recorded list sha256 only, or sha256 and BLAKE3
+    (2026-12-03): reads and verify check the sha256."""
     ck = make_ckpt(tmp_path, "epoch-000001")
     manifest = C.read_manifest(ck)
     for meta in manifest["files"].values():
-        del meta["blake3"]
+        del meta["xxh3_128"]
+        if older == "sha256 and blake3":
+            meta["blake3"] = "0" * 64  # not checked: a wrong one changes nothing
     (ck / C.MANIFEST).write_text(json.dumps(manifest))
     assert C.checkpoint_status(ck) == ("valid", [])
     assert C.VerifiedReader(ck, manifest).read("a.bin") == b"\x00" * 100

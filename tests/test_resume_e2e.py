@@ -161,6 +161,6 @@ def test_flipped_byte_is_reported_corrupt(straight_adamw, tmp_path):
     data[len(data) // 2] ^= 0x10
     f.write_bytes(bytes(data))
     out = run_cli("verify", str(f.parent))
-    assert out.returncode == 1 and "corrupt" in out.stdout and "lora.safetensors: blake3 hash differs" in out.stdout
+    assert out.returncode == 1 and "corrupt" in out.stdout and "lora.safetensors: xxh3_128 hash differs" in out.stdout
     listing = {c["name"]: c["status"] for c in json.loads(run_cli("checkpoints", str(v), "--json").stdout)}
     assert listing["epoch-000002"] == "corrupt" and listing["epoch-000001"] == "valid"
