@@ -86,10 +86,7 @@ def plain_durable_save(path: Path, flat: dict) -> None:
 
 def lathe_export(path: Path, tensors: dict, meta: dict) -> None:
     """What a save point does with the export (savepoints.write_export, after the dtype conversion)."""
-    tmp = path.with_name(path.name + ".tmp")
-    export.save_export(str(tmp), tensors, meta)
-    os.replace(tmp, path)
-    C.fsync_dir(path.parent)
+    export.save_export(path, tensors, meta)
 
 
 def plain_export(path: Path, tensors: dict, meta: dict) -> None:

@@ -42,6 +42,7 @@ def test_the_export_reads_back_in_safetensors_with_sd_scripts_hashes(tmp_path):
             "modelspec.title": "ünïcode", "skipped": None}
     path = tmp_path / "out.safetensors"
     export.save_export(str(path), tensors, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]  # renamed into place, no .tmp left
 
     back = load_file(path)
     assert set(back) == set(tensors) and all(torch.equal(back[k], t) for k, t in tensors.items())

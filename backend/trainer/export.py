@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from backend.hashed_io import write_durable
+from backend.hashed_io import fsync_dir, write_durable
 from backend.trainer import tensorfile
 from backend.trainer.network import ADAPTER, network_modules
 
@@ -158,15 +159,23 @@ def addnet_hashes(parts: list[memoryview], ss_header: bytes) -> tuple[str, str]:
     return model.hexdigest(), legacy.hexdigest()[:8]
 
 
-def save_export(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write a network file durably (fsynced), straight from the tensors' memory (no serialized copy);
-    metadata values must be strings in safetensors. The sshs_* hashes A1111's additional-networks
-    extension indexes by are added, as sd-scripts adds them."""
+def save_export(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write a network file atomically and durably: `<path>.tmp`, straight from the tensors' memory (no
+    serialized copy), fsynced, renamed into place, its folder fsynced; after a failure (a full disk) no
+    half-written file is left. Metadata values must be strings in safetensors. The sshs_* hashes
+    A1111's additional-networks extension indexes by are added, as sd-scripts adds them."""
+    path = Path(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None}
     entries, parts = tensorfile.layout(tensors)
     ss_header = tensorfile.header(entries, {k: v for k, v in meta.items() if k.startswith("ss_")})
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(parts, ss_header)
-    write_durable(Path(path), [tensorfile.header(entries, meta), *parts])
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_durable(tmp, [tensorfile.header(entries, meta), *parts])
+        os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename is durable too
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------- reading back

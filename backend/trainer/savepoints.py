@@ -8,7 +8,6 @@ functions of the step and epoch counters.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 import uuid
@@ -233,19 +232,13 @@ def borrowed(modules: list[Any], device: Any) -> Iterator[None]:
 
 
 def write_export(sc: SaveContext, s: Setup, prog: Progress, kind: str, number: int | None) -> Path:
-    """Write the kohya LoRA file atomically (tmp name, fsync, rename)."""
+    """Write the kohya LoRA file (atomically: export.save_export)."""
     cfg = s.cfg
     sc.exports.mkdir(parents=True, exist_ok=True)
     dtype = export.DTYPES[cfg.saving.save_precision]
     tensors = s.comps.spec.export_tensors(s.trained.export_groups(s.comps.spec), dtype, s.comps.spec.export_format(s.cfg))
     path = sc.exports / C.export_name(cfg.run_name, kind, number)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        export.save_export(str(tmp), tensors, export_metadata(sc, s, prog))  # fsynced
-        os.replace(tmp, path)
-        C.fsync_dir(sc.exports)  # the rename is durable too
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure (disk full): no half-written file left behind
+    export.save_export(path, tensors, export_metadata(sc, s, prog))
     return path
 
 
