@@ -49,18 +49,16 @@ def _config(root: Path, steps: int) -> Path:
     return path
 
 
-PHASES: dict[str, list[float]] = {}  # where a Lathe command's time went, per phase (medians in the report)
-
-
-def _first_step_event(vdir: Path, t0: float) -> float:
-    """The first step event's time; records the phases: the CLI (spawn to the trainer's launch, status.json
-    launched_at), the trainer's start (its imports, model load, data: launch to run_started), step 1."""
+def _first_step_event(vdir: Path, t0: float, phases: dict[str, list[float]]) -> float:
+    """The first step event's time; adds to `phases` where the command's time went: the CLI (spawn to
+    the trainer's launch, status.json launched_at), the trainer's start (its imports, model load, data:
+    launch to run_started), step 1."""
     evs = [json.loads(x) for x in (vdir / "events.jsonl").read_text().splitlines()]
     step = next(e["time"] for e in evs if e["event"] == "step")
     started = next(e["time"] for e in evs if e["event"] == "run_started")
     launched = json.loads((vdir / "status.json").read_text())["launched_at"]
     for name, value in (("cli", launched - t0), ("trainer_start", started - launched), ("step_1", step - started)):
-        PHASES.setdefault(name, []).append(value)
+        phases.setdefault(name, []).append(value)
     return step
 
 
@@ -73,14 +71,14 @@ def _cli(*args: str) -> tuple[float, Path]:
     return t0, vdir
 
 
-def fresh(root: Path) -> float:
+def fresh(root: Path, phases: dict[str, list[float]]) -> float:
     t0, vdir = _cli("train", str(_config(root, 1)))
-    return _first_step_event(vdir, t0) - t0
+    return _first_step_event(vdir, t0, phases) - t0
 
 
-def resume(root: Path, ckpt: Path) -> float:
+def resume(root: Path, ckpt: Path, phases: dict[str, list[float]]) -> float:
     t0, vdir = _cli("resume", str(ckpt), "--set", "training.max_train_steps=2")
-    return _first_step_event(vdir, t0) - t0
+    return _first_step_event(vdir, t0, phases) - t0
 
 
 def bare(root: Path) -> float:
@@ -101,7 +99,9 @@ def main() -> int:
         root = Path(tmp)
         _, base = _cli("train", str(_config(root, 1)))  # a checkpoint to resume, and warm file caches
         ckpt = base / "checkpoints" / "step-00000001"
-        kinds = {"bare": lambda: bare(root), "fresh": lambda: fresh(root), "resume": lambda: resume(root, ckpt)}
+        phases: dict[str, list[float]] = {}  # where the Lathe commands' time went (medians in the report)
+        kinds = {"bare": lambda: bare(root), "fresh": lambda: fresh(root, phases),
+                 "resume": lambda: resume(root, ckpt, phases)}
         times: dict[str, list[float]] = {k: [] for k in kinds}
         names = list(kinds)
         for r in range(args.rounds):
@@ -110,7 +110,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"setting": SETTING, "rounds": args.rounds, "seconds": times, "median_s": med,
               "fresh_over_bare": round(med["fresh"] / med["bare"], 3), "resume_over_bare": round(med["resume"] / med["bare"], 3),
-              "lathe_phases_median_s": {k: round(statistics.median(v), 3) for k, v in PHASES.items()}}
+              "lathe_phases_median_s": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
